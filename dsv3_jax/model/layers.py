@@ -1,0 +1,79 @@
+"""Building blocks shared by every sub-module: the one einsum wrapper, Linear, RMSNorm, Embed.
+
+Every projection in the model goes through `einsum`, so the precision policy (what dtype the
+operands are cast to, what the dot accumulates in) lives in one place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def einsum(spec: str, x: jax.Array, w: jax.Array, *, dtype) -> jax.Array:
+    """`x` (activations) times `w` (weights) in the compute dtype.
+
+    Both operands are cast to `dtype`; fp32 compute asks for full-precision dots (TPU/GPU would
+    otherwise use bf16 passes), lower-precision compute accumulates in fp32 and rounds once.
+    """
+    x, w = x.astype(dtype), w.astype(dtype)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jnp.einsum(spec, x, w, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def init_normal(rngs: nnx.Rngs, shape, std: float, param_dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(param_dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, kernel stored [in, out] (the transpose of a torch Linear weight)."""
+
+    def __init__(self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
+        self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), std, param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        return einsum("...i,io->...o", x, self.kernel[...], dtype=self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale; statistics in fp32.
+
+    Follows HF transformers: the normalised value is rounded to the compute dtype before the
+    scale multiply (OFF's `F.rms_norm` multiplies in fp32; the two differ by ~1 bf16 ulp).
+    """
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]."""
+
+    def __init__(self, vocab: int, dim: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
+        self.embedding = nnx.Param(init_normal(rngs, (vocab, dim), std, param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
+
+    def __init__(self, d: int, hidden: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(std=std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Linear(d, hidden, **kw)
+        self.up_proj = Linear(d, hidden, **kw)
+        self.down_proj = Linear(hidden, d, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

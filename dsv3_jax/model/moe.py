@@ -1,0 +1,129 @@
+"""DeepSeekMoE (SPEC C): sigmoid router with group-limited top-k, shared + dropless routed experts.
+
+The router runs in fp32 whatever the compute dtype. Its correction bias `RouterBias` steers
+which experts are picked but never weights them; it is not a parameter (no gradient, no weight
+decay): training moves it from the global expert load (aux-loss-free balancing).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+from dsv3_jax.model.layers import SwiGLU, init_normal
+
+
+class RouterBias(nnx.Variable):
+    """Per-expert selection bias b (fp32), updated outside the gradient step."""
+
+
+class Router(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        E = config.n_routed_experts
+        self.kernel = nnx.Param(init_normal(rngs, (config.hidden_size, E), config.initializer_range, jnp.float32))
+        self.bias = RouterBias(jnp.zeros((E,), jnp.float32))
+        self.config = config
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [N,D] -> weights [N,K] fp32, expert ids [N,K] int32, sigmoid scores [N,E] fp32.
+
+        1. s = sigmoid(x W) in fp32; s_b = s + b.
+        2. Group score = sum of the top-2 s_b in each of n_group groups; keep topk_group groups.
+        3. Top-K experts by s_b among the kept groups (others masked with -inf).
+        4. Weights are the unbiased s of those experts, normalised if norm_topk_prob, times
+           routed_scaling_factor.
+        """
+        c = self.config
+        N = x.shape[0]
+        E, G, K = c.n_routed_experts, c.n_group, c.num_experts_per_tok
+        logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        scores = jax.nn.sigmoid(logits)
+        biased = scores + self.bias[...]
+        grouped = biased.reshape(N, G, E // G)  # [N,E] -> [N,G,E/G]
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N,G]
+        _, top_groups = jax.lax.top_k(group_score, c.topk_group)  # [N,topk_group]
+        keep = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
+        keep = jnp.repeat(keep, E // G, axis=1)  # [N,G] -> [N,E]
+        _, expert_ids = jax.lax.top_k(jnp.where(keep, biased, -jnp.inf), K)  # [N,K]
+        weights = jnp.take_along_axis(scores, expert_ids, axis=1)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        return weights * c.routed_scaling_factor, expert_ids.astype(jnp.int32), scores
+
+
+class RoutedExperts(nnx.Module):
+    """E SwiGLU experts stacked [E, in, out]; dropless dispatch by sorting assignments by expert."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        E, D, F = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        std = config.initializer_range
+        self.gate_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype))
+        self.up_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype))
+        self.down_proj = nnx.Param(init_normal(rngs, (E, F, D), std, param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
+        """x [N,D], weights/expert_ids [N,K] -> sum_k weights[n,k] * expert_{ids[n,k]}(x[n]) [N,D].
+
+        The N*K (token, expert) assignments are sorted by expert so each expert's rows are
+        contiguous, run through one grouped matmul per projection, weighted in fp32 and summed
+        back per token in fp32.
+        """
+        N, K = expert_ids.shape
+        E = self.gate_proj.shape[0]
+        flat_ids = expert_ids.reshape(N * K)
+        order = jnp.argsort(flat_ids, stable=True)  # [N*K]
+        token = order // K  # source token of each sorted row
+        group_sizes = jnp.bincount(flat_ids, length=E)  # [E]
+        xs = x.astype(self.dtype)[token]  # [N*K,D]
+        h = jax.nn.silu(grouped_matmul(xs, self.gate_proj[...], group_sizes)) * grouped_matmul(
+            xs, self.up_proj[...], group_sizes)  # [N*K,F]
+        y = grouped_matmul(h, self.down_proj[...], group_sizes)  # [N*K,D]
+        y = y.astype(jnp.float32) * weights.reshape(N * K)[order][:, None]
+        return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(y).astype(self.dtype)
+
+
+class MoE(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.router = Router(config, rngs=rngs)
+        self.experts = RoutedExperts(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.n_shared_experts:
+            self.shared = SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
+                                 std=config.initializer_range, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.config = config
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
+        """x [B,T,D], token_mask [B,T] (False = padding) -> y [B,T,D], {"load": [E], "balance": []}."""
+        c = self.config
+        B, T, D = x.shape
+        E, K = c.n_routed_experts, c.num_experts_per_tok
+        with jax.named_scope("router"):
+            weights, expert_ids, scores = self.router(x.reshape(B * T, D))
+        with jax.named_scope("experts"):
+            y = self.experts(x.reshape(B * T, D), weights, expert_ids).reshape(B, T, D)
+        if c.n_shared_experts:
+            with jax.named_scope("shared"):
+                y = y + self.shared(x)
+        return y, routing_stats(expert_ids.reshape(B, T, K), scores.reshape(B, T, E), token_mask, K)
+
+
+def routing_stats(expert_ids: jax.Array, scores: jax.Array, token_mask: jax.Array, k: int) -> dict:
+    """Expert load and the sequence-wise balance loss (SPEC G), over non-padding tokens.
+
+    expert_ids [B,T,K], scores [B,T,E] (unbiased sigmoid), token_mask [B,T] ->
+    load [E] = tokens routed to each expert; balance = mean over sequences of
+    sum_i f_i P_i with f_i = E/(K T) * #tokens picking i, P_i = mean_t s_i,t / sum_j s_j,t.
+    The loss counts the experts actually selected (with the bias), i.e. the real load.
+    """
+    B, T, E = scores.shape
+    m = token_mask.astype(jnp.float32)
+    counts = jnp.zeros((B, E), jnp.float32).at[
+        jnp.arange(B)[:, None, None], expert_ids].add(jnp.broadcast_to(m[..., None], expert_ids.shape))
+    n_tok = jnp.maximum(m.sum(-1, keepdims=True), 1.0)  # [B,1]
+    f = counts * E / (k * n_tok)
+    p = (scores / scores.sum(-1, keepdims=True) * m[..., None]).sum(1) / n_tok  # [B,E]
+    return {"load": counts.sum(0), "balance": (f * p).sum(-1).mean()}

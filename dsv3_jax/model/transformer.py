@@ -1,0 +1,148 @@
+"""The DeepSeek-V3 decoder: embedding, a scanned dense stack, a scanned MoE stack, head, MTP."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
+from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.moe import MoE
+from dsv3_jax.model.mtp import MTPBlock
+from dsv3_jax.model.rope import rope_cos_sin
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B,T,V]
+    mtp_logits: jax.Array | None  # [N,B,T,V]: depth k+1 at position i predicts token i+k+2
+    expert_load: jax.Array  # [Lm+N,E] tokens per routed expert: main MoE layers, then MTP layers
+    balance_loss: jax.Array  # [] sum over those layers of the sequence-wise balance loss (no alpha)
+    hidden_states: jax.Array  # [B,T,D] after the final norm
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x += MLA(attn_norm(x)); x += FFN(mlp_norm(x)), FFN dense or MoE."""
+
+    def __init__(self, config: ModelConfig, *, moe: bool, rngs: nnx.Rngs, dtype, param_dtype):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.attn_norm = RMSNorm(config.hidden_size, **norm)
+        self.attn = MLA(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp_norm = RMSNorm(config.hidden_size, **norm)
+        if moe:
+            self.mlp = MoE(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, std=config.initializer_range,
+                              rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.moe = moe
+
+    def __call__(self, x, cos, sin, mask, token_mask) -> tuple[jax.Array, dict]:
+        with jax.named_scope("attention"):
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        with jax.named_scope("moe" if self.moe else "mlp"):
+            if self.moe:
+                y, stats = self.mlp(self.mlp_norm(x), token_mask)
+            else:
+                y, stats = self.mlp(self.mlp_norm(x)), {}
+        return x + y, stats
+
+
+def _stack(n: int, make, rngs: nnx.Rngs):
+    """n copies of make(rngs) with parameters stacked on a leading axis (for nnx.scan)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def _scan(stack, x, *shared):
+    """Run a stacked layer module over its leading axis; returns (x, per-layer stats)."""
+
+    @nnx.scan(in_axes=(0, nnx.Carry) + (None,) * len(shared), out_axes=(nnx.Carry, 0))
+    def step(layer, x, *shared):
+        return layer(x, *shared)
+
+    return step(stack, x, *shared)
+
+
+class DeepSeekV3(nnx.Module):
+    """DeepSeek-V3 with its MTP modules.
+
+    Parameters are created in `param_dtype` (fp32 by default) and computed in `dtype` (bf16 by
+    default); the router is fp32 always. Layer stacks are scanned, so compile time does not
+    grow with depth.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = config
+        self.embed = Embed(c.vocab_size, c.hidden_size, std=c.initializer_range, rngs=rngs, **kw)
+        self.dense_layers = (_stack(c.num_dense_layers, lambda r: DecoderLayer(c, moe=False, rngs=r, **kw), rngs)
+                             if c.num_dense_layers else None)
+        self.moe_layers = (_stack(c.num_moe_layers, lambda r: DecoderLayer(c, moe=True, rngs=r, **kw), rngs)
+                           if c.num_moe_layers else None)
+        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, std=c.initializer_range, rngs=rngs, **kw)
+        self.mtp = (_stack(c.num_nextn_predict_layers, lambda r: MTPBlock(c, rngs=r, **kw), rngs)
+                    if c.num_nextn_predict_layers else None)
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> ModelOutput:
+        """tokens [B,T] int -> ModelOutput.
+
+        positions [B,T] default 0..T-1 (rotary angles). segment_ids [B,T]: tokens attend only
+        within their own segment (packed documents); segment 0 marks padding, left out of the
+        expert load and balance loss. Attention is causal by index.
+        """
+        c = self.config
+        B, T = tokens.shape
+        E, N = c.n_routed_experts, c.num_nextn_predict_layers
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1,1,T,T]
+        if segment_ids is None:
+            mask, token_mask = causal, jnp.ones((B, T), bool)
+        else:
+            mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            token_mask = segment_ids != 0
+        cos, sin = rope_cos_sin(c, positions)
+        shared = (cos, sin, mask, token_mask)
+
+        x = self.embed(tokens)  # [B,T,D]
+        loads, balance = [], jnp.zeros((), jnp.float32)
+        if self.dense_layers is not None:
+            with jax.named_scope("dense_layers"):
+                x, _ = _scan(self.dense_layers, x, *shared)
+        if self.moe_layers is not None:
+            with jax.named_scope("moe_layers"):
+                x, stats = _scan(self.moe_layers, x, *shared)
+            loads.append(stats["load"])
+            balance += stats["balance"].sum()
+        h = self.final_norm(x)
+        logits = self.lm_head(h)
+
+        mtp_logits = None
+        if self.mtp is not None:
+            with jax.named_scope("mtp"):
+                ahead = jnp.stack([jnp.roll(tokens, -k, axis=1) for k in range(1, N + 1)])  # [N,B,T]
+                valid = jnp.arange(T)[None, :] < T - jnp.arange(1, N + 1)[:, None]  # [N,T]: t_{i+k} exists
+                xs = (self.embed(ahead), valid[:, None, :] & token_mask[None])
+
+                def depth(block, h_prev, x):
+                    emb, tok_mask = x
+                    return block(h_prev, emb, cos, sin, mask, tok_mask)
+
+                _, (mtp_h, stats) = nnx.scan(depth, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+                    self.mtp, h, xs)
+                mtp_logits = self.lm_head(mtp_h)  # [N,B,T,V]
+            loads.append(stats["load"])
+            balance += stats["balance"].sum()
+        expert_load = jnp.concatenate(loads) if loads else jnp.zeros((0, E), jnp.float32)
+        return ModelOutput(logits, mtp_logits, expert_load, balance, h)
