@@ -1,0 +1,255 @@
+"""HF safetensors checkpoints <-> the model's pure param dict.
+
+Loading streams: each param leaf is filled slice by slice from source tensors read one at a time
+(block-FP8 weights are dequantized on the way), so a caller can consume and drop leaves one by
+one. Every source tensor must be used and every shape is checked against the model's abstract
+parameters; MTP layers (`model.layers.{L+k}.*`) are loaded and exported like any other layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.convert import fp8, names
+from dsv3_jax.convert.safetensors_io import CheckpointError, Item, Reader, write_sharded
+from dsv3_jax.model import DeepSeekV3
+
+SCALE_SUFFIX = "_scale_inv"  # `x.weight` -> `x.weight_scale_inv`
+QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32):
+    """(graphdef, abstract state, flat {path: ShapeDtypeStruct}) of the model, nothing allocated."""
+    abstract = nnx.eval_shape(
+        lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, state, traverse_util.flatten_dict(state.to_pure_dict(), sep="/")
+
+
+def build_model(config: ModelConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,
+                param_dtype=jnp.float32) -> DeepSeekV3:
+    """The model with parameters from a flat {path: array} dict (cast to the model's dtypes)."""
+    graphdef, state, shapes = abstract_model(config, dtype, param_dtype)
+    if set(flat) != set(shapes):
+        raise CheckpointError(f"params do not match the model: missing {sorted(set(shapes) - set(flat))}, "
+                              f"unexpected {sorted(set(flat) - set(shapes))}")
+    for path, s in shapes.items():
+        if tuple(flat[path].shape) != s.shape:
+            raise CheckpointError(f"param {path} has shape {tuple(flat[path].shape)}, the model needs {s.shape}")
+    pure = traverse_util.unflatten_dict(
+        {k: jnp.asarray(flat[k], dtype=shapes[k].dtype) for k in shapes}, sep="/")
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _resolve_mtp(config: ModelConfig, present: set[str]) -> ModelConfig:
+    """Drop MTP from the config when the checkpoint has none (HF `save_pretrained` writes none
+    although config.json declares it); an MTP layer only partly present is an error."""
+    n_layers, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
+    mtp_layers = {_layer_of(n) for n in present} - {None} - set(range(n_layers))
+    if n_mtp and not mtp_layers:
+        warnings.warn(f"config.json declares num_nextn_predict_layers={n_mtp} but the checkpoint has no "
+                      f"MTP tensors (model.layers.{n_layers}.*, as written by HF transformers); "
+                      "loading with num_nextn_predict_layers=0", stacklevel=3)
+        return config.replace(num_nextn_predict_layers=0)
+    expected = set()
+    for leaf in names.param_map(config):
+        expected.update(leaf.hf)
+    expected.update(copy for copy, _ in names.mtp_copies(config))
+    for i in range(n_layers, n_layers + n_mtp):
+        missing = sorted(n for n in expected - present if _layer_of(n) == i)
+        if missing:
+            raise CheckpointError(f"MTP layer model.layers.{i} is only partly present: missing "
+                                  f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return config
+
+
+def _check_names(config: ModelConfig, reader: Reader) -> None:
+    """Every tensor the map needs is present, and every present tensor is needed."""
+    present = reader.names()
+    needed = set()
+    for leaf in names.param_map(config):
+        needed.update(leaf.hf)
+    needed.update(copy for copy, _ in names.mtp_copies(config))
+    missing = sorted(needed - present)
+    if missing:
+        raise CheckpointError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name in sorted(present - needed):
+        base = name[: -len(SCALE_SUFFIX)]
+        if name.endswith(SCALE_SUFFIX) and base in needed and reader.dtype(base) == fp8.FP8:
+            continue
+        raise CheckpointError(f"unexpected tensor {name} (not part of a DeepSeek-V3 model with this config)")
+
+
+def _read(reader: Reader, name: str) -> np.ndarray:
+    """A source tensor in a float dtype; block-FP8 weights are dequantized to fp32."""
+    if reader.dtype(name) != fp8.FP8:
+        return reader.get(name)
+    scale = name + SCALE_SUFFIX
+    if scale not in reader.names():
+        raise CheckpointError(f"tensor {name} is float8_e4m3fn but {scale} is missing")
+    try:
+        return fp8.dequantize(reader.get(name), reader.get(scale))
+    except ValueError as e:
+        raise CheckpointError(f"tensor {scale}: {e}") from None
+
+
+class HFSource:
+    """A HF checkpoint directory opened and checked against its config.json, ready to stream."""
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.reader = Reader(hf_dir)
+        config = ModelConfig.from_hf(os.fspath(hf_dir))
+        self.config = _resolve_mtp(config, self.reader.names())
+        _check_names(self.config, self.reader)
+        self.leaves = names.param_map(self.config)
+
+    def check_copies(self) -> None:
+        """The MTP layers' stored embedding/head must equal the shared ones (compared bitwise)."""
+        for copy, main in names.mtp_copies(self.config):
+            a, b = self.reader.get(copy), self.reader.get(main)
+            if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+                raise CheckpointError(f"tensor {copy} must be a copy of {main} (the MTP layer shares them) "
+                                      "but differs")
+
+    def leaf(self, leaf: names.Leaf, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """One param leaf [*stack, *slice], filled one source tensor at a time."""
+        out = np.empty(shape, dtype)
+        per = shape[len(leaf.stack):]
+        want = per[::-1] if leaf.transpose else per
+        for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
+            if self.reader.shape(name) != want:
+                raise CheckpointError(f"tensor {name} has shape {list(self.reader.shape(name))}, "
+                                      f"the config needs {list(want)}")
+            src = _read(self.reader, name)
+            out[idx] = src.T if leaf.transpose else src
+        return out
+
+    def iter_params(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, np.ndarray]]:
+        """(path, array) for every leaf, in map order, each in the dtype of `shapes[path]`."""
+        self.check_copies()
+        if {leaf.param for leaf in self.leaves} != set(shapes):
+            raise RuntimeError("name map and model disagree: "
+                               f"{sorted({l.param for l in self.leaves} ^ set(shapes))}")
+        for leaf in self.leaves:
+            yield leaf.param, self.leaf(leaf, shapes[leaf.param].shape, shapes[leaf.param].dtype)
+
+
+def load_hf(hf_dir: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32
+            ) -> tuple[ModelConfig, DeepSeekV3]:
+    """(config, model) from a HF DeepSeek-V3 directory (BF16/FP32 or block FP8, MTP included)."""
+    source = HFSource(hf_dir)
+    _, _, shapes = abstract_model(source.config, dtype, param_dtype)
+    flat = dict(source.iter_params(shapes))
+    return source.config, build_model(source.config, flat, dtype, param_dtype)
+
+
+def _hf_config(config: ModelConfig, quantized: bool) -> dict:
+    out = config.to_hf()
+    out.setdefault("architectures", ["DeepseekV3ForCausalLM"])
+    out.setdefault("model_type", "deepseek_v3")
+    out.pop("quantization_config", None)
+    if quantized:
+        out["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    return out
+
+
+def export_items(config: ModelConfig, get: Callable[[str], np.ndarray], quantize: bool = False
+                 ) -> list[Item]:
+    """Writer items for every HF tensor, ordered by layer; `get(path)` returns a param leaf."""
+    items = []
+
+    def add(name: str, leaf: names.Leaf, idx: tuple[int, ...], shape, dtype):
+        per = shape[len(leaf.stack):]
+        hf_shape = tuple(per[::-1]) if leaf.transpose else tuple(per)
+
+        def produce():
+            x = np.asarray(get(leaf.param)[idx])
+            return [x.T if leaf.transpose else x]
+
+        if quantize and names.is_fp8(leaf) and len(hf_shape) == 2:
+            specs = [(name, fp8.FP8, hf_shape), (name + SCALE_SUFFIX, np.dtype(np.float32), fp8.scale_shape(hf_shape))]
+            items.append((specs, lambda: list(fp8.quantize(produce()[0]))))
+        else:
+            items.append(([(name, np.dtype(dtype), hf_shape)], produce))
+
+    _, _, shapes = abstract_model(config)
+    for leaf in names.param_map(config):
+        for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
+            add(name, leaf, idx, shapes[leaf.param].shape, get(leaf.param).dtype)
+    top = {leaf.hf[0]: leaf for leaf in names.param_map(config) if not leaf.stack}
+    for copy, main in names.mtp_copies(config):  # stored copies of the shared embedding / head
+        leaf = top[main]
+        add(copy, leaf, (), shapes[leaf.param].shape, get(leaf.param).dtype)
+
+    def order(item):
+        name = item[0][0][0]
+        layer = _layer_of(name)
+        return (-1 if name.startswith("model.embed") else 1 << 30) if layer is None else layer, name
+
+    return sorted(items, key=order)
+
+
+def save_hf(config: ModelConfig, params, hf_dir: str | os.PathLike, *, fp8_weights: bool = False,
+            max_shard_size: int = 5 << 30) -> None:
+    """Write a HF directory (config.json, safetensors shards, index) that transformers'
+    `DeepseekV3ForCausalLM.from_pretrained` loads; MTP layers are written as `model.layers.{L+k}.*`.
+
+    `params` is a model, a nested pure dict, or a flat {path: array} dict. With `fp8_weights`
+    the projection weights are stored in the released 128x128 block-FP8 format. The directory is
+    written next to `hf_dir` under a temporary name and renamed at the end.
+    """
+    flat = flat_params(params)
+    items = export_items(config, flat.__getitem__, quantize=fp8_weights)
+    with atomic_dir(hf_dir) as tmp:
+        write_sharded(tmp, items, max_shard_size)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(_hf_config(config, fp8_weights), f, indent=2)
+
+
+def flat_params(params) -> dict:
+    """{path: array} from a model, a nested pure dict, or an already flat dict."""
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params).to_pure_dict()
+    if any(isinstance(v, dict) for v in params.values()):
+        params = traverse_util.flatten_dict(params, sep="/")
+    return dict(params)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary directory next to `path`, renamed to `path` on success and removed on error,
+    so a failed or interrupted write never leaves a half-written output directory."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path} exists and is not empty")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
