@@ -37,7 +37,7 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float
     abstract = nnx.eval_shape(
         lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     graphdef, state = nnx.split(abstract)
-    return graphdef, state, traverse_util.flatten_dict(state.to_pure_dict(), sep="/")
+    return graphdef, state, traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
 
 
 def build_model(config: ModelConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,
@@ -229,7 +229,7 @@ def save_hf(config: ModelConfig, params, hf_dir: str | os.PathLike, *, fp8_weigh
 def flat_params(params) -> dict:
     """{path: array} from a model, a nested pure dict, or an already flat dict."""
     if isinstance(params, nnx.Module):
-        params = nnx.state(params).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(params))
     if any(isinstance(v, dict) for v in params.values()):
         params = traverse_util.flatten_dict(params, sep="/")
     return dict(params)
