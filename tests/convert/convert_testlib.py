@@ -41,6 +41,15 @@ def _perturb(model: DeepseekV3ForCausalLM, seed: int) -> None:
                 t.copy_(0.1 * torch.randn(t.shape, generator=g))
 
 
+def _cast(model: DeepseekV3ForCausalLM, dtype) -> DeepseekV3ForCausalLM:
+    """Cast like `from_pretrained(dtype=...)`: the router gate and its bias stay fp32 (HF 5)."""
+    model = model.to(dtype)
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate"):
+            module.float()
+    return model
+
+
 def make_hf(directory, seed: int = 0, mtp: bool = True, dtype=torch.float32, **overrides):
     """Save a random tiny HF model to `directory`; with `mtp`, add the MTP layer tensors
     (`model.layers.{L}.*`) in a second shard with an index, as the released checkpoint has them.
@@ -49,7 +58,7 @@ def make_hf(directory, seed: int = 0, mtp: bool = True, dtype=torch.float32, **o
     cfg = hf_config(**overrides)
     model = DeepseekV3ForCausalLM(cfg).eval()
     _perturb(model, seed)
-    model = model.to(dtype)
+    model = _cast(model, dtype)
     model.save_pretrained(directory)
     if mtp:
         add_mtp(directory, cfg, seed, dtype)
@@ -63,7 +72,7 @@ def add_mtp(directory, cfg: DeepseekV3Config, seed: int, dtype) -> None:
                                                     "first_k_dense_replace": 0})).eval()
     _perturb(one, seed + 1000)
     tmp = os.path.join(directory, "_one")
-    one.to(dtype).save_pretrained(tmp)
+    _cast(one, dtype).save_pretrained(tmp)
     main = load_tensors(directory)
     L, D = cfg.num_hidden_layers, cfg.hidden_size
     prefix = f"model.layers.{L}."
