@@ -1,0 +1,170 @@
+"""Every malformed input raises an error naming the tensor or file; no half-written outputs."""
+
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from convert_testlib import load_tensors, make_hf
+from safetensors.numpy import save_file
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.convert import CheckpointError, convert_hf, load_hf, save_hf
+from dsv3_jax.convert.hf import abstract_model, flat_params
+from dsv3_jax.convert.names import param_map
+from dsv3_jax.convert.safetensors_io import write_file
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny fp32 HF directory: model.safetensors (3 layers) + model-mtp.safetensors (layer 3)."""
+    d = tmp_path_factory.mktemp("base")
+    make_hf(d, seed=7, mtp=True)
+    return d
+
+
+@pytest.fixture
+def src(base, tmp_path):
+    d = tmp_path / "src"
+    shutil.copytree(base, d)
+    return d
+
+
+def _edit(directory, file, change):
+    """Rewrite one shard with `change(tensors)` applied, keeping the index in step."""
+    path = os.path.join(directory, file)
+    tensors = load_tensors(directory)
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    mine = {n: t for n, t in tensors.items() if index["weight_map"][n] == file}
+    change(mine)
+    save_file(mine, path, metadata={"format": "pt"})
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != file} | {n: file for n in mine}
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+
+
+def _edit_config(directory, **changes):
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def test_missing_tensor(src):
+    _edit(src, "model.safetensors", lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight"):
+        load_hf(src)
+
+
+def test_unexpected_tensor(src):
+    _edit(src, "model-mtp.safetensors", lambda t: t.update({"model.layers.0.mlp.extra.weight": np.ones(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.mlp\.extra\.weight"):
+        load_hf(src)
+
+
+def test_wrong_shape(src):
+    _edit(src, "model.safetensors",
+          lambda t: t.update({"model.layers.2.self_attn.o_proj.weight": np.ones((32, 17), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.o_proj\.weight has shape \[32, 17\]"):
+        load_hf(src)
+
+
+def test_truncated_file(src):
+    path = os.path.join(src, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        load_hf(src)
+
+
+def test_corrupt_header(src):
+    path = os.path.join(src, "model-mtp.safetensors")
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage{")
+    with pytest.raises(CheckpointError, match=r"model-mtp\.safetensors: corrupt safetensors header"):
+        load_hf(src)
+
+
+@pytest.mark.parametrize("change, tensor", [
+    (dict(hidden_size=48), r"model\.embed_tokens\.weight has shape \[96, 32\], the config needs \[96, 48\]"),
+    (dict(num_hidden_layers=2), r"MTP layer model\.layers\.2 is only partly present"),
+    (dict(n_routed_experts=4, n_group=2, topk_group=1), r"unexpected tensor model\.layers\.1\.mlp\.experts\.4\."),
+])
+def test_config_mismatch(src, change, tensor):
+    _edit_config(src, **change)
+    with pytest.raises(CheckpointError, match=tensor):
+        load_hf(src)
+
+
+def test_partial_mtp(src):
+    _edit(src, "model-mtp.safetensors", lambda t: t.pop("model.layers.3.hnorm.weight"))
+    with pytest.raises(CheckpointError, match=r"MTP layer model\.layers\.3 is only partly present.*hnorm"):
+        load_hf(src)
+
+
+def test_mtp_copy_mismatch(src):
+    def change(t):
+        t["model.layers.3.shared_head.head.weight"] = t["model.layers.3.shared_head.head.weight"] + 1
+    _edit(src, "model-mtp.safetensors", change)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\.shared_head\.head\.weight must be a copy of lm_head"):
+        load_hf(src)
+
+
+def test_hf_written_checkpoint_without_mtp_warns(tmp_path):
+    make_hf(tmp_path, seed=8, mtp=False)
+    with pytest.warns(UserWarning, match="no MTP tensors.*num_nextn_predict_layers=0"):
+        config, model = load_hf(tmp_path)
+    assert config.num_nextn_predict_layers == 0
+
+
+def test_fp8_weight_without_scale(src, tmp_path):
+    config, model = load_hf(src)
+    path = tmp_path / "fp8"
+    save_hf(config, model, path, fp8_weights=True)
+    tensors = load_tensors(path)
+    del tensors["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    os.remove(path / "model.safetensors")
+    write_file(str(path / "model.safetensors"),
+               [([(n, t.dtype, t.shape)], lambda t=t: [t]) for n, t in tensors.items()])
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight is float8_e4m3fn but "
+                                              r"model\.layers\.0\.mlp\.up_proj\.weight_scale_inv is missing"):
+        load_hf(path)
+
+
+def test_no_half_written_output(src, tmp_path):
+    # The MTP layer's eh_proj is among the last leaves: several leaves are written before the error.
+    _edit(src, "model-mtp.safetensors", lambda t: t.update({"model.layers.3.eh_proj.weight": np.ones((32, 32), np.float32)}))
+    out = tmp_path / "out" / "ckpt"
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\.eh_proj\.weight has shape"):
+        convert_hf(src, out)
+    assert os.listdir(tmp_path / "out") == []
+    # Export: a leaf of the wrong shape fails mid-write and leaves nothing either.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config, model = load_hf(_fresh(tmp_path))
+    flat = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    flat["moe_layers/mlp/experts/down_proj"] = flat["moe_layers/mlp/experts/down_proj"][..., :-1]
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1\.mlp\.experts\.0\.down_proj\.weight: produced"):
+        save_hf(config, flat, tmp_path / "out" / "hf")
+    assert os.listdir(tmp_path / "out") == []
+    with pytest.raises(FileExistsError):
+        convert_hf(_fresh(tmp_path, "again"), tmp_path / "src")
+
+
+def _fresh(tmp_path, name="fresh"):
+    d = tmp_path / name
+    make_hf(d, seed=9, mtp=True)
+    return d
+
+
+def test_abstract_model_matches_name_map():
+    for cfg in (ModelConfig.preset("tiny"), ModelConfig.preset("tiny", q_lora_rank=None, first_k_dense_replace=0,
+                                                               num_nextn_predict_layers=2, n_shared_experts=0)):
+        _, _, shapes = abstract_model(cfg)
+        assert {leaf.param for leaf in param_map(cfg)} == set(shapes)
