@@ -8,6 +8,7 @@ exactly. Defaults are the released 671B values (SPEC A).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -141,7 +142,7 @@ class ModelConfig:
     def from_hf(cls, source: str | os.PathLike | dict) -> ModelConfig:
         """Build from a HF config dict, a config.json path, or a directory holding one."""
         if isinstance(source, dict):
-            src = dict(source)
+            src = copy.deepcopy(source)
         else:
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -174,7 +175,7 @@ class ModelConfig:
         out = {k: values[k] for k in self.hf_keys if k in values}
         out.update({k: v for k, v in values.items()
                     if k not in out and (not self.hf_keys or k not in absent or v != absent[k])})
-        return out
+        return copy.deepcopy(out)  # callers (transformers among them) edit what they are given
 
     def save_hf(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, "config.json"), "w") as f:

@@ -1,9 +1,10 @@
 """Multi-token prediction module (SPEC D): depth k predicts the token k+1 places ahead.
 
 h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])  (embedding first, as checkpoint
-consumers concatenate), h^k = TRM_k(h'), logits^k = head(head_norm(h^k)), with the embedding
+consumers concatenate), h^k = head_norm(TRM_k(h')), logits^k = head(h^k), with the embedding
 and output head shared with the main model. h^0 is the main model's output after its final
-norm (what inference engines that serve the released weights feed the MTP layer).
+norm, and each depth feeds its normed output to the next: the choices of HF transformers'
+`MtpModel` and of the inference engines that serve the released weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class MTPBlock(nnx.Module):
         self.head_norm = RMSNorm(D, **norm)
 
     def __call__(self, h: jax.Array, emb_ahead: jax.Array, cos, sin, mask, token_mask):
-        """h [B,T,D] (h^{k-1}), emb_ahead [B,T,D] (Emb(t_{i+k})) -> h^k, (head_norm(h^k), stats)."""
+        """h [B,T,D] (h^{k-1}), emb_ahead [B,T,D] (Emb(t_{i+k})) -> h^k, (h^k, stats)."""
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h)], axis=-1))  # [B,T,2D] -> [B,T,D]
         h, stats = self.layer(x, cos, sin, mask, token_mask)
-        return h, (self.head_norm(h), stats)
+        h = self.head_norm(h)
+        return h, (h, stats)

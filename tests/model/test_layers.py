@@ -1,0 +1,56 @@
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+from dsv3_jax.model.layers import Linear, RMSNorm, SwiGLU, einsum
+from tests.hf_reference import t2n
+
+
+def test_rmsnorm_matches_hf_fp32_and_bf16():
+    ref = hf.DeepseekV3RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 1.5, 48))
+    x = np.random.RandomState(0).randn(3, 5, 48).astype(np.float32) * 3
+    ours = RMSNorm(48, eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32)
+    ours.scale[...] = jnp.asarray(t2n(ref.weight))
+    np.testing.assert_allclose(ours(jnp.asarray(x)), t2n(ref(torch.tensor(x))), rtol=1e-6, atol=1e-6)
+    # bf16: HF rounds the normalised value to bf16 before the bf16 weight multiply; so do we.
+    ref_bf16 = ref.to(torch.bfloat16)
+    ours_bf16 = RMSNorm(48, eps=1e-5, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    ours_bf16.scale[...] = jnp.asarray(t2n(ref.weight))
+    xb = torch.tensor(x).to(torch.bfloat16)
+    got = ours_bf16(jnp.asarray(t2n(xb)).astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), t2n(ref_bf16(xb)))
+
+
+def test_linear_is_x_times_kernel_in_out_layout():
+    lin = Linear(6, 4, std=1.0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    x = np.random.RandomState(1).randn(2, 6).astype(np.float32)
+    np.testing.assert_allclose(lin(jnp.asarray(x)), x @ np.asarray(lin.kernel[...]), rtol=1e-6)
+    assert lin.kernel.shape == (6, 4)
+
+
+def test_einsum_bf16_accumulates_in_fp32_and_rounds_once():
+    rs = np.random.RandomState(2)
+    x, w = rs.randn(4, 512).astype(np.float32), rs.randn(512, 3).astype(np.float32)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    exact = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
+    got = einsum("ti,io->to", xb, wb, dtype=jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16)))
+
+
+def test_swiglu_matches_hf_mlp():
+    class Cfg:
+        hidden_size, intermediate_size, hidden_act = 16, 24, "silu"
+
+    torch.manual_seed(0)
+    ref = hf.DeepseekV3MLP(Cfg())
+    ours = SwiGLU(16, 24, std=1.0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(ours, name).kernel[...] = jnp.asarray(t2n(getattr(ref, name).weight).T)
+    x = np.random.RandomState(3).randn(2, 7, 16).astype(np.float32)
+    np.testing.assert_allclose(ours(jnp.asarray(x)), t2n(ref(torch.tensor(x))), rtol=1e-5, atol=1e-6)

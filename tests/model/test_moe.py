@@ -1,0 +1,152 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.moe import MoE, Router, routing_stats
+from tests.hf_reference import hf_config, randomize_, t2n
+
+CASES = {
+    "groups4-top2": ModelConfig.preset("tiny"),
+    "one-group": ModelConfig.preset("tiny", n_group=1, topk_group=1, num_experts_per_tok=3),
+    "unnormalised": ModelConfig.preset("tiny", norm_topk_prob=False, n_group=2, topk_group=1),
+    "8groups-top3": ModelConfig.preset("tiny", n_routed_experts=16, n_group=8, topk_group=3,
+                                       num_experts_per_tok=4, n_shared_experts=2),
+}
+
+
+def load_from_hf(ours: MoE, ref: hf.DeepseekV3MoE) -> None:
+    F = ref.experts.down_proj.shape[-1]
+    ours.router.kernel[...] = jnp.asarray(t2n(ref.gate.weight).T)
+    ours.router.bias[...] = jnp.asarray(t2n(ref.gate.e_score_correction_bias))
+    gate_up = t2n(ref.experts.gate_up_proj)  # [E, 2F, D]: gate rows then up rows
+    ours.experts.gate_proj[...] = jnp.asarray(gate_up[:, :F].transpose(0, 2, 1))
+    ours.experts.up_proj[...] = jnp.asarray(gate_up[:, F:].transpose(0, 2, 1))
+    ours.experts.down_proj[...] = jnp.asarray(t2n(ref.experts.down_proj).transpose(0, 2, 1))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(ours.shared, name).kernel[...] = jnp.asarray(t2n(getattr(ref.shared_experts, name).weight).T)
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    ref = hf.DeepseekV3MoE(hf_config(config)).eval()
+    for p in (ref.gate.weight, ref.experts.gate_up_proj, ref.experts.down_proj):
+        torch.nn.init.normal_(p, std=0.3)
+    randomize_(ref, seed)
+    ours = MoE(config, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    load_from_hf(ours, ref)
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_router_selection_and_weights_match_hf(name):
+    config = CASES[name]
+    ours, ref = build(config)
+    x = np.random.RandomState(1).randn(64, config.hidden_size).astype(np.float32)
+    _, ref_w, ref_idx = ref.gate(torch.tensor(x))
+    w, idx, scores = ours.router(jnp.asarray(x))
+    ref_idx, ref_w = t2n(ref_idx).astype(int), t2n(ref_w)
+    for t in range(len(x)):  # HF's top-k is unsorted: compare as expert -> weight maps
+        assert dict(zip(ref_idx[t], ref_w[t])) == pytest.approx(dict(zip(np.asarray(idx[t]), np.asarray(w[t]))))
+    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-(x @ np.asarray(ours.router.kernel[...])))), rtol=1e-5)
+
+
+def test_group_mask_is_minus_inf_so_negative_biases_never_leak_into_masked_groups():
+    """With every biased score negative, a 0.0 fill (older HF) would pick masked-group experts."""
+    config = ModelConfig.preset("tiny")  # 8 experts, 4 groups of 2, keep 2 groups, top-2
+    router = Router(config, rngs=nnx.Rngs(0))
+    router.kernel[...] = jnp.zeros_like(router.kernel[...])  # all scores sigmoid(0) = 0.5
+    bias = np.array([-5, -5, -1, -1, -9, -9, -2, -2], np.float32)
+    router.bias[...] = jnp.asarray(bias)
+    w, idx, _ = router(jnp.ones((1, config.hidden_size)))
+    # group sums of top-2: [-9, -1, -17, -3] -> keep groups 1 and 3 -> experts {2, 3, 6, 7}; top-2 = {2, 3}
+    assert set(np.asarray(idx[0]).tolist()) == {2, 3}
+    np.testing.assert_allclose(w[0], [1.25, 1.25])  # unbiased 0.5 each, normalised, times 2.5
+
+
+def dense_reference(ours: MoE, x: np.ndarray) -> np.ndarray:
+    """Every expert on every token, weighted by the router's (sparse) weights: the dispatch-free sum."""
+    w, idx, _ = ours.router(jnp.asarray(x))
+    E = ours.experts.gate_proj.shape[0]
+    dense_w = np.zeros((len(x), E), np.float32)
+    np.put_along_axis(dense_w, np.asarray(idx), np.asarray(w), axis=1)
+    g, u, d = (np.asarray(p[...], np.float64) for p in (ours.experts.gate_proj, ours.experts.up_proj,
+                                                          ours.experts.down_proj))
+    h = np.einsum("nd,edf->nef", x, g)
+    h = h / (1 + np.exp(-h)) * np.einsum("nd,edf->nef", x, u)
+    return np.einsum("nef,efd,ne->nd", h, d, dense_w)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_moe_block_matches_hf_and_dense_all_experts_reference(name):
+    config = CASES[name]
+    ours, ref = build(config, seed=3)
+    x = np.random.RandomState(4).randn(2, 24, config.hidden_size).astype(np.float32)
+    y, stats = ours(jnp.asarray(x), jnp.ones((2, 24), bool))
+    expected = t2n(ref(torch.tensor(x)))
+    atol = 1e-6 * np.abs(expected).max()  # fp32 rounding at the outputs' scale
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=atol)
+    routed = dense_reference(ours, x.reshape(48, -1))
+    np.testing.assert_allclose(y.reshape(48, -1) - ours.shared(jnp.asarray(x)).reshape(48, -1), routed,
+                               rtol=1e-5, atol=atol)
+    assert stats["load"].sum() == 48 * config.num_experts_per_tok
+
+
+def test_moe_bf16_within_tolerance_of_fp32():
+    config = CASES["groups4-top2"]
+    ours, _ = build(config, seed=5)
+    x = jnp.asarray(np.random.RandomState(6).randn(2, 16, config.hidden_size).astype(np.float32))
+    y32, _ = ours(x, jnp.ones((2, 16), bool))
+    bf16 = MoE(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    nnx.update(bf16, nnx.state(ours))
+    y16, _ = bf16(x, jnp.ones((2, 16), bool))
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05 * float(jnp.abs(y32).max()))
+
+
+def test_routing_stats_load_and_sequence_balance_loss():
+    rs = np.random.RandomState(7)
+    B, T, E, K = 3, 10, 8, 2
+    ids = np.stack([np.stack([rs.choice(E, K, replace=False) for _ in range(T)]) for _ in range(B)])
+    scores = rs.rand(B, T, E).astype(np.float32)
+    mask = np.ones((B, T), bool)
+    mask[2, 6:] = False  # padding at the end of the last sequence
+    stats = routing_stats(jnp.asarray(ids), jnp.asarray(scores), jnp.asarray(mask), K)
+    load = np.zeros(E)
+    losses = []
+    for b in range(B):
+        n = mask[b].sum()
+        f, P = np.zeros(E), np.zeros(E)
+        for t in range(T):
+            if mask[b, t]:
+                f[ids[b, t]] += E / (K * n)
+                P += scores[b, t] / scores[b, t].sum() / n
+                load[ids[b, t]] += 1
+        losses.append((f * P).sum())
+    np.testing.assert_allclose(stats["load"], load)
+    np.testing.assert_allclose(stats["balance"], np.mean(losses), rtol=1e-6)
+    # A perfectly uniform router scores exactly 1 (f_i = 1, P_i = 1/E for all i).
+    uni_ids = np.stack([np.arange(T * K).reshape(T, K) % E] * 1)
+    uni = routing_stats(jnp.asarray(uni_ids[:, :8]), jnp.ones((1, 8, E)), jnp.ones((1, 8), bool), K)
+    assert float(uni["balance"]) == pytest.approx(1.0)
+
+
+def test_moe_gradients_flow_to_router_and_experts_not_bias():
+    config = CASES["groups4-top2"]
+    ours, _ = build(config, seed=8)
+    x = jnp.asarray(np.random.RandomState(9).randn(2, 8, config.hidden_size).astype(np.float32))
+
+    def loss(model):
+        y, stats = model(x, jnp.ones((2, 8), bool))
+        return (y ** 2).mean() + stats["balance"]
+
+    grads = nnx.grad(loss)(ours)
+    g = nnx.to_pure_dict(grads)
+    assert "bias" not in g["router"]
+    for leaf in (g["router"]["kernel"], g["experts"]["gate_proj"], g["experts"]["down_proj"]):
+        assert float(jnp.abs(leaf).max()) > 0 and bool(jnp.all(jnp.isfinite(leaf)))
+    jax.block_until_ready(g)

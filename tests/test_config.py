@@ -1,0 +1,107 @@
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepSeekV3
+
+RELEASED = pathlib.Path(__file__).parent / "data" / "deepseek_v3_671b_config.json"
+
+
+def test_released_config_round_trips_exactly():
+    text = RELEASED.read_text()
+    config = ModelConfig.from_hf(RELEASED)
+    assert config == ModelConfig.preset("v3_671b")
+    out = config.to_hf()
+    assert out == json.loads(text) and list(out) == list(json.loads(text))
+    assert json.dumps(out, indent=2) + "\n" == text  # byte for byte, unused fields and all
+    assert config.extra["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+def test_reads_what_transformers_5_writes(tmp_path):
+    ours = ModelConfig.preset("tiny", q_lora_rank=None, norm_topk_prob=False)
+    transformers.DeepseekV3Config(**ours.to_hf()).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in written and "rope_scaling" not in written
+    back = ModelConfig.from_hf(tmp_path)
+    assert back.to_hf() == written
+    # transformers adds "rope_type" beside our "type"; the rope itself is the same
+    assert back.rope_type == "yarn" and back.rope_scaling["factor"] == ours.rope_scaling["factor"]
+    assert back.replace(rope_scaling=ours.rope_scaling) == ours
+    assert ModelConfig.preset("tiny").rope_scaling == {**ours.rope_scaling}  # our dicts were not edited
+
+
+def test_directory_file_and_dict_sources_agree(tmp_path):
+    ModelConfig.preset("small").save_hf(tmp_path)
+    assert ModelConfig.from_hf(tmp_path) == ModelConfig.from_hf(tmp_path / "config.json") == ModelConfig.preset("small")
+
+
+def test_presets_round_trip_and_are_valid():
+    for name in ("tiny", "small", "bench", "v3_671b"):
+        c = ModelConfig.preset(name)
+        assert ModelConfig.from_hf(c.to_hf()) == c
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelConfig.preset("huge")
+
+
+def _count(config):
+    model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0)))
+    sizes = {"/".join(str(p.key) for p in k): int(np.prod(v.shape)) for k, v in
+             jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]}
+    total = sum(sizes.values())
+    mtp = sum(v for k, v in sizes.items() if k.startswith("mtp"))
+    experts = {k: v for k, v in sizes.items() if "experts" in k}
+    per_moe_layer_expert = sum(experts.values()) / (config.num_moe_layers + config.num_nextn_predict_layers)
+    inactive = per_moe_layer_expert * (1 - config.num_experts_per_tok / config.n_routed_experts)
+    emb = config.vocab_size * config.hidden_size
+    active_main = total - mtp - emb - inactive * config.num_moe_layers
+    return total, mtp, active_main
+
+
+def test_parameter_counts_match_published_figures():
+    """671B main + 11.5B unique MTP; the hub's 685B also stores the MTP layer's copies of the
+    embedding and head; 37B activated (SPEC D, PAPER); bench 2.95B / 0.68B (PERF.md)."""
+    config = ModelConfig.preset("v3_671b")
+    total, mtp, active = _count(config)
+    assert (total - mtp) / 1e9 == pytest.approx(671, abs=1)
+    assert mtp / 1e9 == pytest.approx(11.5, abs=0.15)  # 11.61B counted; the README rounds to 11.5B
+    assert (total + 2 * config.vocab_size * config.hidden_size) / 1e9 == pytest.approx(685, abs=1)
+    assert active / 1e9 == pytest.approx(37, abs=1)
+    total, mtp, active = _count(ModelConfig.preset("bench"))
+    assert (total - mtp) / 1e9 == pytest.approx(2.95, abs=0.05)
+    assert active / 1e9 == pytest.approx(0.68, abs=0.05)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(topk_group=5), "topk_group"),
+    (dict(n_group=3), "n_group"),
+    (dict(n_group=8), "n_group"),  # 8 experts in 8 groups: one per group
+    (dict(num_experts_per_tok=5, topk_group=2), "num_experts_per_tok"),
+    (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+    (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(num_attention_heads=0), "num_attention_heads"),
+    (dict(q_lora_rank=0), "q_lora_rank"),
+    (dict(rope_scaling={"type": "longrope", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn"}), "rope_scaling"),
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(moe_layer_freq=2), "moe_layer_freq"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+])
+def test_invalid_configs_name_field_and_constraint(changes, field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}=.*: "):
+        ModelConfig.preset("tiny", **changes)
+
+
+def test_invalid_hf_dict_is_refused_too():
+    bad = ModelConfig.preset("tiny").to_hf() | {"rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    with pytest.raises(ValueError, match="unknown rope type"):
+        ModelConfig.from_hf(bad)
+    with pytest.raises(ValueError, match="rope_interleave"):
+        ModelConfig.from_hf(ModelConfig.preset("tiny").to_hf() | {"rope_interleave": False})
