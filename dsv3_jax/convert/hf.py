@@ -71,12 +71,9 @@ def _resolve_mtp(config: ModelConfig, present: set[str]) -> ModelConfig:
                       f"MTP tensors (model.layers.{n_layers}.*, as written by HF transformers); "
                       "loading with num_nextn_predict_layers=0", stacklevel=3)
         return config.replace(num_nextn_predict_layers=0)
-    expected = set()
-    for leaf in names.param_map(config):
-        expected.update(leaf.hf)
-    expected.update(copy for copy, _ in names.mtp_copies(config))
+    absent = names.hf_names(config) - present
     for i in range(n_layers, n_layers + n_mtp):
-        missing = sorted(n for n in expected - present if _layer_of(n) == i)
+        missing = sorted(n for n in absent if _layer_of(n) == i)
         if missing:
             raise CheckpointError(f"MTP layer model.layers.{i} is only partly present: missing "
                                   f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -85,11 +82,7 @@ def _resolve_mtp(config: ModelConfig, present: set[str]) -> ModelConfig:
 
 def _check_names(config: ModelConfig, reader: Reader) -> None:
     """Every tensor the map needs is present, and every present tensor is needed."""
-    present = reader.names()
-    needed = set()
-    for leaf in names.param_map(config):
-        needed.update(leaf.hf)
-    needed.update(copy for copy, _ in names.mtp_copies(config))
+    present, needed = reader.names(), names.hf_names(config)
     missing = sorted(needed - present)
     if missing:
         raise CheckpointError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -105,7 +98,7 @@ def _read(reader: Reader, name: str) -> np.ndarray:
     if reader.dtype(name) != fp8.FP8:
         return reader.get(name)
     scale = name + SCALE_SUFFIX
-    if scale not in reader.names():
+    if scale not in reader.entries:
         raise CheckpointError(f"tensor {name} is float8_e4m3fn but {scale} is missing")
     try:
         return fp8.dequantize(reader.get(name), reader.get(scale))

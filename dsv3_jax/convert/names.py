@@ -147,6 +147,14 @@ def mtp_copies(config: ModelConfig) -> list[tuple[str, str]]:
             for k in range(config.num_nextn_predict_layers) for name, main in MTP_COPIES]
 
 
+def hf_names(config: ModelConfig) -> set[str]:
+    """Every HF tensor name a checkpoint of `config` holds (FP8 scales aside)."""
+    out = {copy for copy, _ in mtp_copies(config)}
+    for leaf in param_map(config):
+        out.update(leaf.hf)
+    return out
+
+
 def is_fp8(leaf: Leaf) -> bool:
     """Whether the released format stores this leaf's tensors as block FP8."""
     return leaf.kind == LINEAR and leaf.param not in NOT_FP8
