@@ -176,7 +176,7 @@ def export_items(config: ModelConfig, get: Callable[[str], np.ndarray], quantize
         hf_shape = tuple(per[::-1]) if leaf.transpose else tuple(per)
 
         def produce():
-            x = np.asarray(get(leaf.param)[idx])
+            x = np.asarray(get(leaf.param))[idx]
             return [x.T if leaf.transpose else x]
 
         if quantize and names.is_fp8(leaf) and len(hf_shape) == 2:
