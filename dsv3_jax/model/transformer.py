@@ -132,8 +132,10 @@ class DeepSeekV3(nnx.Module):
         if self.mtp is not None:
             with jax.named_scope("mtp"):
                 ahead = jnp.stack([jnp.roll(tokens, -k, axis=1) for k in range(1, N + 1)])  # [N,B,T]
-                valid = jnp.arange(T)[None, :] < T - jnp.arange(1, N + 1)[:, None]  # [N,T]: t_{i+k} exists
-                xs = (self.embed(ahead), valid[:, None, :] & token_mask[None])
+                # position i counts at depth k when it and t_{i+k} exist and are not padding
+                exists = jnp.arange(T)[None, :] < T - jnp.arange(1, N + 1)[:, None]  # [N,T]
+                ahead_real = jnp.stack([jnp.roll(token_mask, -k, axis=1) for k in range(1, N + 1)])  # [N,B,T]
+                xs = (self.embed(ahead), exists[:, None, :] & ahead_real & token_mask[None])
 
                 def depth(block, h_prev, x):
                     emb, tok_mask = x
