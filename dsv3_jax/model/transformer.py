@@ -22,6 +22,7 @@ class ModelOutput(NamedTuple):
     expert_load: jax.Array  # [Lm+N,E] tokens per routed expert: main MoE layers, then MTP layers
     balance_loss: jax.Array  # [] sum over those layers of the sequence-wise balance loss (no alpha)
     hidden_states: jax.Array  # [B,T,D] after the final norm
+    mtp_hidden_states: jax.Array | None  # [N,B,T,D] each depth's normed output (the head's input)
 
 
 class DecoderLayer(nnx.Module):
@@ -128,7 +129,7 @@ class DeepSeekV3(nnx.Module):
         h = self.final_norm(x)
         logits = self.lm_head(h)
 
-        mtp_logits = None
+        mtp_logits = mtp_h = None
         if self.mtp is not None:
             with jax.named_scope("mtp"):
                 ahead = jnp.stack([jnp.roll(tokens, -k, axis=1) for k in range(1, N + 1)])  # [N,B,T]
@@ -147,4 +148,4 @@ class DeepSeekV3(nnx.Module):
             loads.append(stats["load"])
             balance += stats["balance"].sum()
         expert_load = jnp.concatenate(loads) if loads else jnp.zeros((0, E), jnp.float32)
-        return ModelOutput(logits, mtp_logits, expert_load, balance, h)
+        return ModelOutput(logits, mtp_logits, expert_load, balance, h, mtp_h)
