@@ -2,8 +2,9 @@
 
     python tools/export_hf.py CKPT_DIR HF_DIR [--fp8] [--max-shard-size 5GB]
 
-Params keep their stored dtype; --fp8 writes the released 128x128 block-FP8 format. MTP layers
-are written as model.layers.{L+k}.* (HF transformers ignores them on load).
+Streams: each HF tensor is read from the checkpoint as one slice of its leaf, written and
+dropped. Params keep their stored dtype; --fp8 writes the released 128x128 block-FP8 format.
+MTP layers are written as model.layers.{L+k}.* (HF transformers ignores them on load).
 """
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3_jax.convert import load_params, save_hf  # noqa: E402
+from dsv3_jax.convert import open_params, save_hf  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -32,7 +33,7 @@ def main(argv=None):
     p.add_argument("--fp8", action="store_true", help="block-FP8 projection weights (released format)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     args = p.parse_args(argv)
-    config, params = load_params(args.ckpt_dir)
+    config, params = open_params(args.ckpt_dir)
     save_hf(config, params, args.hf_dir, fp8_weights=args.fp8, max_shard_size=args.max_shard_size)
     print(f"wrote {args.hf_dir}")
 

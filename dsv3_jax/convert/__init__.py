@@ -1,8 +1,9 @@
 """HF safetensors (BF16/FP32 or block FP8) <-> dsv3_jax params and Orbax checkpoints."""
 
-from dsv3_jax.convert.checkpoint import convert_hf, load_checkpoint, load_params, save_checkpoint
+from dsv3_jax.convert.checkpoint import (convert_hf, load_checkpoint, load_params, open_params,
+                                         save_checkpoint)
 from dsv3_jax.convert.hf import load_hf, save_hf
 from dsv3_jax.convert.safetensors_io import CheckpointError
 
 __all__ = ["CheckpointError", "convert_hf", "load_checkpoint", "load_hf", "load_params",
-           "save_checkpoint", "save_hf"]
+           "open_params", "save_checkpoint", "save_hf"]

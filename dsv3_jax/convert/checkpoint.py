@@ -1,34 +1,84 @@
-"""Orbax checkpoints of the model's params, and streaming HF -> Orbax conversion.
+"""Orbax checkpoints of the model's params, and streaming HF <-> Orbax conversion.
 
 Layout of a checkpoint directory:
     config.json   the model's HF config (`ModelConfig.save_hf`)
     params/       an Orbax (v1 API) pytree checkpoint of the nested pure param dict
                   ({"embed": {"embedding": [V, D]}, "moe_layers": {...}, ...}; see convert.names)
 
-Conversion writes `params/` one leaf at a time with Orbax's partial save, so peak host memory is
-about one destination leaf plus one source tensor, not the model. Every output directory is
-built under a temporary name next to its destination and renamed at the end.
+Streaming. A stacked leaf can be far larger than host RAM (671B: moe_layers/mlp/experts/gate_proj
+is [58, 256, 7168, 2048], 436 GB in bf16), so conversion never builds a leaf:
+  1. Orbax saves the whole tree with zero-strided placeholders (`np.broadcast_to`, no memory; host
+     arrays not deep-copied), chunked one slice of the stacked axes per chunk (`shard_axes`). This
+     writes every leaf's metadata and zarr3 array in Orbax's own format, and almost no data.
+  2. Each leaf's array is opened with tensorstore (zarr3 over the checkpoint's OCDBT database) and
+     written one source tensor at a time, whole chunks at a time, with a bounded number of bytes
+     in flight. Orbax reads it back like any other checkpoint (it refuses missing chunks).
+Export reads the same way, one slice per HF tensor (`StoredLeaf`). Host memory stays near one
+source tensor plus `IN_FLIGHT` bytes, independent of the model (tests/convert/test_memory.py).
+Rejected: handing Orbax a disk-backed `np.memmap` per leaf. Orbax writes a numpy leaf as one
+tensorstore write, which buffers encoded chunks faster than they commit: anonymous memory grew
+with the leaf (about 1/6 of a 2 GB leaf), and the staging file doubled the IO.
+Every output directory is built under a temporary name next to its destination and renamed at
+the end.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
 import os
 from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+import tensorstore as ts
 from flax import traverse_util
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.convert.hf import HFSource, abstract_model, atomic_dir, build_model, flat_params
+from dsv3_jax.convert.safetensors_io import CheckpointError
 from dsv3_jax.model import DeepSeekV3
 
 PARAMS = "params"
+IN_FLIGHT = 128 << 20  # bytes of slice writes that may be pending at once (beyond the one in hand)
 
 
-def _leaf_tree(path: str, array: np.ndarray) -> dict:
-    return traverse_util.unflatten_dict({path: array}, sep="/")
+def _ocdbt_root(params_dir: str) -> str:
+    """The directory of the OCDBT database that holds a saved pytree's arrays."""
+    roots = glob.glob(os.path.join(params_dir, "*", "manifest.ocdbt"))
+    if len(roots) != 1:
+        raise CheckpointError(f"{params_dir}: expected one Orbax OCDBT pytree, found {roots}")
+    return os.path.dirname(roots[0])
+
+
+def _open_leaf(root: str, path: str, shape: tuple[int, ...]) -> ts.TensorStore:
+    """The zarr3 array Orbax stores for leaf `path` ('/'-joined; Orbax joins keys with '.')."""
+    spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": "file://" + root,
+                                           "path": path.replace("/", ".")}}
+    try:
+        store = ts.open(spec, open=True).result()
+    except ValueError as e:
+        raise CheckpointError(f"param {path}: no array in the checkpoint ({e})") from None
+    if tuple(store.shape) != tuple(shape):
+        raise CheckpointError(f"param {path} has shape {tuple(store.shape)}, the model needs {tuple(shape)}")
+    return store
+
+
+def _save_placeholders(params_dir: str, shapes: dict, stacked: dict[str, int]) -> None:
+    """Orbax-save every leaf as zeros that take no memory, one chunk per stacked slice."""
+    tree = {p: np.broadcast_to(np.zeros((), s.dtype), s.shape) for p, s in shapes.items()}
+    storage = ocp.options.ArrayOptions.Saving.StorageOptions
+
+    def options(keypath, value):
+        path = "/".join(str(k.key) for k in keypath)
+        return storage(shard_axes=tuple(range(stacked[path])))
+
+    ctx = ocp.Context()
+    ctx.memory.deepcopy_host_arrays = False
+    ctx.array.saving.scoped_storage_options_creator = options
+    with ctx:
+        ocp.save(params_dir, traverse_util.unflatten_dict(tree, sep="/"))
 
 
 def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, param_dtype=jnp.bfloat16,
@@ -40,17 +90,48 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, param_dtyp
     """
     source = HFSource(hf_dir)
     _, _, shapes = abstract_model(source.config, param_dtype=param_dtype)
-    leaves = source.iter_params(shapes)
+    leaves = source.checked_leaves(shapes)
     if progress is not None:
         leaves = progress(leaves, total=len(shapes))
     with atomic_dir(out_dir) as tmp:
         params = os.path.join(tmp, PARAMS)
-        for path, array in leaves:
-            ocp.partial.save(params, _leaf_tree(path, array))
-            del array
-        ocp.partial.finalize(params)
+        _save_placeholders(params, shapes, {leaf.param: len(leaf.stack) for leaf in source.leaves})
+        root = _ocdbt_root(params)
+        for leaf in leaves:
+            s = shapes[leaf.param]
+            store = _open_leaf(root, leaf.param, s.shape)
+            pending, nbytes = collections.deque(), 0
+            for idx, x in source.slices(leaf, s.shape, s.dtype):
+                while pending and nbytes + x.nbytes > IN_FLIGHT:
+                    future, size = pending.popleft()
+                    future.result()
+                    nbytes -= size
+                pending.append((store[idx].write(x), x.nbytes))
+                nbytes += x.nbytes
+            for future, _ in pending:
+                future.result()
         source.config.save_hf(tmp)
     return source.config
+
+
+class StoredLeaf:
+    """One param leaf of a checkpoint on disk; `leaf[idx]` reads just that part (numpy)."""
+
+    def __init__(self, store: ts.TensorStore):
+        self.store = store
+        self.shape = tuple(store.shape)
+        self.dtype = np.dtype(store.dtype.numpy_dtype)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.store[idx].read().result()
+
+
+def open_params(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, StoredLeaf]]:
+    """(config, flat {path: StoredLeaf}) of a checkpoint: nothing is read until indexed."""
+    config = ModelConfig.from_hf(os.fspath(ckpt_dir))
+    root = _ocdbt_root(os.path.join(os.fspath(ckpt_dir), PARAMS))
+    _, _, shapes = abstract_model(config)
+    return config, {p: StoredLeaf(_open_leaf(root, p, s.shape)) for p, s in shapes.items()}
 
 
 def save_checkpoint(config: ModelConfig, params, out_dir: str | os.PathLike) -> None:
@@ -62,7 +143,7 @@ def save_checkpoint(config: ModelConfig, params, out_dir: str | os.PathLike) -> 
 
 
 def load_params(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    """(config, flat {path: numpy array}) of a checkpoint, as stored."""
+    """(config, flat {path: numpy array}) of a checkpoint, as stored, all in memory."""
     config = ModelConfig.from_hf(os.fspath(ckpt_dir))
     tree = ocp.load(os.path.join(os.fspath(ckpt_dir), PARAMS))
     return config, traverse_util.flatten_dict(tree, sep="/")

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Callable, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +124,9 @@ class HFSource:
                 raise CheckpointError(f"tensor {copy} must be a copy of {main} (the MTP layer shares them) "
                                       "but differs")
 
-    def leaf(self, leaf: names.Leaf, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """One param leaf [*stack, *slice], filled one source tensor at a time."""
-        out = np.empty(shape, dtype)
+    def slices(self, leaf: names.Leaf, shape: tuple[int, ...], dtype) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """(index into the stacked axes, slice in `dtype`) of one param leaf [*stack, *slice],
+        reading one source tensor per slice."""
         per = shape[len(leaf.stack):]
         want = per[::-1] if leaf.transpose else per
         for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
@@ -134,17 +134,23 @@ class HFSource:
                 raise CheckpointError(f"tensor {name} has shape {list(self.reader.shape(name))}, "
                                       f"the config needs {list(want)}")
             src = _read(self.reader, name)
-            out[idx] = src.T if leaf.transpose else src
-        return out
+            yield idx, np.asarray(src.T if leaf.transpose else src, dtype)
 
-    def iter_params(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, np.ndarray]]:
-        """(path, array) for every leaf, in map order, each in the dtype of `shapes[path]`."""
+    def checked_leaves(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> list[names.Leaf]:
+        """The name map's leaves, after checking the MTP copies and that map and model agree."""
         self.check_copies()
         if {leaf.param for leaf in self.leaves} != set(shapes):
             raise RuntimeError("name map and model disagree: "
                                f"{sorted({l.param for l in self.leaves} ^ set(shapes))}")
-        for leaf in self.leaves:
-            yield leaf.param, self.leaf(leaf, shapes[leaf.param].shape, shapes[leaf.param].dtype)
+        return self.leaves
+
+    def iter_params(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, np.ndarray]]:
+        """(path, array) for every leaf, in map order, each in the dtype of `shapes[path]`."""
+        for leaf in self.checked_leaves(shapes):
+            out = np.empty(shapes[leaf.param].shape, shapes[leaf.param].dtype)
+            for idx, x in self.slices(leaf, out.shape, out.dtype):
+                out[idx] = x
+            yield leaf.param, out
 
 
 def load_hf(hf_dir: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32
@@ -166,9 +172,9 @@ def _hf_config(config: ModelConfig, quantized: bool) -> dict:
     return out
 
 
-def export_items(config: ModelConfig, get: Callable[[str], np.ndarray], quantize: bool = False
-                 ) -> list[Item]:
-    """Writer items for every HF tensor, ordered by layer; `get(path)` returns a param leaf."""
+def export_items(config: ModelConfig, leaves: Mapping[str, Any], quantize: bool = False) -> list[Item]:
+    """Writer items for every HF tensor, ordered by layer. `leaves[path]` is a param leaf with a
+    numpy `dtype` whose `[idx]` gives one slice; it is indexed only when that slice is written."""
     items = []
 
     def add(name: str, leaf: names.Leaf, idx: tuple[int, ...], shape, dtype):
@@ -176,7 +182,7 @@ def export_items(config: ModelConfig, get: Callable[[str], np.ndarray], quantize
         hf_shape = tuple(per[::-1]) if leaf.transpose else tuple(per)
 
         def produce():
-            x = np.asarray(get(leaf.param))[idx]
+            x = np.asarray(leaves[leaf.param][idx])
             return [x.T if leaf.transpose else x]
 
         if quantize and names.is_fp8(leaf) and len(hf_shape) == 2:
@@ -188,11 +194,11 @@ def export_items(config: ModelConfig, get: Callable[[str], np.ndarray], quantize
     _, _, shapes = abstract_model(config)
     for leaf in names.param_map(config):
         for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
-            add(name, leaf, idx, shapes[leaf.param].shape, get(leaf.param).dtype)
+            add(name, leaf, idx, shapes[leaf.param].shape, leaves[leaf.param].dtype)
     top = {leaf.hf[0]: leaf for leaf in names.param_map(config) if not leaf.stack}
     for copy, main in names.mtp_copies(config):  # stored copies of the shared embedding / head
         leaf = top[main]
-        add(copy, leaf, (), shapes[leaf.param].shape, get(leaf.param).dtype)
+        add(copy, leaf, (), shapes[leaf.param].shape, leaves[leaf.param].dtype)
 
     def order(item):
         name = item[0][0][0]
@@ -207,12 +213,13 @@ def save_hf(config: ModelConfig, params, hf_dir: str | os.PathLike, *, fp8_weigh
     """Write a HF directory (config.json, safetensors shards, index) that transformers'
     `DeepseekV3ForCausalLM.from_pretrained` loads; MTP layers are written as `model.layers.{L+k}.*`.
 
-    `params` is a model, a nested pure dict, or a flat {path: array} dict. With `fp8_weights`
+    `params` is a model, a nested pure dict, or a flat {path: leaf} dict (arrays, or
+    `checkpoint.StoredLeaf`s that are read slice by slice). With `fp8_weights`
     the projection weights are stored in the released 128x128 block-FP8 format. The directory is
     written next to `hf_dir` under a temporary name and renamed at the end.
     """
-    flat = flat_params(params)
-    items = export_items(config, flat.__getitem__, quantize=fp8_weights)
+    flat = {k: np.asarray(v) if isinstance(v, jax.Array) else v for k, v in flat_params(params).items()}
+    items = export_items(config, flat, quantize=fp8_weights)
     with atomic_dir(hf_dir) as tmp:
         write_sharded(tmp, items, max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w") as f:
