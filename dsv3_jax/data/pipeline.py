@@ -1,0 +1,132 @@
+"""The Grain input pipeline: documents -> shuffled per epoch -> tokens -> packed [B,T] batches.
+
+Sources: plain text files (one document per file), JSONL (one document per line, a text field)
+and pre-tokenized ArrayRecord files (each record a document's token ids as little-endian
+int32). Documents are packed by concatenating and splitting at T (Grain's concat-then-split),
+which yields segment ids (1, 2, ... per document in a row) and per-document positions. Each
+process reads every process_count-th document, so hosts never read each other's share, and the
+iterator's state is checkpointable with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import grain
+import grain.experimental
+import numpy as np
+from tokenizers import Tokenizer
+
+from dsv3_jax.data.corpus import embedded_documents
+from dsv3_jax.data.tokenizer import eos_id
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".py", ".rst")
+JSONL_SUFFIXES = (".jsonl", ".json")
+ARRAY_RECORD_SUFFIXES = (".arrayrecord", ".array_record")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    paths: tuple[str, ...] = ()  # files or directories; empty = the embedded corpus
+    text_field: str = "text"  # JSONL field holding the document
+    seq_len: int = 256
+    batch_size: int = 16  # global, over all processes
+    seed: int = 0
+
+
+def _decode(path: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _files(paths: tuple[str, ...]) -> list[str]:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                          if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"data path not found: {p}")
+    if not out:
+        raise ValueError(f"no data files under {list(paths)}")
+    kinds = {_kind(f) for f in out}
+    if len(kinds) > 1:
+        raise ValueError(f"mixed data kinds {sorted(kinds)} in {list(paths)}: use one kind per run")
+    return out
+
+
+def _kind(path: str) -> str:
+    if path.endswith(ARRAY_RECORD_SUFFIXES):
+        return "array_record"
+    if path.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "text"
+
+
+def read_documents(paths: tuple[str, ...], text_field: str = "text") -> list[str]:
+    """Text documents from text / JSONL files, with errors that name the file (and line)."""
+    docs = []
+    for path in _files(paths):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.strip():
+            raise ValueError(f"{path}: empty file")
+        text = _decode(path, raw)
+        if _kind(path) == "text":
+            docs.append(text)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise ValueError(f"{path}:{n}: no string field {text_field!r}")
+            docs.append(record[text_field])
+    return docs
+
+
+class _Tokenize(grain.transforms.Map):
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.eos = tokenizer, eos_id(tokenizer)
+
+    def map(self, doc: str) -> dict:
+        return {"tokens": np.asarray(self.tokenizer.encode(doc).ids + [self.eos], np.int32)}
+
+
+class _TokenRecord(grain.transforms.Map):
+    def map(self, record: bytes) -> dict:
+        return {"tokens": np.frombuffer(record, dtype="<i4").astype(np.int32)}
+
+
+def _source(config: DataConfig, tokenizer: Tokenizer) -> grain.MapDataset:
+    if config.paths and _kind(_files(config.paths)[0]) == "array_record":
+        files = _files(config.paths)
+        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)), _TokenRecord()
+    docs = read_documents(config.paths, config.text_field) if config.paths else embedded_documents()
+    return grain.MapDataset.source(docs), _Tokenize(tokenizer)
+
+
+def make_iterator(config: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+    """An endless iterator of {"tokens", "segment_ids", "positions"}: int32 [B/processes, T]."""
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size={config.batch_size} must divide over {process_count} processes")
+    ds, to_tokens = _source(config, tokenizer)
+    if len(ds) < process_count:
+        raise ValueError(f"{len(ds)} documents cannot be shared by {process_count} processes")
+    ds = ds[process_index::process_count].shuffle(seed=config.seed).repeat().map(to_tokens)
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        ds.to_iter_dataset(), length_struct={"tokens": config.seq_len})
+    batched = packed.batch(config.batch_size // process_count, drop_remainder=True).map(
+        lambda b: {"tokens": b["tokens"], "segment_ids": b["tokens_segment_ids"],
+                   "positions": b["tokens_positions"]})
+    return iter(batched)

@@ -1,0 +1,1 @@
+"""Training: config, schedules, optimizer, losses, the pure train step, the loop."""

@@ -1,0 +1,102 @@
+"""TrainConfig: the optimisation recipe (SPEC G) scaled to a run, and `--set section.field=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.pipeline import DataConfig
+
+# The paper's token milestones as fractions of its 14.8T-token run (SPEC G).
+PAPER_TOKENS = 14.8e12
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300  # total step target; a rerun with more steps continues
+    schedule_steps: int | None = None  # horizon the schedules are scaled to (default: steps)
+    grad_accum: int = 1  # micro-batches per step (batch_size is one micro-batch)
+    ramp_start_accum: int | None = None  # batch-size ramp: micro-batches per step at the start
+    ramp_fraction: float = 469e9 / PAPER_TOKENS  # ramp length, fraction of the run's tokens
+    peak_lr: float = 1e-3  # the paper's 2.2e-4 is for 671B; small models take more
+    warmup_fraction: float = 0.02
+    constant_until: float = 10e12 / PAPER_TOKENS  # then cosine decay
+    decay_until: float = 14.3e12 / PAPER_TOKENS  # then the first constant tail
+    tail_until: float = 14.633e12 / PAPER_TOKENS  # then the second constant tail
+    min_lr_ratio: float = 2.2e-5 / 2.2e-4
+    final_lr_ratio: float = 7.3e-6 / 2.2e-4
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1  # not on norm scales (see optimizer.decay_mask)
+    clip_norm: float = 1.0
+    moments_dtype: str = "float32"  # or "bfloat16" (the paper's AdamW m and v)
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_until: float = 10e12 / PAPER_TOKENS
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    bias_gamma_until: float = 14.3e12 / PAPER_TOKENS  # gamma is 0 after this
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    vocab_chunk: int = 8192  # cross-entropy vocabulary chunk
+    mask_documents: bool = True  # attention stays within a packed document (the paper did not)
+    log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "vocab_chunk"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"TrainConfig.{f}={getattr(self, f)}: must be >= 1")
+        if self.ramp_start_accum is not None and not 1 <= self.ramp_start_accum <= self.grad_accum:
+            raise ValueError(f"TrainConfig.ramp_start_accum={self.ramp_start_accum}: must be in [1, grad_accum]")
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.moments_dtype={self.moments_dtype!r}: float32 or bfloat16")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in ("float32", "bfloat16"):
+                raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: float32 or bfloat16")
+
+    @property
+    def horizon(self) -> int:
+        return self.schedule_steps or self.steps
+
+
+def _coerce(cls, field: str, text: str):
+    hints = typing.get_type_hints(cls)
+    if field not in hints:
+        names = sorted(f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "hf_keys"))
+        raise ValueError(f"unknown config field {cls.__name__}.{field}; known: {', '.join(names)}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # a bare string
+    hint = str(hints[field])
+    if value is None or "dict" in hint or "tuple" in hint:
+        return tuple(value) if isinstance(value, list) else value
+    if "bool" in hint and not isinstance(value, bool):
+        raise ValueError(f"{cls.__name__}.{field}: expected true/false, got {text!r}")
+    if "float" in hint and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if ("int" in hint and "float" not in hint and not isinstance(value, int)) or (
+            hint == "<class 'str'>" and not isinstance(value, str)):
+        raise ValueError(f"{cls.__name__}.{field}: cannot use {text!r} ({hint})")
+    return value
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """['model.hidden_size=512', 'train.peak_lr=3e-4'] -> {'model': {...}, 'train': {...}}."""
+    out: dict[str, dict] = {k: {} for k in SECTIONS}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or section not in SECTIONS:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION in {sorted(SECTIONS)}")
+        out[section][field] = _coerce(SECTIONS[section], field, text)
+    return out

@@ -1,0 +1,126 @@
+"""The training loop: restore or initialise, step, log, checkpoint, stop cleanly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from dsv3_jax.checkpoint.manager import Checkpointer, abstract_like
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.corpus import embedded_documents
+from dsv3_jax.data.pipeline import DataConfig, make_iterator, read_documents
+from dsv3_jax.data.tokenizer import load_or_train_tokenizer
+from dsv3_jax.model import DeepSeekV3, RouterBias
+from dsv3_jax.train import schedule
+from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.metrics import MetricsWriter, plot
+from dsv3_jax.train.optimizer import make_optimizer
+from dsv3_jax.train.step import TrainState, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient stopped being finite; the state was not updated."""
+
+
+def _resolve_model_config(ckpt: Checkpointer, asked: ModelConfig) -> ModelConfig:
+    """A workdir with checkpoints keeps its model: refuse a different one."""
+    step = ckpt.latest_step()
+    if step is None:
+        return asked
+    stored = ModelConfig.from_hf(ckpt.read_config(step)["model"])
+    diff = [f.name for f in dataclasses.fields(ModelConfig)
+            if f.compare and getattr(stored, f.name) != getattr(asked, f.name)]
+    if diff:
+        raise ValueError(f"{ckpt.directory} holds a run of a different model ("
+                         + ", ".join(f"{k}: stored {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in diff)
+                         + "); use a new --workdir")
+    return stored
+
+
+def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelConfig):
+    documents = None
+    if not tokenizer_path and not os.path.exists(os.path.join(workdir, "tokenizer.json")):
+        documents = read_documents(data.paths, data.text_field) if data.paths else embedded_documents()
+    tok = load_or_train_tokenizer(tokenizer_path, workdir, documents, model_config.vocab_size)
+    if tok.get_vocab_size() > model_config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size="
+                         f"{model_config.vocab_size}; pass --set model.vocab_size={tok.get_vocab_size()}")
+    return tok
+
+
+def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
+          tokenizer_path: str | None = None, progress: bool = True) -> list[dict]:
+    """Train to `train_config.steps` (continuing from workdir's latest checkpoint); returns the
+    metrics logged by this call. Always checkpoints the last step it reaches."""
+    tc = train_config
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    config = _resolve_model_config(ckpt, model_config)
+    tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
+    data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
+
+    model = DeepSeekV3(config, rngs=nnx.Rngs(tc.seed), dtype=jnp.dtype(tc.dtype), param_dtype=jnp.dtype(tc.param_dtype))
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    tx = make_optimizer(tc)
+    state = TrainState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), params, bias, tx.init(params))
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, abstract_like(state), data)
+    start = int(state.step)
+    planned = schedule.planned_micro_batches(tc)
+    step_fn = jax.jit(make_train_step(graphdef, config, tc, tx, planned), donate_argnums=0)
+
+    log_every = tc.log_every or (1 if tc.steps <= 1000 else 10)
+    writer = MetricsWriter(workdir)
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda n, _: stop.update(signal=n)) for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True)
+    history: list[dict] = []
+    step = start
+    try:
+        while step < tc.steps and stop["signal"] is None:
+            A = schedule.accum_at(tc, step)
+            micro = [next(data) for _ in range(A)]
+            batch = {k: jnp.asarray(np.stack([m[k] for m in micro])) for k in micro[0]}  # [A,B,T]
+            t0 = time.perf_counter()
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)
+            seconds = time.perf_counter() - t0
+            if not m["finite"]:
+                raise NonFiniteError(
+                    f"step {step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not finite; "
+                    f"the update was skipped and the run stopped. Last checkpoint: step {ckpt.latest_step()} "
+                    f"in {ckpt.directory}. Lower train.peak_lr or check the data.")
+            step += 1
+            record = {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0 and k != "finite"},
+                      "max_violation_per_layer": [float(v) for v in m["max_violation_per_layer"]],
+                      "tokens_per_sec": float(batch["tokens"].size / seconds), "step_seconds": seconds,
+                      "tokens_seen": int(state.micro_batches) * data_config.batch_size * data_config.seq_len}
+            if step % log_every == 0 or step == tc.steps:
+                writer.write(record)
+                history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                            maxvio=f"{record['max_violation']:.2f}")
+            if step % tc.checkpoint_every == 0:
+                ckpt.save(step, state, data, config, tc)
+        if ckpt.latest_step() != step:  # the last step reached is always saved
+            ckpt.save(step, state, data, config, tc)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if stop["signal"] is not None:
+        print(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint saved")
+    plot(workdir)
+    return history

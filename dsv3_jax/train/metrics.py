@@ -1,0 +1,63 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard events, and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, record["step"])
+        for i, v in enumerate(record.get("max_violation_per_layer", [])):
+            self.tb.add_scalar(f"max_violation/layer_{i}", v, record["step"])
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(workdir: str, out: str = "training.png") -> str | None:
+    """Loss curves and expert-load balance (MaxVio per MoE layer) over the run's steps."""
+    records = read_metrics(workdir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "lm_loss", "mtp_loss"):
+        a.plot(steps, [r[key] for r in records], label=key)
+    a.set_xlabel("step"), a.set_ylabel("nats/token"), a.set_title("loss"), a.legend()
+    vio = np.array([r["max_violation_per_layer"] for r in records])
+    for i in range(vio.shape[1]):
+        b.plot(steps, vio[:, i], lw=0.8, label=f"MoE layer {i}")
+    b.plot(steps, [r["max_violation"] for r in records], "k", lw=2, label="mean")
+    b.set_xlabel("step"), b.set_ylabel("MaxVio"), b.set_title("expert load balance"), b.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(workdir, out)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,59 @@
+"""AdamW (SPEC G) with gradient clipping, optional BF16 moments, and a documented decay mask.
+
+The learning rate is applied by the train step (it depends on tokens seen, which the batch
+ramp makes non-linear in steps), so this transformation stops at the AdamW direction plus
+decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsv3_jax.train.config import TrainConfig
+
+
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.GradientTransformation:
+    """Adam's bias-corrected m / (sqrt(v) + eps) with both moments stored in `moments_dtype`
+    (optax's own keeps v in the parameter dtype); moment arithmetic is fp32."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, moments_dtype)
+        return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+    def update(grads, state, params=None):
+        del params
+        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        mu = jax.tree.map(lambda m, g: b1 * m.astype(jnp.float32) + (1 - b1) * g, state.mu, g32)
+        nu = jax.tree.map(lambda v, g: b2 * v.astype(jnp.float32) + (1 - b2) * g * g, state.nu, g32)
+        count = state.count + 1
+        c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+        updates = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+        cast = lambda t: jax.tree.map(lambda x: x.astype(moments_dtype), t)
+        return updates, AdamState(count, cast(mu), cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
+def decay_mask(params):
+    """Weight decay on every weight matrix (projections, experts, embedding, head, router);
+    not on RMSNorm scales, whose natural value is 1, not 0."""
+    is_scale = lambda path: any(getattr(k, "key", getattr(k, "name", None)) == "scale" for k in path)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not is_scale(path), params)
+
+
+def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(c.clip_norm),
+        scale_by_adam(c.adam_b1, c.adam_b2, c.adam_eps, jnp.dtype(c.moments_dtype)),
+        optax.add_decayed_weights(c.weight_decay, mask=decay_mask),
+    )

@@ -1,0 +1,110 @@
+"""The pure training step: (state, batch) -> (state, metrics), jitted with donated state.
+
+One step: for each micro-batch, loss = LM CE + lambda * MTP CE + alpha * balance loss and its
+gradient (parameters only; the router bias is not differentiated); average; AdamW with the
+step's learning rate; then aux-loss-free balancing moves each MoE layer's bias by
+gamma * sign(mean load - load) using the load summed over the whole global batch. A step
+whose loss or gradient is not finite leaves the state unchanged and says so in `finite`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.train import schedule
+from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.losses import chunked_cross_entropy, shifted_targets
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 []
+    micro_batches: jax.Array  # int32 [] micro-batches consumed (the schedules' clock)
+    params: nnx.State  # nnx.Param leaves
+    bias: nnx.State  # RouterBias leaves
+    opt_state: optax.OptState
+
+
+def max_violation(load: jax.Array) -> jax.Array:
+    """MaxVio per layer: max_i load_i / mean load - 1 (0 = perfectly balanced). load [L,E] -> [L]."""
+    mean = load.mean(-1)
+    return load.max(-1) / jnp.maximum(mean, 1e-9) - 1
+
+
+def update_bias(bias: nnx.State, load: jax.Array, gamma, num_moe_layers: int) -> nnx.State:
+    """b += gamma * sign(mean(load) - load) per layer; load rows are main MoE layers then MTP."""
+    rows = {"moe_layers": load[:num_moe_layers], "mtp": load[num_moe_layers:]}
+
+    def step(path, b):  # b [L,E]
+        l = rows[path[0].key]
+        return b + gamma * jnp.sign(l.mean(-1, keepdims=True) - l)
+
+    return jax.tree_util.tree_map_with_path(step, bias)
+
+
+def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.GradientTransformation,
+                    planned_micro_batches: int):
+    N = config.num_nextn_predict_layers
+
+    def micro_loss(params, bias, micro, lam):
+        model = nnx.merge(graphdef, params, bias)
+        tokens, seg = micro["tokens"], micro["segment_ids"]
+        B, T = tokens.shape
+        if c.mask_documents:
+            out = model(tokens, positions=micro["positions"], segment_ids=seg)
+        else:  # one causal stream per row, padding still excluded
+            out = model(tokens, segment_ids=(seg != 0).astype(jnp.int32))
+        head = model.lm_head.kernel[...]
+        dtype = model.lm_head.dtype
+
+        def ce(h, shift):
+            targets, valid = shifted_targets(tokens, seg, shift, c.mask_documents)
+            return chunked_cross_entropy(h.reshape(B * T, -1), head, targets.reshape(-1), valid.reshape(-1),
+                                         chunk=c.vocab_chunk, dtype=dtype)
+
+        lm, n_tokens = ce(out.hidden_states, 1)
+        mtp = sum(ce(out.mtp_hidden_states[k], k + 2)[0] for k in range(N)) / N if N else jnp.zeros(())
+        total = lm + lam * mtp + c.balance_alpha * out.balance_loss
+        return total, {"lm_loss": lm, "mtp_loss": mtp, "balance_loss": out.balance_loss,
+                       "load": out.expert_load, "tokens": n_tokens}
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """batch: tokens / segment_ids / positions, int32 [A, B, T] (A micro-batches)."""
+        A = batch["tokens"].shape[0]
+        frac = state.micro_batches.astype(jnp.float32) / planned_micro_batches
+        lam = schedule.mtp_lambda(c, frac)
+        # The bias enters the differentiated arguments only so that nnx sees one trace level;
+        # its gradient is identically zero (it only steers top-k) and is dropped.
+        grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
+
+        def accumulate(acc, micro):
+            (loss, aux), (grads, _) = grad_fn(state.params, state.bias, micro, lam)
+            return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+
+        (loss, aux), (grads, _) = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
+        (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
+        loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
+        grad_norm = optax.global_norm(grads)
+
+        lr = schedule.learning_rate(c, frac)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+        bias = update_bias(state.bias, aux["load"], schedule.bias_gamma(c, frac), config.num_moe_layers)
+        new = TrainState(state.step + 1, state.micro_batches + A, params, bias, opt_state)
+
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        vio = max_violation(aux["load"])
+        metrics = {"loss": loss, "lm_loss": aux["lm_loss"] / A, "mtp_loss": aux["mtp_loss"] / A,
+                   "balance_loss": aux["balance_loss"] / A, "lr": lr, "grad_norm": grad_norm,
+                   "mtp_lambda": lam, "max_violation": vio.mean(), "max_violation_per_layer": vio,
+                   "target_tokens": aux["tokens"], "finite": finite}
+        return new, metrics
+
+    return train_step
