@@ -1,7 +1,8 @@
 """Building blocks shared by every sub-module: the one einsum wrapper, Linear, RMSNorm, Embed.
 
 Every projection in the model goes through `einsum`, so the precision policy (what dtype the
-operands are cast to, what the dot accumulates in) lives in one place.
+operands are cast to, what the dot accumulates in) lives in one place. Every parameter carries
+logical axis names (`logical_axes` metadata) that `dsv3_jax.parallel.RULES` maps to mesh axes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dsv3_jax.parallel.mesh import constrain
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, *, dtype) -> jax.Array:
@@ -29,8 +32,9 @@ def init_normal(rngs: nnx.Rngs, shape, std: float, param_dtype) -> jax.Array:
 class Linear(nnx.Module):
     """y = x @ kernel, kernel stored [in, out] (the transpose of a torch Linear weight)."""
 
-    def __init__(self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
-        self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), std, param_dtype))
+    def __init__(self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype,
+                 axes: tuple[str | None, str | None] = (None, None)):
+        self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), std, param_dtype), logical_axes=axes)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
@@ -45,7 +49,7 @@ class RMSNorm(nnx.Module):
     """
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
         self.eps = eps
         self.dtype = dtype
 
@@ -59,7 +63,7 @@ class Embed(nnx.Module):
     """Token embedding table [V, D]."""
 
     def __init__(self, vocab: int, dim: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
-        self.embedding = nnx.Param(init_normal(rngs, (vocab, dim), std, param_dtype))
+        self.embedding = nnx.Param(init_normal(rngs, (vocab, dim), std, param_dtype), logical_axes=("vocab", "embed"))
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
@@ -71,9 +75,10 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, d: int, hidden: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
         kw = dict(std=std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = Linear(d, hidden, **kw)
-        self.up_proj = Linear(d, hidden, **kw)
-        self.down_proj = Linear(hidden, d, **kw)
+        self.gate_proj = Linear(d, hidden, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, hidden, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(hidden, d, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B,T,D] -> [B,T,D]
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [B,T,F]
+        return self.down_proj(constrain(h, "batch", *(None,) * (h.ndim - 2), "act_mlp"))

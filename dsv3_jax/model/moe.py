@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.kernels.grouped_matmul import grouped_matmul
 from dsv3_jax.model.layers import SwiGLU, init_normal
+from dsv3_jax.parallel.expert import routed_experts
 
 
 class RouterBias(nnx.Variable):
@@ -23,7 +23,8 @@ class RouterBias(nnx.Variable):
 class Router(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         E = config.n_routed_experts
-        self.kernel = nnx.Param(init_normal(rngs, (config.hidden_size, E), config.initializer_range, jnp.float32))
+        self.kernel = nnx.Param(init_normal(rngs, (config.hidden_size, E), config.initializer_range, jnp.float32),
+                                logical_axes=("embed", "router"))
         self.bias = RouterBias(jnp.zeros((E,), jnp.float32))
         self.config = config
 
@@ -56,14 +57,15 @@ class Router(nnx.Module):
 
 
 class RoutedExperts(nnx.Module):
-    """E SwiGLU experts stacked [E, in, out]; dropless dispatch by sorting assignments by expert."""
+    """E SwiGLU experts stacked [E, in, out] (E split over the expert mesh axis); dropless."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         E, D, F = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         std = config.initializer_range
-        self.gate_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype))
-        self.up_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype))
-        self.down_proj = nnx.Param(init_normal(rngs, (E, F, D), std, param_dtype))
+        axes_in, axes_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
+        self.gate_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype), logical_axes=axes_in)
+        self.up_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype), logical_axes=axes_in)
+        self.down_proj = nnx.Param(init_normal(rngs, (E, F, D), std, param_dtype), logical_axes=axes_out)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
@@ -71,20 +73,10 @@ class RoutedExperts(nnx.Module):
 
         The N*K (token, expert) assignments are sorted by expert so each expert's rows are
         contiguous, run through one grouped matmul per projection, weighted in fp32 and summed
-        back per token in fp32.
+        back per token in fp32. Under a mesh, `parallel.expert` does this expert-parallel.
         """
-        N, K = expert_ids.shape
-        E = self.gate_proj.shape[0]
-        flat_ids = expert_ids.reshape(N * K)
-        order = jnp.argsort(flat_ids, stable=True)  # [N*K]
-        token = order // K  # source token of each sorted row
-        group_sizes = jnp.bincount(flat_ids, length=E)  # [E]
-        xs = x.astype(self.dtype)[token]  # [N*K,D]
-        h = jax.nn.silu(grouped_matmul(xs, self.gate_proj[...], group_sizes)) * grouped_matmul(
-            xs, self.up_proj[...], group_sizes)  # [N*K,F]
-        y = grouped_matmul(h, self.down_proj[...], group_sizes)  # [N*K,D]
-        y = y.astype(jnp.float32) * weights.reshape(N * K)[order][:, None]
-        return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(y).astype(self.dtype)
+        return routed_experts(x, weights, expert_ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
+                              dtype=self.dtype)
 
 
 class MoE(nnx.Module):

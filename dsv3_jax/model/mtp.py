@@ -25,7 +25,8 @@ class MTPBlock(nnx.Module):
         norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype)
         self.enorm = RMSNorm(D, **norm)
         self.hnorm = RMSNorm(D, **norm)
-        self.eh_proj = Linear(2 * D, D, std=config.initializer_range, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.eh_proj = Linear(2 * D, D, std=config.initializer_range, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                              axes=(None, "embed"))
         self.layer = DecoderLayer(config, moe=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.head_norm = RMSNorm(D, **norm)
 

@@ -14,6 +14,7 @@ from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.mtp import MTPBlock
 from dsv3_jax.model.rope import rope_cos_sin
+from dsv3_jax.parallel.mesh import constrain
 
 
 class ModelOutput(NamedTuple):
@@ -42,13 +43,13 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask) -> tuple[jax.Array, dict]:
         with jax.named_scope("attention"):
-            x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+            x = constrain(x + self.attn(self.attn_norm(x), cos, sin, mask), "batch", None, None)
         with jax.named_scope("moe" if self.moe else "mlp"):
             if self.moe:
                 y, stats = self.mlp(self.mlp_norm(x), token_mask)
             else:
                 y, stats = self.mlp(self.mlp_norm(x)), {}
-        return x + y, stats
+        return constrain(x + y, "batch", None, None), stats
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -90,7 +91,8 @@ class DeepSeekV3(nnx.Module):
         self.moe_layers = (_stack(c.num_moe_layers, lambda r: DecoderLayer(c, moe=True, rngs=r, **kw), rngs)
                            if c.num_moe_layers else None)
         self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
-        self.lm_head = Linear(c.hidden_size, c.vocab_size, std=c.initializer_range, rngs=rngs, **kw)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, std=c.initializer_range, rngs=rngs,
+                              axes=("embed", "vocab"), **kw)
         self.mtp = (_stack(c.num_nextn_predict_layers, lambda r: MTPBlock(c, rngs=r, **kw), rngs)
                     if c.num_nextn_predict_layers else None)
 
@@ -100,7 +102,9 @@ class DeepSeekV3(nnx.Module):
 
         positions [B,T] default 0..T-1 (rotary angles). segment_ids [B,T]: tokens attend only
         within their own segment (packed documents); segment 0 marks padding, left out of the
-        expert load and balance loss. Attention is causal by index.
+        expert load and balance loss. Attention is causal by index. Traced inside
+        `jax.set_mesh(mesh)`, activations are constrained by `parallel.RULES` and the MoE runs
+        expert-parallel.
         """
         c = self.config
         B, T = tokens.shape
@@ -116,7 +120,7 @@ class DeepSeekV3(nnx.Module):
         cos, sin = rope_cos_sin(c, positions)
         shared = (cos, sin, mask, token_mask)
 
-        x = self.embed(tokens)  # [B,T,D]
+        x = constrain(self.embed(tokens), "batch", None, None)  # [B,T,D]
         loads, balance = [], jnp.zeros((), jnp.float32)
         if self.dense_layers is not None:
             with jax.named_scope("dense_layers"):
@@ -127,7 +131,7 @@ class DeepSeekV3(nnx.Module):
             loads.append(stats["load"])
             balance += stats["balance"].sum()
         h = self.final_norm(x)
-        logits = self.lm_head(h)
+        logits = constrain(self.lm_head(h), "batch", None, "act_vocab")
 
         mtp_logits = mtp_h = None
         if self.mtp is not None:
@@ -144,7 +148,7 @@ class DeepSeekV3(nnx.Module):
 
                 _, (mtp_h, stats) = nnx.scan(depth, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
                     self.mtp, h, xs)
-                mtp_logits = self.lm_head(mtp_h)  # [N,B,T,V]
+                mtp_logits = constrain(self.lm_head(mtp_h), None, "batch", None, "act_vocab")  # [N,B,T,V]
             loads.append(stats["load"])
             balance += stats["balance"].sum()
         expert_load = jnp.concatenate(loads) if loads else jnp.zeros((0, E), jnp.float32)

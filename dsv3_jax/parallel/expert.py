@@ -1,0 +1,218 @@
+"""Routed experts, local or expert-parallel: dropless dispatch, grouped matmul, weighted combine.
+
+`routed_experts` is the one entry point. Outside a mesh (or on one device) it sorts the
+(token, expert) assignments by expert and runs one grouped matmul per projection. Under a
+`jax.set_mesh` mesh it runs the same steps per device inside `shard_map`:
+
+1. Each device sorts its own tokens' assignments by expert (tokens are split over
+   data x fsdp x expert; experts [E, ...] over expert, their hidden F over tensor).
+2. The per-expert counts are all-gathered over the expert axis, so every device knows how
+   many rows it sends to and receives from every other device.
+3. Rows go to the devices owning their experts (the transport), are re-sorted by local expert
+   and run through the grouped matmul; results travel back the same way.
+4. Each device weights and sums its tokens' K results (and sums the tensor-split partials).
+
+Two transports move the rows, chosen by backend and overridable with `expert_transport`:
+- "ragged": `jax.lax.ragged_all_to_all`, sending exactly the rows needed (GPU/TPU);
+- "dense": `jax.lax.all_to_all` of a [P, n*K, D] buffer padded so that any routing fits (runs
+  everywhere, CPU included; P times the memory of the ragged one).
+Both are dropless and give the single-device result up to summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
+
+from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
+
+TRANSPORTS = ("ragged", "dense")
+RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+_transport = contextvars.ContextVar("dsv3_expert_transport", default="auto")
+
+
+@contextlib.contextmanager
+def expert_transport(name: str):
+    """Force "ragged" or "dense" (or "auto") for models traced inside this context."""
+    choose_transport(name)
+    token = _transport.set(name)
+    try:
+        yield
+    finally:
+        _transport.reset(token)
+
+
+def choose_transport(requested: str = "auto", platform: str | None = None) -> str:
+    """"auto" -> "ragged" where the backend implements ragged_all_to_all, else "dense"."""
+    platform = platform or jax.default_backend()
+    if requested not in ("auto",) + TRANSPORTS:
+        raise ValueError(f"expert transport {requested!r}: choose from {('auto',) + TRANSPORTS}")
+    if requested == "auto":
+        return "ragged" if platform in RAGGED_PLATFORMS else "dense"
+    if requested == "ragged" and platform not in RAGGED_PLATFORMS:
+        raise ValueError(f"expert transport 'ragged': jax.lax.ragged_all_to_all is not implemented on "
+                         f"{platform!r}; use 'dense' (or 'auto')")
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# local steps (shared by the single-device and the per-device path)
+
+
+def sort_by_expert(x: jax.Array, expert_ids: jax.Array, n_experts: int):
+    """x [N,D], expert_ids [N,K] -> rows [N*K,D] grouped by expert, order, source token, counts [E]."""
+    N, K = expert_ids.shape
+    flat = expert_ids.reshape(N * K)
+    order = jnp.argsort(flat, stable=True)  # [N*K]
+    token = order // K
+    return x[token], order, token, jnp.bincount(flat, length=n_experts)
+
+
+def expert_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """SwiGLU per expert on rows grouped by expert: xs [M,D], gate/up [E,D,F], down [E,F,D] -> [M,D]."""
+    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)  # [M,F]
+    return grouped_matmul(h, down, group_sizes)
+
+
+def combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, n: int) -> jax.Array:
+    """Rows y [N*K,D] in sorted order -> sum_k weights[n,k] * y per token, [N,D] fp32."""
+    y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, y.shape[-1]), jnp.float32).at[token].add(y)
+
+
+def _local(x, weights, expert_ids, gate, up, down, dtype):
+    xs, order, token, counts = sort_by_expert(x.astype(dtype), expert_ids, gate.shape[0])
+    y = expert_ffn(xs, counts, gate, up, down)
+    return combine(y, weights, order, token, x.shape[0]).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert parallel
+
+
+def _mesh():
+    """The current mesh if the expert-parallel path applies, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or set(mesh.axis_names) != set(AXES) or math.prod(mesh.shape.values()) == 1:
+        return None
+    if any(t == AxisType.Manual for t in mesh.axis_types):
+        return None
+    return mesh
+
+
+def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate: jax.Array, up: jax.Array,
+                   down: jax.Array, *, dtype) -> jax.Array:
+    """x [N,D], weights/expert_ids [N,K], gate/up [E,D,F], down [E,F,D] ->
+    sum_k weights[n,k] * expert_{ids[n,k]}(x[n]), [N,D] in `dtype`.
+
+    Under a mesh of more than one device this is the shard_map path (module docstring).
+    """
+    gate, up, down = (w.astype(dtype) for w in (gate, up, down))
+    mesh = _mesh()
+    if mesh is None:
+        return _local(x, weights, expert_ids, gate, up, down, dtype)
+    shape = dict(mesh.shape)
+    N, D = x.shape
+    E = gate.shape[0]
+    n_ep = shape["expert"]
+    if E % n_ep:
+        raise ValueError(f"{E} routed experts do not split over expert={n_ep} devices")
+    n_split = math.prod(shape[a] for a in BATCH_AXES)
+    pad = -N % n_split  # padding rows: weight 0, sliced off below
+    x, weights, expert_ids = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, expert_ids))
+    tok = logical_to_spec(("batch", None), x.shape, shape)
+    w_in = logical_to_spec(("expert", None, "expert_mlp"), gate.shape, shape)
+    w_out = PartitionSpec(w_in[0], w_in[2], None)
+    body = jax.shard_map(
+        lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype,
+                                 transport=choose_transport(_transport.get())),
+        mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
+    return body(x.astype(dtype), weights, expert_ids, gate, up, down)[:N]
+
+
+def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport):
+    """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
+    n = x.shape[0]
+    xs, order, token, counts = sort_by_expert(x, expert_ids, gate.shape[0] * n_ep)
+    y = _exchange(xs, counts, gate, up, down, n_ep, transport) if n_ep > 1 else expert_ffn(
+        xs, counts, gate, up, down)
+    out = combine(y, weights, order, token, n)
+    if psum_axis is not None:  # F split over tensor: each device holds a partial sum
+        out = jax.lax.psum(out, psum_axis)
+    return out.astype(dtype)
+
+
+def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def _exchange(xs, counts, gate, up, down, n_ep, transport):
+    """Sorted rows xs [R,D] with per-expert counts [E] -> expert outputs for those rows [R,D].
+
+    sent[q, p] = rows device q sends to device p; mine[q, e] = rows from q for my expert e.
+    """
+    E_l = gate.shape[0]
+    me = jax.lax.axis_index("expert")
+    all_counts = jax.lax.all_gather(counts, "expert").astype(jnp.int32)  # [P,E]
+    per_dst = all_counts.reshape(n_ep, n_ep, E_l)  # [src,dst,local expert]
+    sent = per_dst.sum(-1)  # [P,P]
+    mine = jnp.take(per_dst, me, axis=1)  # [P,E_l]
+    if transport == "ragged":
+        recv, send_back, starts = _ragged(xs, sent, me)
+    else:
+        recv, send_back, starts = _dense(xs, sent, me)
+    local = _local_expert_ids(starts, mine, recv.shape[0])  # [P*R]
+    order = jnp.argsort(local, stable=True)
+    y = expert_ffn(recv[order], mine.sum(0), gate, up, down)  # padding rows sort last, come out 0
+    return send_back(y[jnp.argsort(order)])
+
+
+def _local_expert_ids(starts: jax.Array, mine: jax.Array, n_rows: int) -> jax.Array:
+    """Local expert of each received row (E_l for padding): the block from source q starts at
+    starts[q] and holds mine[q, e] rows for expert e, in expert order."""
+    r = jnp.arange(n_rows)
+    src = jnp.searchsorted(starts, r, side="right") - 1  # [rows]
+    within = r - starts[src]
+    ends = jnp.cumsum(mine, axis=1)[src]  # [rows,E_l]
+    return (within[:, None] >= ends).sum(-1)
+
+
+def _ragged(xs, sent, me):
+    """ragged_all_to_all: received rows packed by source in a [P*R, D] buffer."""
+    R, D = xs.shape
+    P = sent.shape[0]
+    send_sizes, recv_sizes = sent[me], sent[:, me]
+    send_off, recv_off = _exclusive_cumsum(send_sizes), _exclusive_cumsum(recv_sizes)
+    remote_in = _exclusive_cumsum(sent, axis=0)[me]  # where my rows start in each receiver's buffer
+    remote_back = _exclusive_cumsum(sent, axis=1)[:, me]  # where each source's rows to me started
+    recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((P * R, D), xs.dtype), send_off, send_sizes, remote_in,
+                                     recv_sizes, axis_name="expert")
+
+    def send_back(y):
+        return jax.lax.ragged_all_to_all(y, jnp.zeros_like(xs), recv_off, recv_sizes, remote_back, send_sizes,
+                                         axis_name="expert")
+
+    return recv, send_back, recv_off
+
+
+def _dense(xs, sent, me):
+    """all_to_all of a [P, R, D] buffer: slot [p, i] holds my i-th row for device p."""
+    R, D = xs.shape
+    P = sent.shape[0]
+    send_sizes = sent[me]
+    dest = jnp.searchsorted(jnp.cumsum(send_sizes), jnp.arange(R), side="right")  # [R]
+    slot = jnp.arange(R) - _exclusive_cumsum(send_sizes)[dest]
+    buf = jnp.zeros((P, R, D), xs.dtype).at[dest, slot].set(xs).reshape(P * R, D)  # [P,R,D] -> [P*R,D]
+    recv = jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)  # block q: rows from device q
+
+    def send_back(y):
+        back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(P, R, D)  # [P*R,D] -> [P,R,D]
+        return back[dest, slot]
+
+    return recv, send_back, jnp.arange(P) * R

@@ -1,0 +1,300 @@
+"""One mesh, one rules table: from logical axis names to mesh axes, for parameters and activations.
+
+The mesh always has the axes ("data", "fsdp", "expert", "tensor"); unused axes have size 1.
+Parameters carry logical names in their `logical_axes` metadata (set where the model creates
+them); `RULES` maps each name to mesh axes. The batch is split over data x fsdp x expert;
+fsdp also splits the model dimension of the weights (gathered when used), expert splits the
+routed experts, tensor splits heads and FFN hidden dimensions.
+
+How the model sees the mesh: run (trace) it inside `with jax.set_mesh(mesh):`. Then activation
+constraints apply and the MoE dispatches through `parallel.expert` (shard_map). Outside any
+mesh the model is the plain single-device model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# Logical axis -> mesh axis (or axes, or None = never split). The one table.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "layers": None,  # stacked-layer axis (added by nnx.vmap, not in the metadata)
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",  # H*K projection dims (heads outermost, so a split keeps whole heads)
+    "mlp": "tensor",  # dense / shared-expert hidden
+    "latent": None,  # q / kv low-rank bottlenecks
+    "norm": None,  # RMSNorm scales
+    "router": None,  # the router's expert scores: every device scores every expert
+    "expert": "expert",
+    "expert_mlp": "tensor",
+    # activations
+    "batch": BATCH_AXES,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def _check_rules(rules: dict) -> None:
+    for name, axes in rules.items():
+        for a in (axes,) if isinstance(axes, str) else axes or ():
+            if a not in AXES:
+                raise ValueError(f"rule {name!r} -> {axes!r}: {a!r} is not a mesh axis {AXES}")
+
+
+_check_rules(RULES)
+
+
+# ---------------------------------------------------------------------------------------------
+# mesh
+
+
+def parse_mesh_spec(spec: str | dict | None, n_devices: int) -> dict[str, int]:
+    """'data=2,expert=4' (or a dict) -> sizes of all four axes; one size may be -1 (the rest).
+
+    Axes left out have size 1; None puts every device on data. Raises ValueError naming the
+    problem when an axis is unknown or repeated, a size is not an integer, or the sizes do not
+    multiply to `n_devices`.
+    """
+    if spec is None or spec == "" or spec == {}:
+        return {"data": n_devices, "fsdp": 1, "expert": 1, "tensor": 1}
+    if isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            name, eq, size = part.partition("=")
+            if not eq:
+                raise ValueError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE")
+            items.append((name.strip(), size.strip()))
+    else:
+        items = list(spec.items())
+    sizes: dict[str, int] = {}
+    for name, size in items:
+        if name not in AXES:
+            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {AXES}")
+        if name in sizes:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+        try:
+            sizes[name] = int(size)
+        except (TypeError, ValueError):
+            raise ValueError(f"mesh spec {spec!r}: size of {name!r} is {size!r}, not an integer") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be positive or -1")
+    rest = [a for a, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh spec {spec!r}: only one axis may be -1, got {rest}")
+    sizes = {a: sizes.get(a, 1) for a in AXES}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if n_devices % known:
+            raise ValueError(f"mesh spec {spec!r}: {n_devices} devices do not split into {known} x the rest")
+        sizes[rest[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"mesh spec {spec!r}: {' x '.join(str(sizes[a]) for a in AXES)} = "
+                         f"{math.prod(sizes.values())} devices, but there are {n_devices}")
+    return sizes
+
+
+def make_mesh(spec: str | dict | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# logical names -> shardings
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int]
+                    ) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dims have logical `names`.
+
+    A dim whose size the mesh axes do not divide stays whole. Two dims resolving to the same
+    mesh axis is an error (the table would be inconsistent for this array).
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
+    spec, used = [], []
+    for name, size in zip(names, shape):
+        if name is not None and name not in RULES:
+            raise ValueError(f"logical axis {name!r} has no rule in parallel.mesh.RULES")
+        axes = RULES.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if mesh_shape.get(a, 1) > 1)
+        if size % math.prod(mesh_shape[a] for a in axes):
+            axes = ()
+        clash = set(axes) & set(used)
+        if clash:
+            raise ValueError(f"logical axes {tuple(names)} put mesh axes {sorted(clash)} on two dimensions")
+        used.extend(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def _variable_spec(v: nnx.Variable, mesh_shape: dict[str, int]) -> PartitionSpec:
+    """Spec of one variable; leading dims beyond its metadata are stacked-layer axes."""
+    shape = tuple(v.shape)
+    names = tuple(v.get_metadata().get("logical_axes") or (None,) * len(shape))
+    names = ("layers",) * (len(shape) - len(names)) + names
+    return logical_to_spec(names, shape, mesh_shape)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+    """The state's pytree with each variable's value replaced by its NamedSharding.
+
+    Variables without `logical_axes` (the router bias) are replicated. The result serves as
+    jit in/out_shardings for the state and for `jax.device_put`.
+    """
+    mesh_shape = dict(mesh.shape)
+    return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh_shape))),
+                        abstract_state, is_leaf=_is_variable)
+
+
+def flat_shardings(abstract_state, mesh: Mesh) -> dict[str, NamedSharding]:
+    """{'moe_layers/mlp/experts/gate_proj': NamedSharding, ...}: the converters' flat param paths."""
+    pure = nnx.to_pure_dict(param_shardings(abstract_state, mesh))
+    return {"/".join(map(str, path)): s for path, s in _flatten(pure)}
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+    out = []
+    for k, v in tree.items():
+        out.extend(_flatten(v, prefix + (k,)) if isinstance(v, dict) else [(prefix + (k,), v)])
+    return out
+
+
+def activation_spec(*names: str | None, shape: Sequence[int]) -> PartitionSpec | None:
+    """Spec for an activation under the current `jax.set_mesh` mesh; None outside any mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or set(mesh.axis_names) != set(AXES) or any(
+            t == AxisType.Manual for t in mesh.axis_types):
+        return None
+    return logical_to_spec(names, shape, dict(mesh.shape))
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+    """Sharding constraint on activation `x` by logical names; the identity outside a mesh."""
+    spec = activation_spec(*names, shape=x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a [B, T] token batch: B over data x fsdp x expert."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# placing arrays
+
+
+def place(host_array, sharding: NamedSharding, dtype=None) -> jax.Array:
+    """A host array (numpy, memmap, or any object with .shape and numpy slicing) -> jax.Array.
+
+    Only the slices this process's devices own are read (`make_array_from_callback`), so a
+    tensor never gathers on one device, and each host of a pod reads only its part.
+    """
+    def piece(index):
+        block = np.asarray(host_array[index])
+        return block if dtype is None else block.astype(dtype)
+
+    return jax.make_array_from_callback(tuple(host_array.shape), sharding, piece)
+
+
+def shard_like(host: dict, abstract_state, mesh: Mesh) -> nnx.State:
+    """Nested pure dict of host arrays (nnx.to_pure_dict layout) -> state placed by the rules.
+
+    Each leaf is cast to the abstract state's dtype shard by shard; the result merges with the
+    model's graphdef: `nnx.merge(graphdef, shard_like(params, abstract_state, mesh))`.
+    """
+    shardings = param_shardings(abstract_state, mesh)
+
+    def put(v: nnx.Variable, s: nnx.Variable) -> nnx.Variable:
+        return v.replace(s.get_value())
+
+    state = jax.tree.map(put, abstract_state, shardings, is_leaf=_is_variable)
+    pure_abstract, pure_shardings = nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings)
+    placed = jax.tree.map(lambda a, s, x: place(x, s, a.dtype), pure_abstract, pure_shardings, host)
+    nnx.replace_by_pure_dict(state, placed)
+    return state
+
+
+def create_sharded(make, mesh: Mesh):
+    """Build the nnx module `make()` with every parameter created straight into its sharding.
+
+    Abstract shapes first (nothing allocated), then one jitted init whose out_shardings are the
+    rules' shardings: no device ever holds a whole unsharded model.
+    """
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    shardings = param_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None):
+    """DeepSeekV3(config, rngs=nnx.Rngs(seed), ...) created sharded over `mesh`.
+
+    Same values as the unsharded constructor with the same seed.
+    """
+    from dsv3_jax.model import DeepSeekV3  # here, not at the top: the model imports this package
+
+    kw = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype).items() if v is not None}
+    return create_sharded(lambda: DeepSeekV3(config, rngs=nnx.Rngs(seed), **kw), mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches and processes
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a [global_batch, T] batch this process feeds (a contiguous block)."""
+    idx = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1))
+    rows = sorted({r for i in idx.values() for r in range(*i[0].indices(global_batch))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError("this process's batch rows are not contiguous; order the mesh devices by process")
+    return slice(rows[0], rows[-1] + 1)
+
+
+def shard_batch(local: np.ndarray, mesh: Mesh, global_batch: int | None = None) -> jax.Array:
+    """This process's rows of a batch (all rows on one process) -> the global sharded [B, ...] array."""
+    global_batch = local.shape[0] * jax.process_count() if global_batch is None else global_batch
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (local.ndim - 1)))
+    return jax.make_array_from_process_local_data(sharding, local, (global_batch,) + local.shape[1:])
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, cpu_collectives: str | None = None,
+                           **kwargs) -> None:
+    """`jax.distributed.initialize` for multi-process runs; a no-op for a single process.
+
+    On TPU pods and SLURM/MPI GPU clusters the arguments are detected; otherwise pass them (or
+    set DSV3_COORDINATOR, DSV3_NUM_PROCESSES, DSV3_PROCESS_ID). CPU processes need collectives:
+    cpu_collectives="gloo" (the default when num_processes > 1 on CPU). Call before anything
+    touches devices.
+    """
+    coordinator_address = coordinator_address or os.environ.get("DSV3_COORDINATOR")
+    if num_processes is None and "DSV3_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["DSV3_NUM_PROCESSES"])
+    if process_id is None and "DSV3_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["DSV3_PROCESS_ID"])
+    if num_processes == 1:
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+    if cpu_collectives or platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
