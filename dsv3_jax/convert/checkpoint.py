@@ -11,10 +11,10 @@ is [58, 256, 7168, 2048], 436 GB in bf16), so conversion never builds a leaf:
      arrays not deep-copied), chunked one slice of the stacked axes per chunk (`shard_axes`). This
      writes every leaf's metadata and zarr3 array in Orbax's own format, and almost no data.
   2. Each leaf's array is opened with tensorstore (zarr3 over the checkpoint's OCDBT database) and
-     written one source tensor at a time, whole chunks at a time, with a bounded number of bytes
-     in flight. Orbax reads it back like any other checkpoint (it refuses missing chunks).
+     written one source tensor at a time, whole chunks at a time, at most `IN_FLIGHT` writes
+     pending (one write per slice: a single write of a large array would buffer it all). Orbax reads it back like any other checkpoint (it refuses missing chunks).
 Export reads the same way, one slice per HF tensor (`StoredLeaf`). Host memory stays near one
-source tensor plus `IN_FLIGHT` bytes, independent of the model (tests/convert/test_memory.py).
+source tensor plus `IN_FLIGHT` slices, independent of the model (tests/convert/test_memory.py).
 Rejected: handing Orbax a disk-backed `np.memmap` per leaf. Orbax writes a numpy leaf as one
 tensorstore write, which buffers encoded chunks faster than they commit: anonymous memory grew
 with the leaf (about 1/6 of a 2 GB leaf), and the staging file doubled the IO.
@@ -41,7 +41,7 @@ from dsv3_jax.convert.safetensors_io import CheckpointError
 from dsv3_jax.model import DeepSeekV3
 
 PARAMS = "params"
-IN_FLIGHT = 128 << 20  # bytes of slice writes that may be pending at once (beyond the one in hand)
+IN_FLIGHT = 4  # slice writes that may be pending at once (each holds its slice until committed)
 
 
 def _ocdbt_root(params_dir: str) -> str:
@@ -100,15 +100,12 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, param_dtyp
         for leaf in leaves:
             s = shapes[leaf.param]
             store = _open_leaf(root, leaf.param, s.shape)
-            pending, nbytes = collections.deque(), 0
+            pending = collections.deque()
             for idx, x in source.slices(leaf, s.shape, s.dtype):
-                while pending and nbytes + x.nbytes > IN_FLIGHT:
-                    future, size = pending.popleft()
-                    future.result()
-                    nbytes -= size
-                pending.append((store[idx].write(x), x.nbytes))
-                nbytes += x.nbytes
-            for future, _ in pending:
+                if len(pending) == IN_FLIGHT:
+                    pending.popleft().result()
+                pending.append(store[idx].write(x))
+            for future in pending:
                 future.result()
         source.config.save_hf(tmp)
     return source.config
