@@ -249,7 +249,7 @@ def create_sharded(make, mesh: Mesh):
 def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None):
     """DeepSeekV3(config, rngs=nnx.Rngs(seed), ...) created sharded over `mesh`.
 
-    Same values as the unsharded constructor with the same seed.
+    Same values as the unsharded constructor with the same seed (to an ulp: the init is jitted).
     """
     from dsv3_jax.model import DeepSeekV3  # here, not at the top: the model imports this package
 
