@@ -34,7 +34,7 @@ def _loss(*args):
 
 GRAD = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
 
-MESHES = [f"expert={DEVICES}", "data=2,expert=-1", "fsdp=2,expert=2,tensor=-1"]
+MESHES = [f"expert={DEVICES}", "data=2,expert=-1", "fsdp=2,expert=2,tensor=-1"][:3 if DEVICES >= 8 else 2]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
