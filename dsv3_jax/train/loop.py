@@ -97,8 +97,9 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
             if not m["finite"]:
                 raise NonFiniteError(
                     f"step {step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not finite; "
-                    f"the update was skipped and the run stopped. Last checkpoint: step {ckpt.latest_step()} "
-                    f"in {ckpt.directory}. Lower train.peak_lr or check the data.")
+                    f"the update was skipped and the run stopped. Last checkpoint: "
+                    f"{'none' if ckpt.latest_step() is None else f'step {ckpt.latest_step()}'} in {ckpt.directory}. "
+                    "Lower train.peak_lr or check the data.")
             step += 1
             record = {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0 and k != "finite"},
                       "max_violation_per_layer": [float(v) for v in m["max_violation_per_layer"]],

@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+
+from dsv3_jax.data.pipeline import DataConfig, make_iterator, read_documents
+from dsv3_jax.data.tokenizer import EOS, load_or_train_tokenizer, train_tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([TEXT * 20, "def f(x):\n    return x + 1\n" * 20], vocab_size=300)
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(12):
+        (d / f"doc{i:02d}.txt").write_text(f"document {i}. " + TEXT * (i + 1))
+    return d
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_are_packed_with_segment_ids_and_positions(corpus, tokenizer):
+    it = make_iterator(DataConfig(paths=(str(corpus),), seq_len=48, batch_size=4), tokenizer)
+    b = next(it)
+    assert {k: v.shape for k, v in b.items()} == {k: (4, 48) for k in ("tokens", "segment_ids", "positions")}
+    eos = tokenizer.token_to_id(EOS)
+    for row in range(4):
+        seg, pos, tok = b["segment_ids"][row], b["positions"][row], b["tokens"][row]
+        assert seg[0] == 1 and np.all(np.diff(seg) >= 0)
+        starts = np.flatnonzero(np.diff(seg)) + 1  # a new document starts at position 0, after an EOS
+        assert np.all(pos[starts] == 0) and np.all(tok[starts - 1] == eos)
+
+
+def test_same_seed_same_stream_and_resume_from_state(corpus, tokenizer):
+    cfg = DataConfig(paths=(str(corpus),), seq_len=32, batch_size=2, seed=3)
+    a, b = make_iterator(cfg, tokenizer), make_iterator(cfg, tokenizer)
+    first = _take(a, 5)
+    for x, y in zip(first, _take(b, 5)):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    state = a.get_state()
+    ahead = _take(a, 6)  # crosses an epoch of the 12 documents
+    c = make_iterator(cfg, tokenizer)
+    c.set_state(state)
+    for x, y in zip(ahead, _take(c, 6)):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    other = _take(make_iterator(DataConfig(paths=(str(corpus),), seq_len=32, batch_size=2, seed=4), tokenizer), 5)
+    assert any(not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(first, other))
+
+
+def test_each_process_reads_its_own_documents(tmp_path, tokenizer):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"unique{i} " * 3}) + "\n" for i in range(8)))
+    cfg = DataConfig(paths=(str(path),), seq_len=8, batch_size=2)
+    seen = []
+    for p in range(2):
+        it = make_iterator(cfg, tokenizer, process_index=p, process_count=2)
+        text = "".join(tokenizer.decode(r.tolist()) for b in _take(it, 6) for r in b["tokens"])
+        assert next(it)["tokens"].shape == (1, 8)  # half of the global batch
+        seen.append({i for i in range(8) if f"unique{i} " in text})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_jsonl_and_array_record_sources(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "alpha beta"}) + "\n\n" + json.dumps({"body": "gamma"}) + "\n")
+    assert read_documents((str(path),), "body") == ["alpha beta", "gamma"]
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    ar = tmp_path / "tokens.arrayrecord"
+    w = ArrayRecordWriter(str(ar), "group_size:1")
+    docs = [np.arange(1, 6, dtype="<i4"), np.arange(100, 103, dtype="<i4")]
+    for d in docs:
+        w.write(d.tobytes())
+    w.close()
+    b = next(make_iterator(DataConfig(paths=(str(ar),), seq_len=8, batch_size=1, seed=0), tokenizer))
+    assert set(b["tokens"][0].tolist()) <= set(np.concatenate(docs).tolist())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"  \n", "empty file"),
+    (b"caf\xe9 au lait", "not UTF-8 text"),
+])
+def test_bad_text_files_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"bad.txt.*{message}|{message}"):
+        read_documents((str(path),))
+
+
+def test_bad_jsonl_and_missing_paths(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        read_documents((str(path),))
+    path.write_text('{"content": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no string field 'text'"):
+        read_documents((str(path),))
+    with pytest.raises(FileNotFoundError, match="data path not found"):
+        read_documents((str(tmp_path / "nope.txt"),))
+
+
+def test_tokenizer_is_cached_in_the_workdir_and_user_files_are_checked(tmp_path):
+    tok = load_or_train_tokenizer(None, str(tmp_path), [TEXT * 5], 280)
+    assert (tmp_path / "tokenizer.json").exists()
+    again = load_or_train_tokenizer(None, str(tmp_path), None, 280)  # no documents needed: cached
+    assert again.encode(TEXT).ids == tok.encode(TEXT).ids
+    assert tok.decode(tok.encode("ünïcödé ✓ " + TEXT).ids) == "ünïcödé ✓ " + TEXT  # byte-level: lossless
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        load_or_train_tokenizer(str(tmp_path / "missing.json"), str(tmp_path), None, 280)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="junk.json is not a tokenizers tokenizer.json"):
+        load_or_train_tokenizer(str(tmp_path / "junk.json"), str(tmp_path), None, 280)

@@ -1,0 +1,126 @@
+"""End-to-end runs of the training loop on the tiny preset (one compile per distinct program)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dsv3_jax.checkpoint.manager import CheckpointCorrupt
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.pipeline import DataConfig
+from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.loop import NonFiniteError, train
+
+MODEL = ModelConfig.preset("tiny", num_hidden_layers=2)
+REQUIRED = {"step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_sec",
+            "max_violation", "max_violation_per_layer"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    words = "the model routes every token to a few experts and balances their load with a bias".split()
+    rs = np.random.RandomState(0)
+    for i in range(20):
+        (d / f"{i}.txt").write_text(" ".join(rs.choice(words, 200)) + "\n")
+    return DataConfig(paths=(str(d),), seq_len=32, batch_size=4, seed=0)
+
+
+def _train(workdir, data, **kw):
+    tc = TrainConfig(**{"steps": 16, "schedule_steps": 16, "checkpoint_every": 4, "peak_lr": 3e-3, **kw})
+    return train(str(workdir), MODEL, tc, data, progress=False)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, _train(workdir, corpus)
+
+
+def test_loss_falls_and_everything_is_written(straight):
+    workdir, history = straight
+    losses = [r["loss"] for r in history]
+    assert len(history) == 16 and [r["step"] for r in history] == list(range(1, 17))
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 1.0
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert records == history and REQUIRED <= set(records[0])
+    assert len(records[0]["max_violation_per_layer"]) == MODEL.num_moe_layers + MODEL.num_nextn_predict_layers
+    assert (workdir / "training.png").stat().st_size > 10_000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "16", "8"]  # keep 3, last step saved
+
+
+def test_resume_is_exact(tmp_path, corpus, straight):
+    _, full = straight
+    first = _train(tmp_path, corpus, steps=8)
+    second = _train(tmp_path, corpus, steps=16)
+    assert [r["step"] for r in second] == list(range(9, 17))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
+    assert [r["max_violation"] for r in first + second] == [r["max_violation"] for r in full]
+
+
+def test_a_workdir_keeps_its_model(tmp_path, corpus, straight):
+    workdir, _ = straight
+    with pytest.raises(ValueError, match=r"holds a run of a different model \(hidden_size: stored 64, asked 96\)"):
+        train(str(workdir), MODEL.replace(hidden_size=96), TrainConfig(steps=20), corpus, progress=False)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, corpus, straight):
+    workdir, _ = straight
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(workdir), str(broken)], check=True)
+    for root, _, files in os.walk(broken / "checkpoints" / "16" / "state"):
+        for f in files:
+            if f != "_CHECKPOINT_METADATA":
+                open(os.path.join(root, f), "wb").close()
+    with pytest.raises(CheckpointCorrupt, match=r"checkpoints/16 cannot be restored"):
+        _train(broken, corpus, steps=20)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, corpus):
+    _train(tmp_path, corpus, steps=4)
+    with pytest.raises(NonFiniteError, match=r"step [5-9]: .* is not finite.*Last checkpoint: step 4"):
+        _train(tmp_path, corpus, steps=30, peak_lr=1e12, warmup_fraction=0.0, clip_norm=1e30)
+    assert os.listdir(tmp_path / "checkpoints") == ["4"]
+    assert [r["step"] for r in _train(tmp_path, corpus, steps=6)] == [5, 6]  # and it resumes from there
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "dsv3_jax.train", "--preset", "tiny", "--no-progress", *args]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(_cli("--workdir", str(workdir), "--steps", "100000", "--data", *corpus.paths,
+                                 "--seq-len", "32", "--batch-size", "4", "--set", "model.num_hidden_layers=2",
+                                 "--set", "train.checkpoint_every=100000"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped by signal SIGTERM" in out
+    steps = os.listdir(workdir / "checkpoints")
+    assert len(steps) == 1 and int(steps[0]) >= 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.hiddn_size=3"], "unknown config field ModelConfig.hiddn_size"),
+    (["--set", "train.peak_lr"], "expected SECTION.FIELD=VALUE"),
+    (["--set", "train.steps=abc"], "TrainConfig.steps: cannot use 'abc'"),
+    (["--data", "/nonexistent/file.txt"], "data path not found: /nonexistent/file.txt"),
+    (["--set", "model.n_group=3"], "ModelConfig.n_group=3"),
+])
+def test_cli_errors_are_clear(tmp_path, args, message):
+    r = subprocess.run(_cli("--workdir", str(tmp_path / "w"), "--steps", "1", *args), capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -1,0 +1,88 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepSeekV3, RouterBias
+from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.optimizer import make_optimizer
+from dsv3_jax.train.step import TrainState, make_train_step, max_violation, update_bias
+
+CONFIG = ModelConfig.preset("tiny", num_hidden_layers=2)
+
+
+def _setup(train_config):
+    model = DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    tx = make_optimizer(train_config)
+    state = TrainState(jnp.int32(0), jnp.int32(0), params, bias, tx.init(params))
+    step = jax.jit(make_train_step(graphdef, CONFIG, train_config, tx, planned_micro_batches=100))
+    return model, state, step
+
+
+def _batch(seed, A=1, B=2, T=24):
+    rs = np.random.RandomState(seed)
+    return {"tokens": jnp.asarray(rs.randint(0, CONFIG.vocab_size, (A, B, T)), jnp.int32),
+            "segment_ids": jnp.ones((A, B, T), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (A, B, T))}
+
+
+def test_max_violation_by_hand():
+    np.testing.assert_allclose(max_violation(jnp.asarray([[1.0, 1, 1, 1], [4.0, 0, 0, 0]])), [0.0, 3.0])
+
+
+def test_update_bias_moves_against_the_load_per_layer():
+    bias = {"moe_layers": {"mlp": {"router": {"bias": jnp.zeros((2, 4))}}},
+            "mtp": {"layer": {"mlp": {"router": {"bias": jnp.zeros((1, 4))}}}}}
+    load = jnp.asarray([[4.0, 0, 2, 2], [1.0, 1, 1, 1], [0.0, 0, 0, 8]])
+    new = update_bias(bias, load, 0.5, num_moe_layers=2)
+    np.testing.assert_allclose(new["moe_layers"]["mlp"]["router"]["bias"], [[-0.5, 0.5, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(new["mtp"]["layer"]["mlp"]["router"]["bias"], [[0.5, 0.5, 0.5, -0.5]])
+
+
+def test_bias_update_balances_a_skewed_router_while_its_gradient_stays_zero():
+    train_config = TrainConfig(peak_lr=0.0, bias_gamma=0.02, bias_gamma_until=1.0, warmup_fraction=0.0)
+    model, state, step = _setup(train_config)
+    skew = jnp.asarray(np.linspace(0.3, -0.3, CONFIG.n_routed_experts), jnp.float32)
+    state = state._replace(bias=jax.tree.map(lambda b: jnp.broadcast_to(skew, b.shape), state.bias))
+    vio = []
+    for i in range(25):
+        state, metrics = step(state, _batch(i))
+        vio.append(float(metrics["max_violation"]))
+    assert vio[0] > 2.0 and np.mean(vio[-5:]) < 0.5 * vio[0]
+    # the only thing that changed is the bias: no gradient or update reached the parameters
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+
+    def loss(params, bias):
+        out = nnx.merge(nnx.graphdef(model), params, bias)(_batch(0)["tokens"][0])
+        return out.logits.sum() + out.balance_loss + out.mtp_logits.sum()
+
+    _, bias_grads = jax.grad(loss, argnums=(0, 1))(state.params, state.bias)
+    for g in jax.tree.leaves(bias_grads):
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    tc = TrainConfig(warmup_fraction=0.0)
+    _, state1, step = _setup(tc)
+    _, state2, _ = _setup(tc)
+    big = _batch(7, A=1, B=4)
+    halves = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[2:]), big)
+    s1, m1 = step(state1, big)
+    s2, m2 = step(state2, halves)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # Adam normalises: tiny grads amplify rounding
+    np.testing.assert_array_equal(s2.micro_batches, 2)
+
+
+def test_non_finite_step_leaves_the_state_unchanged():
+    _, state, step = _setup(TrainConfig())
+    bad = state._replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params))
+    new, metrics = step(bad, _batch(0))
+    assert not bool(metrics["finite"])
+    assert int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
+        np.testing.assert_array_equal(a, b)
