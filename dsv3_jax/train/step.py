@@ -90,7 +90,7 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
             lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
         (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
         loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
 
         lr = schedule.learning_rate(c, frac)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
