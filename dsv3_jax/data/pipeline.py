@@ -32,7 +32,7 @@ class DataConfig:
     paths: tuple[str, ...] = ()  # files or directories; empty = the embedded corpus
     text_field: str = "text"  # JSONL field holding the document
     seq_len: int = 256
-    batch_size: int = 16  # global, over all processes
+    batch_size: int = 8  # global sequences per micro-batch, over all processes
     seed: int = 0
 
 

@@ -15,7 +15,7 @@ PAPER_TOKENS = 14.8e12
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300  # total step target; a rerun with more steps continues
+    steps: int = 200  # total step target; a rerun with more steps continues
     schedule_steps: int | None = None  # horizon the schedules are scaled to (default: steps)
     grad_accum: int = 1  # micro-batches per step (batch_size is one micro-batch)
     ramp_start_accum: int | None = None  # batch-size ramp: micro-batches per step at the start
