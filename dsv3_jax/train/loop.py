@@ -123,5 +123,5 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
             signal.signal(s, h)
     if stop["signal"] is not None:
         print(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint saved")
-    plot(workdir)
+    plot(workdir, config.num_nextn_predict_layers)
     return history

@@ -36,8 +36,8 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot(workdir: str, out: str = "training.png") -> str | None:
-    """Loss curves and expert-load balance (MaxVio per MoE layer) over the run's steps."""
+def plot(workdir: str, num_mtp_layers: int, out: str = "training.png") -> str | None:
+    """Loss curves and expert-load balance (MaxVio per MoE layer, MTP layers last) over the run."""
     records = read_metrics(workdir)
     if not records:
         return None
@@ -52,8 +52,9 @@ def plot(workdir: str, out: str = "training.png") -> str | None:
         a.plot(steps, [r[key] for r in records], label=key)
     a.set_xlabel("step"), a.set_ylabel("nats/token"), a.set_title("loss"), a.legend()
     vio = np.array([r["max_violation_per_layer"] for r in records])
+    n_main = vio.shape[1] - num_mtp_layers
     for i in range(vio.shape[1]):
-        b.plot(steps, vio[:, i], lw=0.8, label=f"MoE layer {i}")
+        b.plot(steps, vio[:, i], lw=0.8, label=f"MoE layer {i}" if i < n_main else f"MTP depth {i - n_main + 1}")
     b.plot(steps, [r["max_violation"] for r in records], "k", lw=2, label="mean")
     b.set_xlabel("step"), b.set_ylabel("MaxVio"), b.set_title("expert load balance"), b.legend(fontsize=7)
     fig.tight_layout()
