@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -39,7 +40,10 @@ _transport = contextvars.ContextVar("dsv3_expert_transport", default="auto")
 
 @contextlib.contextmanager
 def expert_transport(name: str):
-    """Force "ragged" or "dense" (or "auto") for models traced inside this context."""
+    """Force "ragged" or "dense" (or "auto") for models traced inside this context.
+
+    Read at trace time: a function jitted and traced before keeps the transport it was traced with.
+    """
     choose_transport(name)
     token = _transport.set(name)
     try:
@@ -130,17 +134,17 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
     w_in = logical_to_spec(("expert", None, "expert_mlp"), gate.shape, shape)
     w_out = PartitionSpec(w_in[0], w_in[2], None)
     body = jax.shard_map(
-        lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype,
+        lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype, varying=tok[0],
                                  transport=choose_transport(_transport.get())),
         mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
     return body(x.astype(dtype), weights, expert_ids, gate, up, down)[:N]
 
 
-def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport):
+def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport, varying):
     """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
     n = x.shape[0]
     xs, order, token, counts = sort_by_expert(x, expert_ids, gate.shape[0] * n_ep)
-    y = _exchange(xs, counts, gate, up, down, n_ep, transport) if n_ep > 1 else expert_ffn(
+    y = _exchange(xs, counts, gate, up, down, n_ep, transport, varying) if n_ep > 1 else expert_ffn(
         xs, counts, gate, up, down)
     out = combine(y, weights, order, token, n)
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum
@@ -152,7 +156,7 @@ def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(a, axis=axis) - a
 
 
-def _exchange(xs, counts, gate, up, down, n_ep, transport):
+def _exchange(xs, counts, gate, up, down, n_ep, transport, varying):
     """Sorted rows xs [R,D] with per-expert counts [E] -> expert outputs for those rows [R,D].
 
     sent[q, p] = rows device q sends to device p; mine[q, e] = rows from q for my expert e.
@@ -164,7 +168,7 @@ def _exchange(xs, counts, gate, up, down, n_ep, transport):
     sent = per_dst.sum(-1)  # [P,P]
     mine = jnp.take(per_dst, me, axis=1)  # [P,E_l]
     if transport == "ragged":
-        recv, send_back, starts = _ragged(xs, sent, me)
+        recv, send_back, starts = _ragged(xs, sent, me, varying)
     else:
         recv, send_back, starts = _dense(xs, sent, me)
     local = _local_expert_ids(starts, mine, recv.shape[0])  # [P*R]
@@ -183,22 +187,48 @@ def _local_expert_ids(starts: jax.Array, mine: jax.Array, n_rows: int) -> jax.Ar
     return (within[:, None] >= ends).sum(-1)
 
 
-def _ragged(xs, sent, me):
+def _ragged(xs, sent, me, varying):
     """ragged_all_to_all: received rows packed by source in a [P*R, D] buffer."""
-    R, D = xs.shape
+    R = xs.shape[0]
     P = sent.shape[0]
     send_sizes, recv_sizes = sent[me], sent[:, me]
-    send_off, recv_off = _exclusive_cumsum(send_sizes), _exclusive_cumsum(recv_sizes)
-    remote_in = _exclusive_cumsum(sent, axis=0)[me]  # where my rows start in each receiver's buffer
-    remote_back = _exclusive_cumsum(sent, axis=1)[:, me]  # where each source's rows to me started
-    recv = jax.lax.ragged_all_to_all(xs, jnp.zeros((P * R, D), xs.dtype), send_off, send_sizes, remote_in,
-                                     recv_sizes, axis_name="expert")
+    plan = (_exclusive_cumsum(send_sizes), send_sizes,
+            _exclusive_cumsum(sent, axis=0)[me],  # where my rows start in each receiver's buffer
+            _exclusive_cumsum(recv_sizes), recv_sizes,
+            _exclusive_cumsum(sent, axis=1)[:, me])  # where each source's rows to me started
+    recv = _ragged_move(xs, plan, (R, P * R), varying)
+    return recv, lambda y: _ragged_move(y, _reverse(plan), (P * R, R), varying), plan[3]
 
-    def send_back(y):
-        return jax.lax.ragged_all_to_all(y, jnp.zeros_like(xs), recv_off, recv_sizes, remote_back, send_sizes,
-                                         axis_name="expert")
 
-    return recv, send_back, recv_off
+def _reverse(plan):
+    send_off, send_sizes, remote_off, recv_off, recv_sizes, back_off = plan
+    return recv_off, recv_sizes, back_off, send_off, send_sizes, remote_off
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ragged_move(x, plan, rows, varying):
+    """Rows of x [rows[0], D] to their devices, landing in a [rows[1], D] buffer.
+
+    `varying`: the mesh axes x differs over (the token axes), which the new buffer takes on.
+
+    plan = (send_off, send_sizes, remote_off, recv_off, recv_sizes, back_off). The gradient is
+    the same move reversed (a permutation's transpose), written out rather than left to
+    ragged_all_to_all's own transpose rule.
+    """
+    send_off, send_sizes, remote_off, _, recv_sizes, _ = plan
+    out = jax.lax.pcast(jnp.zeros((rows[1],) + x.shape[1:], x.dtype), varying, to="varying")  # varies like x
+    return jax.lax.ragged_all_to_all(x, out, send_off, send_sizes, remote_off, recv_sizes, axis_name="expert")
+
+
+def _ragged_move_fwd(x, plan, rows, varying):
+    return _ragged_move(x, plan, rows, varying), plan
+
+
+def _ragged_move_bwd(rows, varying, plan, g):
+    return _ragged_move(g, _reverse(plan), rows[::-1], varying), None
+
+
+_ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
 
 
 def _dense(xs, sent, me):
