@@ -12,7 +12,8 @@ is [58, 256, 7168, 2048], 436 GB in bf16), so conversion never builds a leaf:
      writes every leaf's metadata and zarr3 array in Orbax's own format, and almost no data.
   2. Each leaf's array is opened with tensorstore (zarr3 over the checkpoint's OCDBT database) and
      written one source tensor at a time, whole chunks at a time, at most `IN_FLIGHT` writes
-     pending (one write per slice: a single write of a large array would buffer it all). Orbax reads it back like any other checkpoint (it refuses missing chunks).
+     pending (one write per slice: a single write of a large array would buffer it all).
+     Orbax reads it back like any other checkpoint (it refuses missing chunks).
 Export reads the same way, one slice per HF tensor (`StoredLeaf`). Host memory stays near one
 source tensor plus `IN_FLIGHT` slices, independent of the model (tests/convert/test_memory.py).
 Rejected: handing Orbax a disk-backed `np.memmap` per leaf. Orbax writes a numpy leaf as one
@@ -27,7 +28,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,14 +82,15 @@ def _save_placeholders(params_dir: str, shapes: dict, stacked: dict[str, int]) -
         ocp.save(params_dir, traverse_util.unflatten_dict(tree, sep="/"))
 
 
-def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, param_dtype=jnp.bfloat16,
-               progress: Callable | None = None) -> ModelConfig:
-    """Stream a HF checkpoint into an Orbax checkpoint at `out_dir`; returns the config.
+def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, param_dtype=jnp.bfloat16,
+               progress: Callable | None = None, *, layout: str | None = None, config=None) -> ModelConfig:
+    """Stream a checkpoint (HF safetensors, DeepSeek's inference layout or PyTorch state dicts;
+    `layout`/`config` as in `HFSource`) into an Orbax checkpoint at `out_dir`; returns the config.
 
     `param_dtype` is the stored dtype of every leaf except the router (always fp32).
     `progress(iterable, total)` wraps the leaf loop (e.g. tqdm).
     """
-    source = HFSource(hf_dir)
+    source = HFSource(src, layout, config)
     _, _, shapes = abstract_model(source.config, param_dtype=param_dtype)
     leaves = source.checked_leaves(shapes)
     if progress is not None:

@@ -1,4 +1,4 @@
-"""HF safetensors checkpoints <-> the model's pure param dict.
+"""HF checkpoints (safetensors, or any layout of `layouts.py`) <-> the model's pure param dict.
 
 Loading streams: each param leaf is filled slice by slice from source tensors read one at a time
 (block-FP8 weights are dequantized on the way), so a caller can consume and drop leaves one by
@@ -15,7 +15,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.convert import fp8, names
+from dsv3_jax.convert import fp8, layouts, names
 from dsv3_jax.convert.safetensors_io import CheckpointError, Item, Reader, write_sharded
 from dsv3_jax.model import DeepSeekV3
 
@@ -85,7 +86,8 @@ def _check_names(config: ModelConfig, reader: Reader) -> None:
     present, needed = reader.names(), names.hf_names(config)
     missing = sorted(needed - present)
     if missing:
-        raise CheckpointError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor {missing[0]}{more}")
     for name in sorted(present - needed):
         base = name[: -len(SCALE_SUFFIX)]
         if name.endswith(SCALE_SUFFIX) and base in needed and reader.dtype(base) == fp8.FP8:
@@ -98,7 +100,7 @@ def _read(reader: Reader, name: str) -> np.ndarray:
     if reader.dtype(name) != fp8.FP8:
         return reader.get(name)
     scale = name + SCALE_SUFFIX
-    if scale not in reader.entries:
+    if scale not in reader:
         raise CheckpointError(f"tensor {name} is float8_e4m3fn but {scale} is missing")
     try:
         return fp8.dequantize(reader.get(name), reader.get(scale))
@@ -107,11 +109,14 @@ def _read(reader: Reader, name: str) -> np.ndarray:
 
 
 class HFSource:
-    """A HF checkpoint directory opened and checked against its config.json, ready to stream."""
+    """A checkpoint opened and checked against its config, ready to stream.
 
-    def __init__(self, hf_dir: str | os.PathLike):
-        self.reader = Reader(hf_dir)
-        config = ModelConfig.from_hf(os.fspath(hf_dir))
+    `src` is a HF safetensors directory or another layout (`layouts.LAYOUTS`, detected unless
+    `layout` is given); `config` defaults to the config.json beside the weights.
+    """
+
+    def __init__(self, src: str | os.PathLike, layout: str | None = None, config=None):
+        self.reader, config = layouts.open_layout(src, layout, config)
         self.config = _resolve_mtp(config, self.reader.names())
         _check_names(self.config, self.reader)
         self.leaves = names.param_map(self.config)
@@ -141,7 +146,7 @@ class HFSource:
         self.check_copies()
         if {leaf.param for leaf in self.leaves} != set(shapes):
             raise RuntimeError("name map and model disagree: "
-                               f"{sorted({l.param for l in self.leaves} ^ set(shapes))}")
+                               f"{sorted({leaf.param for leaf in self.leaves} ^ set(shapes))}")
         return self.leaves
 
     def iter_params(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, np.ndarray]]:
@@ -153,10 +158,11 @@ class HFSource:
             yield leaf.param, out
 
 
-def load_hf(hf_dir: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32
-            ) -> tuple[ModelConfig, DeepSeekV3]:
-    """(config, model) from a HF DeepSeek-V3 directory (BF16/FP32 or block FP8, MTP included)."""
-    source = HFSource(hf_dir)
+def load_hf(src: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32, *, layout: str | None = None,
+            config=None) -> tuple[ModelConfig, DeepSeekV3]:
+    """(config, model) from a DeepSeek-V3 checkpoint (BF16/FP32 or block FP8, MTP included) in any
+    layout of `layouts.py`; see `HFSource` for `layout` and `config`."""
+    source = HFSource(src, layout, config)
     _, _, shapes = abstract_model(source.config, dtype, param_dtype)
     flat = dict(source.iter_params(shapes))
     return source.config, build_model(source.config, flat, dtype, param_dtype)

@@ -10,7 +10,7 @@ the model's abstract parameters (HF shape = per-slice param shape, reversed for 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from dsv3_jax.config import ModelConfig
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +29,7 @@ _MAX_HEADER = 100 << 20
 
 
 class CheckpointError(ValueError):
-    """A HF checkpoint that does not match the config or the format (names the tensor/file)."""
+    """A checkpoint that does not match the config or the format (names the tensor/file)."""
 
 
 class Reader:
@@ -69,6 +69,9 @@ class Reader:
     def names(self) -> set[str]:
         return set(self.entries)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
 
@@ -77,14 +80,18 @@ class Reader:
 
     def get(self, name: str) -> np.ndarray:
         """Read one tensor from disk (a fresh array; nothing stays mapped)."""
-        path, entry = self.entries[name]
-        begin, end = entry["data_offsets"]
-        out = np.empty(entry["shape"], DTYPES[entry["dtype"]])
-        with open(path, "rb") as f:
-            f.seek(entry["start"] + begin)
-            if f.readinto(out.reshape(-1).view(np.uint8)) != end - begin:
-                raise CheckpointError(f"{path}: tensor {name} is truncated")
-        return out
+        return read_tensor(*self.entries[name], name)
+
+
+def read_tensor(path: str, entry: dict, name: str) -> np.ndarray:
+    """The tensor a checked header `entry` of file `path` describes, read into a fresh array."""
+    begin, end = entry["data_offsets"]
+    out = np.empty(entry["shape"], DTYPES[entry["dtype"]])
+    with open(path, "rb") as f:
+        f.seek(entry["start"] + begin)
+        if f.readinto(out.reshape(-1).view(np.uint8)) != end - begin:
+            raise CheckpointError(f"{path}: tensor {name} is truncated")
+    return out
 
 
 def read_header(path: str) -> dict[str, dict]:
@@ -169,7 +176,7 @@ def write_sharded(directory: str, items: list[Item], max_shard_size: int) -> lis
     n = len(shards)
     files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
-    for file, shard in zip(files, shards):
+    for file, shard in zip(files, shards, strict=True):
         write_file(os.path.join(directory, file), shard, metadata={"format": "pt"})
         for specs, _ in shard:
             for name, dtype, shape in specs:

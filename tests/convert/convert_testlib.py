@@ -118,3 +118,74 @@ def dequantize_reference(w8: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# DeepSeek's inference/convert.py: HF module name -> (official name, model-parallel shard dim),
+# restated here (SPEC E) so the layout tests do not trust the converter's own table.
+OFFICIAL_MAPPING = {
+    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None), "q_proj": ("wq", 0), "q_a_proj": ("wq_a", None),
+    "q_a_layernorm": ("q_norm", None), "q_b_proj": ("wq_b", 0), "kv_a_proj_with_mqa": ("wkv_a", None),
+    "kv_a_layernorm": ("kv_norm", None), "kv_b_proj": ("wkv_b", 0), "o_proj": ("wo", 1),
+    "gate": ("gate", None), "gate_proj": ("w1", 0), "down_proj": ("w2", 1), "up_proj": ("w3", 0),
+    "norm": ("norm", None), "lm_head": ("head", 0),
+}
+
+
+def write_official(hf_dir, out_dir, mp: int, n_experts: int, mtp_layer: int) -> None:
+    """Re-slice a HF directory as DeepSeek's inference/convert.py does: rename, narrow each tensor
+    along its shard dim into `mp` equal slices (or copy it to every rank), give rank r the routed
+    experts [r*E/mp, (r+1)*E/mp) whole, split FP8 scales like their weights, drop the MTP layer."""
+    from safetensors.torch import safe_open, save_file  # noqa: PLC0415
+
+    os.makedirs(out_dir)
+    per_rank = n_experts // mp
+    state_dicts = [{} for _ in range(mp)]
+    for file in sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(hf_dir, file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.startswith(f"model.layers.{mtp_layer}."):
+                    continue
+                param = f.get_tensor(name)
+                name = name.removeprefix("model.")
+                for old, new in (("self_attn", "attn"), ("mlp", "ffn"), ("weight_scale_inv", "scale"),
+                                 ("e_score_correction_bias", "bias")):
+                    name = name.replace(old, new)
+                key = name.split(".")[-2]
+                new_key, dim = OFFICIAL_MAPPING[key]
+                name = name.replace(key, new_key)
+                for i in range(mp):
+                    if "experts" in name and "shared_experts" not in name:
+                        if not i * per_rank <= int(name.split(".")[-3]) < (i + 1) * per_rank:
+                            continue
+                        state_dicts[i][name] = param
+                    elif dim is not None:
+                        assert param.size(dim) % mp == 0, (name, param.shape, mp)
+                        size = param.size(dim) // mp
+                        state_dicts[i][name] = param.narrow(dim, i * size, size).contiguous()
+                    else:
+                        state_dicts[i][name] = param
+    for i in range(mp):
+        save_file(state_dicts[i], os.path.join(out_dir, f"model{i}-mp{mp}.safetensors"))
+
+
+def model_args(cfg: dict) -> dict:
+    """DeepSeek's ModelArgs json (configs/config_671B.json field names) for a HF config dict."""
+    return dict(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], inter_dim=cfg["intermediate_size"],
+                moe_inter_dim=cfg["moe_intermediate_size"], n_layers=cfg["num_hidden_layers"],
+                n_dense_layers=cfg["first_k_dense_replace"], n_heads=cfg["num_attention_heads"],
+                n_routed_experts=cfg["n_routed_experts"], n_shared_experts=cfg["n_shared_experts"],
+                n_activated_experts=cfg["num_experts_per_tok"], n_expert_groups=cfg["n_group"],
+                n_limited_groups=cfg["topk_group"], route_scale=cfg["routed_scaling_factor"],
+                score_func="sigmoid", q_lora_rank=cfg["q_lora_rank"] or 0, kv_lora_rank=cfg["kv_lora_rank"],
+                qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
+                v_head_dim=cfg["v_head_dim"], max_seq_len=cfg["max_position_embeddings"], dtype="bf16")
+
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    """A numpy tensor (incl. bf16 / e4m3 from ml_dtypes) as a torch tensor, bit for bit."""
+    views = {BF16: (np.int16, torch.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn)}
+    if a.dtype in views:
+        raw, dtype = views[a.dtype]
+        return torch.from_numpy(a.view(raw).copy()).view(dtype)
+    return torch.from_numpy(a.copy())

@@ -139,7 +139,8 @@ def test_fp8_weight_without_scale(src, tmp_path):
 
 def test_no_half_written_output(src, tmp_path):
     # The MTP layer's eh_proj is among the last leaves: several leaves are written before the error.
-    _edit(src, "model-mtp.safetensors", lambda t: t.update({"model.layers.3.eh_proj.weight": np.ones((32, 32), np.float32)}))
+    bad = {"model.layers.3.eh_proj.weight": np.ones((32, 32), np.float32)}
+    _edit(src, "model-mtp.safetensors", lambda t: t.update(bad))
     out = tmp_path / "out" / "ckpt"
     with pytest.raises(CheckpointError, match=r"model\.layers\.3\.eh_proj\.weight has shape"):
         convert_hf(src, out)
