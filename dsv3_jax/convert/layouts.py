@@ -48,8 +48,9 @@ def detect_layout(src: str | os.PathLike) -> str:
 
 
 def read_config(src: str | os.PathLike, config=None) -> ModelConfig:
-    """The model config: `config` (a ModelConfig, a dict, or a json path holding a HF config.json
-    or DeepSeek's ModelArgs), else the config.json beside the weights."""
+    """The model config: `config` (a ModelConfig, a dict, or the path of a json, or of a directory
+    with a config.json, holding a HF config or DeepSeek's ModelArgs), else the config.json beside
+    the weights."""
     if isinstance(config, ModelConfig):
         return config
     if config is None:
@@ -61,6 +62,8 @@ def read_config(src: str | os.PathLike, config=None) -> ModelConfig:
     where = "config"
     if not isinstance(config, dict):
         where = os.fspath(config)
+        if os.path.isdir(where):
+            where = os.path.join(where, "config.json")
         try:
             with open(where) as f:
                 config = json.load(f)

@@ -243,3 +243,8 @@ def test_pickle_that_is_not_a_state_dict(tmp_path, official_bf16):
     torch.save([torch.ones(2)], tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a state dict .* got list"):
         _load(tmp_path)
+    torch.save({"model.embed_tokens.weight": torch.ones(64)}, tmp_path / "pytorch_model.bin")
+    with open(tmp_path / "pytorch_model.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable torch\.save file"):
+        _load(tmp_path)
