@@ -156,14 +156,21 @@ def _is_variable(x) -> bool:
 
 
 def param_shardings(abstract_state, mesh: Mesh):
-    """The state's pytree with each variable's value replaced by its NamedSharding.
+    """The pytree with each variable's value replaced by its NamedSharding.
 
-    Variables without `logical_axes` (the router bias) are replicated. The result serves as
-    jit in/out_shardings for the state and for `jax.device_put`.
+    Variables without `logical_axes` (the router bias) and bare arrays are replicated. Works on
+    anything holding the model's variables, e.g. an optax state of an nnx.State of params
+    (`param_shardings(jax.eval_shape(tx.init, params), mesh)`: moments shard like their
+    params). The result serves as jit in/out_shardings and for `jax.device_put`.
     """
     mesh_shape = dict(mesh.shape)
-    return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh_shape))),
-                        abstract_state, is_leaf=_is_variable)
+
+    def one(v):
+        if _is_variable(v):
+            return v.replace(NamedSharding(mesh, _variable_spec(v, mesh_shape)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
 
 
 def flat_shardings(abstract_state, mesh: Mesh) -> dict[str, NamedSharding]:
@@ -194,9 +201,10 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [B, T] token batch: B over data x fsdp x expert."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+    """Sharding of a token batch ([B, T] by default; e.g. ndim=3, batch_dim=1 for [A, B, T]
+    micro-batches): B over data x fsdp x expert, other dims whole."""
+    return NamedSharding(mesh, PartitionSpec(*(BATCH_AXES if d == batch_dim else None for d in range(ndim))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,11 +278,12 @@ def process_rows(mesh: Mesh, global_batch: int) -> slice:
     return slice(rows[0], rows[-1] + 1)
 
 
-def shard_batch(local: np.ndarray, mesh: Mesh, global_batch: int | None = None) -> jax.Array:
-    """This process's rows of a batch (all rows on one process) -> the global sharded [B, ...] array."""
-    global_batch = local.shape[0] * jax.process_count() if global_batch is None else global_batch
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (local.ndim - 1)))
-    return jax.make_array_from_process_local_data(sharding, local, (global_batch,) + local.shape[1:])
+def shard_batch(local: np.ndarray, mesh: Mesh, global_batch: int | None = None, batch_dim: int = 0) -> jax.Array:
+    """This process's rows of a batch (`process_rows`; all rows on one process) -> the global
+    array sharded by `batch_sharding`. Rows are along `batch_dim`."""
+    global_batch = local.shape[batch_dim] * jax.process_count() if global_batch is None else global_batch
+    shape = local.shape[:batch_dim] + (global_batch,) + local.shape[batch_dim + 1:]
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim, batch_dim), local, shape)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -115,3 +115,22 @@ def test_batches_split_over_data_fsdp_expert():
     assert x.sharding.spec == P(("data", "fsdp", "expert"), None)
     assert {s.data.shape for s in x.addressable_shards} == {(2, 2)}
     np.testing.assert_array_equal(np.asarray(x), batch)
+
+
+def test_optimizer_state_shards_like_its_params(abstract):
+    import optax
+
+    _, state = abstract
+    params = nnx.state(state, nnx.Param)
+    mesh = make_mesh("fsdp=2,expert=2,tensor=2")
+    opt = param_shardings(jax.eval_shape(optax.adamw(1e-3).init, params), mesh)
+    mu = nnx.to_pure_dict(opt[0].mu)
+    assert mu["moe_layers"]["mlp"]["experts"]["gate_proj"].spec == P(None, "expert", "fsdp", "tensor")
+    assert opt[0].count.spec == P()
+
+
+def test_micro_batched_batches_split_on_their_batch_dim():
+    mesh = make_mesh("data=2,expert=4")
+    x = shard_batch(np.zeros((3, 8, 5), np.int32), mesh, batch_dim=1)
+    assert x.shape == (3, 8, 5) and x.sharding == batch_sharding(mesh, ndim=3, batch_dim=1)
+    assert x.sharding.spec == P(None, ("data", "fsdp", "expert"), None)
