@@ -1,0 +1,17 @@
+"""Benchmarks that print one JSON line: `python tools/bench.py train ...` or `python tools/bench.py decode ...`.
+
+Each subcommand lives in its own module beside this file (bench_train.py, bench_decode.py).
+"""
+
+import os
+import runpy
+import sys
+
+SUBCOMMANDS = {"train": "bench_train.py", "decode": "bench_decode.py"}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
+        sys.exit(f"usage: python tools/bench.py {{{'|'.join(SUBCOMMANDS)}}} [options]")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), SUBCOMMANDS[sys.argv[1]])
+    sys.argv = [script, *sys.argv[2:]]
+    runpy.run_path(script, run_name="__main__")
