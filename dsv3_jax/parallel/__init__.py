@@ -1,10 +1,25 @@
 """Sharding and expert parallelism: the mesh, the logical-axis rules, sharded init and placement."""
 
 from dsv3_jax.parallel.expert import choose_transport, expert_transport, routed_experts
-from dsv3_jax.parallel.mesh import (AXES, BATCH_AXES, RULES, batch_sharding, constrain, create_model,
-                                    create_sharded, flat_shardings, initialize_distributed, logical_to_spec,
-                                    make_mesh, param_shardings, parse_mesh_spec, place, process_rows,
-                                    shard_batch, shard_like)
+from dsv3_jax.parallel.mesh import (
+                                    AXES,
+                                    BATCH_AXES,
+                                    RULES,
+                                    batch_sharding,
+                                    constrain,
+                                    create_model,
+                                    create_sharded,
+                                    flat_shardings,
+                                    initialize_distributed,
+                                    logical_to_spec,
+                                    make_mesh,
+                                    param_shardings,
+                                    parse_mesh_spec,
+                                    place,
+                                    process_rows,
+                                    shard_batch,
+                                    shard_like,
+)
 
 __all__ = ["AXES", "BATCH_AXES", "RULES", "batch_sharding", "choose_transport", "constrain", "create_model",
            "create_sharded", "expert_transport", "flat_shardings", "initialize_distributed", "logical_to_spec",

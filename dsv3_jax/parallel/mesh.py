@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -127,7 +128,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh_shap
     if len(names) != len(shape):
         raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
     spec, used = [], []
-    for name, size in zip(names, shape):
+    for name, size in zip(names, shape, strict=True):
         if name is not None and name not in RULES:
             raise ValueError(f"logical axis {name!r} has no rule in parallel.mesh.RULES")
         axes = RULES.get(name) if name is not None else None

@@ -14,7 +14,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from parallel_testlib import B, CONFIG, F32, loss_fn, tokens  # noqa: E402
+from parallel_testlib import CONFIG, F32, B, loss_fn, tokens  # noqa: E402
 
 from dsv3_jax.parallel import create_model, initialize_distributed, make_mesh, process_rows, shard_batch  # noqa: E402
 

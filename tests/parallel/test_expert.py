@@ -49,7 +49,7 @@ def test_expert_parallel_equals_local(spec, transport, skew):
     with jax.set_mesh(mesh), expert_transport(transport):
         (loss, y), grads = _grad()(*args)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 

@@ -9,8 +9,19 @@ from jax.sharding import PartitionSpec as P
 from parallel_testlib import CONFIG, F32
 
 from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.parallel import (AXES, batch_sharding, flat_shardings, logical_to_spec, make_mesh, param_shardings,
-                               parse_mesh_spec, place, process_rows, shard_batch, shard_like)
+from dsv3_jax.parallel import (
+    AXES,
+    batch_sharding,
+    flat_shardings,
+    logical_to_spec,
+    make_mesh,
+    param_shardings,
+    parse_mesh_spec,
+    place,
+    process_rows,
+    shard_batch,
+    shard_like,
+)
 
 
 @pytest.mark.parametrize("spec, sizes", [
@@ -81,7 +92,7 @@ def test_shard_like_places_host_arrays_into_their_shardings(abstract):
     host = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(reference)))
     placed = shard_like(host, state, mesh)
     want = param_shardings(state, mesh)
-    for (path, v), (_, s) in zip(nnx.to_flat_state(placed), nnx.to_flat_state(want)):
+    for (path, v), (_, s) in zip(nnx.to_flat_state(placed), nnx.to_flat_state(want), strict=True):
         assert v[...].sharding == s.get_value(), path
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, placed))), host)
     flat = flat_shardings(state, mesh)
