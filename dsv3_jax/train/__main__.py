@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
+from dsv3_jax import parallel
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
 from dsv3_jax.train.config import TrainConfig, parse_overrides
@@ -44,11 +47,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any field of model (ModelConfig), train (TrainConfig) or data (DataConfig)")
+    p.add_argument("--mesh", help="e.g. data=2,expert=4 (-1: the rest; default: all devices on data)")
+    p.add_argument("--coordinator", help="multi-process runs: HOST:PORT of process 0 (TPU pods and "
+                   "SLURM/MPI clusters are detected without it)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
+        if args.coordinator or (args.num_processes or 1) > 1:
+            parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         model, train_cfg, data = build_configs(args)
-        history = train(args.workdir, model, train_cfg, data, args.tokenizer, progress=not args.no_progress)
+        history = train(args.workdir, model, train_cfg, data, args.tokenizer,
+                        progress=not args.no_progress and jax.process_index() == 0, mesh=args.mesh)
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

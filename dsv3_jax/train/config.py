@@ -7,6 +7,7 @@ import json
 import typing
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import PRECISIONS
 from dsv3_jax.data.pipeline import DataConfig
 
 # The paper's token milestones as fractions of its 14.8T-token run (SPEC G).
@@ -40,6 +41,8 @@ class TrainConfig:
     bias_gamma: float = 1e-3
     bias_gamma_until: float = 14.3e12 / PAPER_TOKENS  # gamma is 0 after this
     dtype: str = "bfloat16"  # compute
+    precision: str = "bf16"  # projections: bf16 (the compute dtype), fp8_emulated or fp8_native (SPEC F)
+    fp8_pow2_scales: bool = False  # FP8 scales rounded up to powers of two
     param_dtype: str = "float32"
     vocab_chunk: int = 8192  # cross-entropy vocabulary chunk
     mask_documents: bool = True  # attention stays within a packed document (the paper did not)
@@ -56,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ramp_start_accum={self.ramp_start_accum}: must be in [1, grad_accum]")
         if self.moments_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"TrainConfig.moments_dtype={self.moments_dtype!r}: float32 or bfloat16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: choose from {', '.join(PRECISIONS)}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: float32 or bfloat16")

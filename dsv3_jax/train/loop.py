@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
+
+from dsv3_jax import parallel
 
 from dsv3_jax.checkpoint.manager import Checkpointer, abstract_like
 from dsv3_jax.config import ModelConfig
@@ -57,26 +60,47 @@ def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelCon
 
 
 def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
-          tokenizer_path: str | None = None, progress: bool = True) -> list[dict]:
+          tokenizer_path: str | None = None, progress: bool = True, mesh: str | dict | None = None,
+          devices=None) -> list[dict]:
     """Train to `train_config.steps` (continuing from workdir's latest checkpoint); returns the
-    metrics logged by this call. Always checkpoints the last step it reaches."""
+    metrics logged by this call. Always checkpoints the last step it reaches.
+
+    `mesh` is a spec such as "data=2,expert=4" over `devices` (default: all devices, all on
+    data); parameters, optimizer state and batches are sharded by `dsv3_jax.parallel`'s rules,
+    and each process reads only its share of the data.
+    """
     tc = train_config
     os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(mesh, devices)
+    shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+    if data_config.batch_size % shards:
+        raise ValueError(f"data.batch_size={data_config.batch_size} must be divisible by the mesh's batch "
+                         f"shards (data x fsdp x expert = {shards})")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     config = _resolve_model_config(ckpt, model_config)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
+    with jax.set_mesh(mesh):
+        return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress)
 
-    model = DeepSeekV3(config, rngs=nnx.Rngs(tc.seed), dtype=jnp.dtype(tc.dtype), param_dtype=jnp.dtype(tc.param_dtype))
+
+def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress) -> list[dict]:
+    model = parallel.create_model(config, mesh, seed=tc.seed, dtype=jnp.dtype(tc.dtype),
+                                  param_dtype=jnp.dtype(tc.param_dtype))
     graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
     tx = make_optimizer(tc)
-    state = TrainState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), params, bias, tx.init(params))
+    opt_state = jax.jit(tx.init, out_shardings=parallel.param_shardings(jax.eval_shape(tx.init, params), mesh))(params)
+    scalar = lambda: jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    state = TrainState(scalar(), scalar(), params, bias, opt_state)
     start = ckpt.latest_step()
-    if start is not None:
+    if start is not None:  # the target's shardings are this run's: a different mesh is fine
         state = ckpt.restore(start, abstract_like(state), data)
     start = int(state.step)
     planned = schedule.planned_micro_batches(tc)
-    step_fn = jax.jit(make_train_step(graphdef, config, tc, tx, planned), donate_argnums=0)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(make_train_step(graphdef, config, tc, tx, planned), donate_argnums=0,
+                      in_shardings=(state_sharding, parallel.batch_sharding(mesh, ndim=3, batch_dim=1)),
+                      out_shardings=(state_sharding, None))
 
     log_every = tc.log_every or (1 if tc.steps <= 1000 else 10)
     writer = MetricsWriter(workdir)
@@ -89,7 +113,8 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
         while step < tc.steps and stop["signal"] is None:
             A = schedule.accum_at(tc, step)
             micro = [next(data) for _ in range(A)]
-            batch = {k: jnp.asarray(np.stack([m[k] for m in micro])) for k in micro[0]}  # [A,B,T]
+            batch = {k: parallel.shard_batch(np.stack([m[k] for m in micro]), mesh, data_config.batch_size,
+                                             batch_dim=1) for k in micro[0]}  # [A,B,T] global
             t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             m = jax.device_get(m)

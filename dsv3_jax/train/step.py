@@ -3,7 +3,8 @@
 One step: for each micro-batch, loss = LM CE + lambda * MTP CE + alpha * balance loss and its
 gradient (parameters only; the router bias is not differentiated); average; AdamW with the
 step's learning rate; then aux-loss-free balancing moves each MoE layer's bias by
-gamma * sign(mean load - load) using the load summed over the whole global batch. A step
+gamma * sign(mean load - load) using the load summed over the whole global batch. The model
+is traced under `train.precision`'s FP8 recipe (`fp8.use`), if any. A step
 whose loss or gradient is not finite leaves the state unchanged and says so in `finite`.
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
@@ -50,15 +52,17 @@ def update_bias(bias: nnx.State, load: jax.Array, gamma, num_moe_layers: int) ->
 def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.GradientTransformation,
                     planned_micro_batches: int):
     N = config.num_nextn_predict_layers
+    recipe = fp8.recipe_for(c.precision, c.fp8_pow2_scales)
 
     def micro_loss(params, bias, micro, lam):
         model = nnx.merge(graphdef, params, bias)
         tokens, seg = micro["tokens"], micro["segment_ids"]
         B, T = tokens.shape
-        if c.mask_documents:
-            out = model(tokens, positions=micro["positions"], segment_ids=seg)
-        else:  # one causal stream per row, padding still excluded
-            out = model(tokens, segment_ids=(seg != 0).astype(jnp.int32))
+        with fp8.use(recipe):
+            if c.mask_documents:
+                out = model(tokens, positions=micro["positions"], segment_ids=seg)
+            else:  # one causal stream per row, padding still excluded
+                out = model(tokens, segment_ids=(seg != 0).astype(jnp.int32))
         head = model.lm_head.kernel[...]
         dtype = model.lm_head.dtype
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -28,12 +29,14 @@ def corpus(tmp_path_factory):
     rs = np.random.RandomState(0)
     for i in range(20):
         (d / f"{i}.txt").write_text(" ".join(rs.choice(words, 200)) + "\n")
-    return DataConfig(paths=(str(d),), seq_len=32, batch_size=4, seed=0)
+    return DataConfig(paths=(str(d),), seq_len=32, batch_size=8, seed=0)
 
 
-def _train(workdir, data, **kw):
+def _train(workdir, data, mesh=None, **kw):
+    """One device unless a mesh over all 8 is asked for (8-way SPMD compiles are slow on 2 cores)."""
     tc = TrainConfig(**{"steps": 16, "schedule_steps": 16, "checkpoint_every": 4, "peak_lr": 3e-3, **kw})
-    return train(str(workdir), MODEL, tc, data, progress=False)
+    return train(str(workdir), MODEL, tc, data, progress=False, mesh=mesh,
+                 devices=None if mesh else jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,29 @@ def test_resume_is_exact(tmp_path, corpus, straight):
     assert [r["step"] for r in second] == list(range(9, 17))
     assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
     assert [r["max_violation"] for r in first + second] == [r["max_violation"] for r in full]
+
+
+def test_other_meshes_log_the_same_losses_as_one_device(tmp_path, corpus, straight):
+    """The straight run used one device; bf16 compute, so reduction order shows."""
+    _, full = straight
+    run = _train(tmp_path, corpus, steps=3, mesh="data=2,expert=4")
+    np.testing.assert_allclose([r["loss"] for r in run], [r["loss"] for r in full[:3]], rtol=2e-3)
+
+
+def test_restore_onto_a_different_mesh(tmp_path, corpus, straight):
+    workdir, full = straight
+    moved = tmp_path / "moved"
+    subprocess.run(["cp", "-r", str(workdir), str(moved)], check=True)
+    for step in ("12", "16"):
+        subprocess.run(["rm", "-r", str(moved / "checkpoints" / step)], check=True)
+    resumed = _train(moved, corpus, steps=10, mesh="fsdp=2,expert=2,tensor=2")
+    assert [r["step"] for r in resumed] == [9, 10]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in full[8:10]], rtol=2e-3)
+
+
+def test_batch_must_divide_over_the_mesh(tmp_path, corpus):
+    with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by the mesh's batch shards .* = 4\)"):
+        _train(tmp_path, DataConfig(paths=corpus.paths, seq_len=32, batch_size=6), mesh="data=4,tensor=2")
 
 
 def test_a_workdir_keeps_its_model(tmp_path, corpus, straight):
@@ -96,9 +122,9 @@ def _cli(*args):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     workdir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": ""}  # one CPU device
     proc = subprocess.Popen(_cli("--workdir", str(workdir), "--steps", "100000", "--data", *corpus.paths,
-                                 "--seq-len", "32", "--batch-size", "4", "--set", "model.num_hidden_layers=2",
+                                 "--seq-len", "32", "--batch-size", "8", "--set", "model.num_hidden_layers=2",
                                  "--set", "train.checkpoint_every=100000"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = workdir / "metrics.jsonl"
@@ -122,5 +148,5 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
 ])
 def test_cli_errors_are_clear(tmp_path, args, message):
     r = subprocess.run(_cli("--workdir", str(tmp_path / "w"), "--steps", "1", *args), capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=300)
+                       env={**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": ""}, timeout=300)
     assert r.returncode == 2 and message in r.stderr, r.stderr
