@@ -1,11 +1,17 @@
-"""Multi-head Latent Attention (SPEC B), training / prefill path.
+"""Multi-head Latent Attention (SPEC B): the training / prefill path and the latent-cache path.
 
 Queries go through a low-rank bottleneck (or one projection when q_lora_rank is None); keys
 and values are rebuilt per head from a shared latent c (kv_lora_rank) plus one rotary key
 k_pe shared by all heads. Only q_pe and k_pe are rotated.
+
+The cached path ("absorb mode", SPEC B) stores per token only the normalised latent and the
+rotated k_pe (R + Kr values per layer, 576 for V3) and never rebuilds per-head keys or values:
+W_UK is folded into the query and W_UV is applied after attention.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +19,55 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.attention import dot_product_attention
-from dsv3_jax.model.layers import Linear, RMSNorm
+from dsv3_jax.model.layers import Linear, RMSNorm, einsum
 from dsv3_jax.model.rope import apply_rope
 from dsv3_jax.parallel.mesh import constrain
 
 # The latent norms are built with RMSNorm's default eps in both references, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache(NamedTuple):
+    """One layer stack's decode cache, preallocated for S slots (slot = token position).
+
+    latent [L,B,S,R]: kv_a_norm(c), the normalised latent; k_pe [L,B,S,Kr]: the rotated rope key.
+    """
+
+    latent: jax.Array
+    k_pe: jax.Array
+
+
+class CacheView(NamedTuple):
+    """What one layer of a scanned stack needs: the stack's cache, its index in the stack, and
+    the slots [B,T] its new tokens are written to (their positions)."""
+
+    cache: LatentCache
+    layer: jax.Array
+    slots: jax.Array
+
+
+def cache_mask(slots: jax.Array, size: int) -> jax.Array:
+    """[B,1,T,S] True where cache slot s is visible from the query at slots[b,t] (s <= slot).
+
+    Rows are filled left to right, so slots past a query hold nothing it may see (padding,
+    rejected drafts) and are masked; they are overwritten when decoding reaches them.
+    """
+    return slots[:, None, :, None] >= jnp.arange(size, dtype=slots.dtype)[None, None, None, :]
+
+
+def latent_attention(q_lat: jax.Array, q_pe: jax.Array, latent: jax.Array, k_pe: jax.Array, mask: jax.Array,
+                     scale: float) -> jax.Array:
+    """Attention against the latent cache: q_lat [B,T,H,R], q_pe [B,T,H,Kr], latent [B,S,R],
+    k_pe [B,S,Kr], mask [B,1,T,S] -> [B,T,H,R] (the latent of the attended values).
+
+    scores = (q_lat . latent + q_pe . k_pe) * scale in fp32, softmax in fp32, probabilities
+    rounded to the compute dtype before the value product (as the training path does).
+    """
+    scores = (jnp.einsum("bthr,bsr->bhts", q_lat, latent, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthk,bsk->bhts", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_lat.dtype)
+    return jnp.einsum("bhts,bsr->bthr", probs, latent, preferred_element_type=jnp.float32).astype(q_lat.dtype)
 
 
 class MLA(nnx.Module):
@@ -39,19 +88,31 @@ class MLA(nnx.Module):
         self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, axes=("heads", "embed"), **kw)
         self.config = config
 
+    def _queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B,T,D] -> q_nope [B,T,H,Kn], rotated q_pe [B,T,H,Kr]."""
+        c = self.config
+        B, T, _ = x.shape
+        H, Kn, Kr = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+        with jax.named_scope("q"):
+            q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+            q = q.reshape(B, T, H, Kn + Kr)  # [B,T,H*K] -> [B,T,H,K]
+            return q[..., :Kn], apply_rope(q[..., Kn:], cos, sin)
+
+    def _latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B,T,D] -> normalised latent [B,T,R], rotated k_pe [B,T,Kr] (what the cache holds)."""
+        R = self.config.kv_lora_rank
+        with jax.named_scope("kv_a"):
+            kv_a = self.kv_a_proj(x)  # [B,T,R+Kr]
+            return self.kv_a_norm(kv_a[..., :R]), apply_rope(kv_a[..., R:], cos, sin)
+
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """x [B,T,D], cos/sin [B,T,Kr/2], mask [B|1,1,T,T] -> [B,T,D]."""
         c = self.config
         B, T, _ = x.shape
         H, Kn, Kr, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        with jax.named_scope("q"):
-            q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
-            q = q.reshape(B, T, H, Kn + Kr)  # [B,T,H*K] -> [B,T,H,K]
-            q_nope, q_pe = q[..., :Kn], apply_rope(q[..., Kn:], cos, sin)
+        q_nope, q_pe = self._queries(x, cos, sin)
+        latent, k_pe = self._latent(x, cos, sin)  # k_pe shared by all heads
         with jax.named_scope("kv"):
-            kv_a = self.kv_a_proj(x)  # [B,T,R+Kr]
-            latent = self.kv_a_norm(kv_a[..., : c.kv_lora_rank])  # [B,T,R]
-            k_pe = apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin)  # [B,T,Kr], shared by all heads
             kv = self.kv_b_proj(latent).reshape(B, T, H, Kn + Kv)  # [B,T,H*(Kn+Kv)] -> [B,T,H,Kn+Kv]
             k_nope, v = kv[..., :Kn], kv[..., Kn:]
         heads = ("batch", None, "act_heads", None)
@@ -62,3 +123,34 @@ class MLA(nnx.Module):
         with jax.named_scope("core"):
             o = constrain(dot_product_attention(q, k, v, mask, c.softmax_scale), *heads)  # [B,T,H,Kv]
         return self.o_proj(o.reshape(B, T, H * Kv))
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, view: CacheView
+               ) -> tuple[jax.Array, LatentCache]:
+        """Absorbed attention over the latent cache: x [B,T,D] new tokens, cos/sin [B,T,Kr/2],
+        mask [B,1,T,S] (`cache_mask`) -> ([B,T,D], the cache with this layer's slots written).
+
+        1. Write the new tokens' latent and k_pe into slots `view.slots` of layer `view.layer`.
+        2. q_lat = q_nope . W_UK per head ([B,T,H,R]): keys are never expanded per head.
+        3. Attend over the layer's whole cache (`latent_attention`), giving latent values [B,T,H,R].
+        4. Values per head = that . W_UV ([B,T,H,Kv]), then o_proj.
+        """
+        c = self.config
+        B, T, _ = x.shape
+        H, Kn, Kv, R = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+        q_nope, q_pe = self._queries(x, cos, sin)
+        latent, k_pe = self._latent(x, cos, sin)
+        with jax.named_scope("cache_write"):
+            cache, rows = view.cache, jnp.arange(B)[:, None]
+            cache = LatentCache(
+                cache.latent.at[view.layer, rows, view.slots].set(latent.astype(cache.latent.dtype), mode="drop"),
+                cache.k_pe.at[view.layer, rows, view.slots].set(k_pe.astype(cache.k_pe.dtype), mode="drop"))
+            layer_latent = constrain(cache.latent[view.layer].astype(x.dtype), "batch", None, None)  # [B,S,R]
+            layer_k_pe = constrain(cache.k_pe[view.layer].astype(x.dtype), "batch", None, None)  # [B,S,Kr]
+        w_kv_b = self.kv_b_proj.kernel[...].reshape(R, H, Kn + Kv)  # [R,H*(Kn+Kv)] -> [R,H,Kn+Kv]
+        with jax.named_scope("absorb_q"):
+            q_lat = einsum("bthk,rhk->bthr", q_nope, w_kv_b[..., :Kn], dtype=x.dtype)  # W_UK
+        with jax.named_scope("core"):
+            o_lat = latent_attention(q_lat, q_pe.astype(x.dtype), layer_latent, layer_k_pe, mask, c.softmax_scale)
+        with jax.named_scope("absorb_o"):
+            o = einsum("bthr,rhk->bthk", o_lat, w_kv_b[..., Kn:], dtype=x.dtype)  # W_UV
+        return self.o_proj(o.reshape(B, T, H * Kv)), cache

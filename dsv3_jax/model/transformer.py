@@ -10,7 +10,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
-from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.mla import MLA, CacheView, LatentCache, cache_mask
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.mtp import MTPBlock
 from dsv3_jax.model.rope import rope_cos_sin
@@ -24,6 +24,14 @@ class ModelOutput(NamedTuple):
     balance_loss: jax.Array  # [] sum over those layers of the sequence-wise balance loss (no alpha)
     hidden_states: jax.Array  # [B,T,D] after the final norm
     mtp_hidden_states: jax.Array | None  # [N,B,T,D] each depth's normed output (the head's input)
+    cache: Cache | None = None  # the updated cache, when called with one
+
+
+class Cache(NamedTuple):
+    """The decode cache of the main stacks (`inference.init_cache`); None for an absent stack."""
+
+    dense: LatentCache | None
+    moe: LatentCache | None
 
 
 class DecoderLayer(nnx.Module):
@@ -41,15 +49,21 @@ class DecoderLayer(nnx.Module):
                               rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.moe = moe
 
-    def __call__(self, x, cos, sin, mask, token_mask) -> tuple[jax.Array, dict]:
+    def __call__(self, x, cos, sin, mask, token_mask, cache: CacheView | None = None):
+        """-> (x, stats), or (x, stats, updated LatentCache) when given a cache (`MLA.decode`)."""
         with jax.named_scope("attention"):
-            x = constrain(x + self.attn(self.attn_norm(x), cos, sin, mask), "batch", None, None)
+            if cache is None:
+                a = self.attn(self.attn_norm(x), cos, sin, mask)
+            else:
+                a, updated = self.attn.decode(self.attn_norm(x), cos, sin, mask, cache)
+            x = constrain(x + a, "batch", None, None)
         with jax.named_scope("moe" if self.moe else "mlp"):
             if self.moe:
                 y, stats = self.mlp(self.mlp_norm(x), token_mask)
             else:
                 y, stats = self.mlp(self.mlp_norm(x)), {}
-        return constrain(x + y, "batch", None, None), stats
+        x = constrain(x + y, "batch", None, None)
+        return (x, stats) if cache is None else (x, stats, updated)
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -73,6 +87,20 @@ def _scan(stack, x, *shared):
     return step(stack, x, *shared)
 
 
+def scan_cached(stack, x, cache: LatentCache, slots, *shared):
+    """`_scan` with the stack's cache in the carry (written in place, one layer's slots at a
+    time); returns (x, per-layer stats, updated cache)."""
+
+    @nnx.scan(in_axes=(0, nnx.Carry, 0) + (None,) * (1 + len(shared)), out_axes=(nnx.Carry, 0))
+    def step(layer, carry, i, slots, *shared):
+        x, cache = carry
+        x, stats, cache = layer(x, *shared, cache=CacheView(cache, i, slots))
+        return (x, cache), stats
+
+    (x, cache), stats = step(stack, (x, cache), jnp.arange(cache.latent.shape[0]), slots, *shared)
+    return x, stats, cache
+
+
 class DeepSeekV3(nnx.Module):
     """DeepSeek-V3 with its MTP modules.
 
@@ -92,12 +120,12 @@ class DeepSeekV3(nnx.Module):
                            if c.num_moe_layers else None)
         self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.lm_head = Linear(c.hidden_size, c.vocab_size, std=c.initializer_range, rngs=rngs,
-                              axes=("embed", "vocab"), **kw)
+                              axes=("embed", "vocab"), quantized=False, **kw)  # BF16 under FP8 too (SPEC F)
         self.mtp = (_stack(c.num_nextn_predict_layers, lambda r: MTPBlock(c, rngs=r, **kw), rngs)
                     if c.num_nextn_predict_layers else None)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> ModelOutput:
+                 segment_ids: jax.Array | None = None, cache: Cache | None = None) -> ModelOutput:
         """tokens [B,T] int -> ModelOutput.
 
         positions [B,T] default 0..T-1 (rotary angles). segment_ids [B,T]: tokens attend only
@@ -105,6 +133,11 @@ class DeepSeekV3(nnx.Module):
         expert load and balance loss. Attention is causal by index. Traced inside
         `jax.set_mesh(mesh)`, activations are constrained by `parallel.RULES` and the MoE runs
         expert-parallel.
+
+        With a `cache` the tokens are written to cache slots `positions` (default 0..T-1: a
+        prefill) and attend to every earlier slot of their row (absorbed MLA, `MLA.decode`);
+        the output carries the updated cache and no MTP logits (`inference.speculative` runs
+        the MTP module itself, once the tokens it needs are known).
         """
         c = self.config
         B, T = tokens.shape
@@ -112,7 +145,12 @@ class DeepSeekV3(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1,1,T,T]
-        if segment_ids is None:
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
+            size = (cache.dense or cache.moe).latent.shape[2]
+            mask, token_mask = cache_mask(positions, size), jnp.ones((B, T), bool)
+        elif segment_ids is None:
             mask, token_mask = causal, jnp.ones((B, T), bool)
         else:
             mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
@@ -122,18 +160,29 @@ class DeepSeekV3(nnx.Module):
 
         x = constrain(self.embed(tokens), "batch", None, None)  # [B,T,D]
         loads, balance = [], jnp.zeros((), jnp.float32)
+        caches = {}
         if self.dense_layers is not None:
             with jax.named_scope("dense_layers"):
-                x, _ = _scan(self.dense_layers, x, *shared)
+                if cache is None:
+                    x, _ = _scan(self.dense_layers, x, *shared)
+                else:
+                    x, _, caches["dense"] = scan_cached(self.dense_layers, x, cache.dense, positions, *shared)
         if self.moe_layers is not None:
             with jax.named_scope("moe_layers"):
-                x, stats = _scan(self.moe_layers, x, *shared)
+                if cache is None:
+                    x, stats = _scan(self.moe_layers, x, *shared)
+                else:
+                    x, stats, caches["moe"] = scan_cached(self.moe_layers, x, cache.moe, positions, *shared)
             loads.append(stats["load"])
             balance += stats["balance"].sum()
         h = self.final_norm(x)
         logits = constrain(self.lm_head(h), "batch", None, "act_vocab")
 
         mtp_logits = mtp_h = None
+        if cache is not None:
+            expert_load = jnp.concatenate(loads) if loads else jnp.zeros((0, E), jnp.float32)
+            new_cache = Cache(caches.get("dense"), caches.get("moe"))
+            return ModelOutput(logits, None, expert_load, balance, h, None, new_cache)
         if self.mtp is not None:
             with jax.named_scope("mtp"):
                 ahead = jnp.stack([jnp.roll(tokens, -k, axis=1) for k in range(1, N + 1)])  # [N,B,T]
