@@ -141,15 +141,9 @@ def save_checkpoint(config: ModelConfig, params, out_dir: str | os.PathLike) -> 
         config.save_hf(tmp)
 
 
-def load_params(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    """(config, flat {path: numpy array}) of a checkpoint, as stored, all in memory."""
-    config = ModelConfig.from_hf(os.fspath(ckpt_dir))
-    tree = ocp.load(os.path.join(os.fspath(ckpt_dir), PARAMS))
-    return config, traverse_util.flatten_dict(tree, sep="/")
-
-
-def load_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32
+def load_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None
                     ) -> tuple[ModelConfig, DeepSeekV3]:
-    """(config, model) from a checkpoint; leaves are cast to the model's dtypes."""
-    config, flat = load_params(ckpt_dir)
-    return config, build_model(config, flat, dtype, param_dtype)
+    """(config, model) from a checkpoint; leaves are cast to the model's dtypes and each device
+    reads only its own slices from disk (sharded over `mesh`, default one device)."""
+    config, leaves = open_params(ckpt_dir)
+    return config, build_model(config, leaves, dtype, param_dtype, mesh)

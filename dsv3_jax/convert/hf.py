@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -41,19 +41,26 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float
     return graphdef, state, traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
 
 
-def build_model(config: ModelConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,
-                param_dtype=jnp.float32) -> DeepSeekV3:
-    """The model with parameters from a flat {path: array} dict (cast to the model's dtypes)."""
+def build_model(config: ModelConfig, leaves: Mapping[str, Any] | Iterable[tuple[str, Any]], dtype=jnp.float32,
+                param_dtype=jnp.float32, mesh=None) -> DeepSeekV3:
+    """The model with parameters from {path: array} (or (path, array) pairs, consumed one at a
+    time), cast to the model's dtypes and placed by the sharding rules over `mesh` (default: one
+    device). Only the slices this process's devices own are read from each array (lazy leaves
+    such as a checkpoint's `StoredLeaf` are read just there), so nothing gathers in one place."""
+    from dsv3_jax import parallel  # noqa: PLC0415 (parallel imports the model, which imports this package)
+
     graphdef, state, shapes = abstract_model(config, dtype, param_dtype)
-    if set(flat) != set(shapes):
-        raise CheckpointError(f"params do not match the model: missing {sorted(set(shapes) - set(flat))}, "
-                              f"unexpected {sorted(set(flat) - set(shapes))}")
-    for path, s in shapes.items():
-        if tuple(flat[path].shape) != s.shape:
-            raise CheckpointError(f"param {path} has shape {tuple(flat[path].shape)}, the model needs {s.shape}")
-    pure = traverse_util.unflatten_dict(
-        {k: jnp.asarray(flat[k], dtype=shapes[k].dtype) for k in shapes}, sep="/")
-    nnx.replace_by_pure_dict(state, pure)
+    shardings = parallel.flat_shardings(state, mesh or parallel.make_mesh(None, jax.devices()[:1]))
+    placed = {}
+    for path, array in leaves.items() if isinstance(leaves, Mapping) else leaves:
+        if path not in shapes:
+            raise CheckpointError(f"param {path} is not a parameter of the model")
+        if tuple(array.shape) != shapes[path].shape:
+            raise CheckpointError(f"param {path} has shape {tuple(array.shape)}, the model needs {shapes[path].shape}")
+        placed[path] = parallel.place(array, shardings[path], shapes[path].dtype)
+    if set(placed) != set(shapes):
+        raise CheckpointError(f"params do not match the model: missing {sorted(set(shapes) - set(placed))}")
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(placed, sep="/"))
     return nnx.merge(graphdef, state)
 
 
@@ -159,13 +166,14 @@ class HFSource:
 
 
 def load_hf(src: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32, *, layout: str | None = None,
-            config=None) -> tuple[ModelConfig, DeepSeekV3]:
+            config=None, mesh=None) -> tuple[ModelConfig, DeepSeekV3]:
     """(config, model) from a DeepSeek-V3 checkpoint (BF16/FP32 or block FP8, MTP included) in any
-    layout of `layouts.py`; see `HFSource` for `layout` and `config`."""
+    layout of `layouts.py`; see `HFSource` for `layout` and `config`. Leaves are assembled on the
+    host one at a time and placed straight into their shardings over `mesh`; for models whose
+    stacked leaves do not fit host memory, `tools/convert_hf.py` then `load_checkpoint(mesh=)`."""
     source = HFSource(src, layout, config)
     _, _, shapes = abstract_model(source.config, dtype, param_dtype)
-    flat = dict(source.iter_params(shapes))
-    return source.config, build_model(source.config, flat, dtype, param_dtype)
+    return source.config, build_model(source.config, source.iter_params(shapes), dtype, param_dtype, mesh)
 
 
 def _hf_config(config: ModelConfig, quantized: bool) -> dict:
