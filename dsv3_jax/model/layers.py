@@ -1,8 +1,9 @@
 """Building blocks shared by every sub-module: the one einsum wrapper, Linear, RMSNorm, Embed.
 
 Every projection in the model goes through `einsum`, so the precision policy (what dtype the
-operands are cast to, what the dot accumulates in) lives in one place. Every parameter carries
-logical axis names (`logical_axes` metadata) that `dsv3_jax.parallel.RULES` maps to mesh axes.
+operands are cast to, what the dot accumulates in, or the FP8 recipe of `dsv3_jax.fp8`) lives
+in one place. Every parameter carries logical axis names (`logical_axes` metadata) that
+`dsv3_jax.parallel.RULES` maps to mesh axes.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax import fp8
 from dsv3_jax.parallel.mesh import constrain
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array, *, dtype) -> jax.Array:
-    """`x` (activations) times `w` (weights) in the compute dtype.
+def einsum(spec: str, x: jax.Array, w: jax.Array, *, dtype, recipe: fp8.Recipe | None = None) -> jax.Array:
+    """`x` (activations) times `w` (weights) in the compute dtype, or under an FP8 `recipe`.
 
     Both operands are cast to `dtype`; fp32 compute asks for full-precision dots (TPU/GPU would
     otherwise use bf16 passes), lower-precision compute accumulates in fp32 and rounds once.
+    With a recipe, `fp8.einsum` quantises both operands (from the master weights) instead.
     """
+    if recipe is not None:
+        return fp8.einsum(spec, x, w, dtype=dtype, recipe=recipe)
     x, w = x.astype(dtype), w.astype(dtype)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     return jnp.einsum(spec, x, w, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
@@ -30,15 +35,20 @@ def init_normal(rngs: nnx.Rngs, shape, std: float, param_dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel, kernel stored [in, out] (the transpose of a torch Linear weight)."""
+    """y = x @ kernel, kernel stored [in, out] (the transpose of a torch Linear weight).
+
+    `quantized=False` keeps the projection out of the FP8 recipe (`fp8.use`): the output head.
+    """
 
     def __init__(self, d_in: int, d_out: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype,
-                 axes: tuple[str | None, str | None] = (None, None)):
+                 axes: tuple[str | None, str | None] = (None, None), quantized: bool = True):
         self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), std, param_dtype), logical_axes=axes)
         self.dtype = dtype
+        self.quantized = quantized
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        return einsum("...i,io->...o", x, self.kernel[...], dtype=self.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [...,D] -> [...,F]
+        recipe = fp8.active() if self.quantized else None
+        return einsum("...d,df->...f", x, self.kernel[...], dtype=self.dtype, recipe=recipe)
 
 
 class RMSNorm(nnx.Module):

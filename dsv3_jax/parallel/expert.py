@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
 
-from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+from dsv3_jax import fp8
+from dsv3_jax.fp8 import grouped_matmul
 from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 
 TRANSPORTS = ("ragged", "dense")
@@ -79,9 +80,13 @@ def sort_by_expert(x: jax.Array, expert_ids: jax.Array, n_experts: int):
 
 
 def expert_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """SwiGLU per expert on rows grouped by expert: xs [M,D], gate/up [E,D,F], down [E,F,D] -> [M,D]."""
-    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)  # [M,F]
-    return grouped_matmul(h, down, group_sizes)
+    """SwiGLU per expert on rows grouped by expert: xs [M,D], gate/up [E,D,F], down [E,F,D] -> [M,D].
+
+    The three grouped matmuls follow the FP8 recipe of the enclosing `fp8.use`, if any.
+    """
+    recipe = fp8.active()
+    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes, recipe)) * grouped_matmul(xs, up, group_sizes, recipe)
+    return grouped_matmul(h, down, group_sizes, recipe)  # [M,F] -> [M,D]
 
 
 def combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, n: int) -> jax.Array:
