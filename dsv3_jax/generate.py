@@ -1,0 +1,72 @@
+"""python -m dsv3_jax.generate --ckpt DIR --prompt "..." [--prompts-file FILE] [--max-new-tokens N] ...
+
+Streams each continuation as it is decoded (latent cache; --speculative drafts with the MTP
+module). DIR is a training workdir (latest checkpoint + tokenizer.json) or a converted checkpoint
+(config.json + params/) with --tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax.numpy as jnp
+
+from dsv3_jax.data.tokenizer import eos_id
+from dsv3_jax.inference import generate, load_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsv3_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", action="append", default=[], help="may be repeated")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: DIR/tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args(argv)
+    try:
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            with open(args.prompts_file) as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError("give --prompt or --prompts-file")
+        model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype))
+        if tok is None:
+            raise FileNotFoundError(f"{args.ckpt} has no tokenizer.json; pass --tokenizer")
+        ids = [tok.encode(text).ids for text in prompts]
+        pending = {r: [] for r in range(len(prompts))}
+        shown = {r: "" for r in range(len(prompts))}
+
+        def stream(row: int, new: list[int]) -> None:
+            pending[row] += new
+            text = tok.decode(pending[row])
+            if len(prompts) == 1:  # one prompt: print as it comes
+                print(text[len(shown[row]):], end="", flush=True)
+            shown[row] = text
+
+        result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, stop_tokens=[eos_id(tok)], seed=args.seed,
+                          speculative=args.speculative, stream=stream)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(prompts) == 1:
+        print()
+    else:
+        for text, r in zip(prompts, range(len(prompts))):
+            print(f"--- {text}\n{shown[r]}")
+    if args.speculative:
+        print(f"[MTP acceptance {result.acceptance_rate:.1%} over {result.drafted} drafts]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Cached decode benchmark: `python tools/bench.py decode --preset bench --batch 32 --prompt-len 1024 --new-tokens 64 [--mtp]`.
+
+Random bf16 weights, random prompts (all of --prompt-len tokens), greedy. Prints ONE JSON line:
+decode tokens/s (new tokens after the first / decode time), prefill seconds, ms per step, the HBM
+roofline (weights read per step + cache bytes, at 4.8 TB/s) and the % of it reached, cache
+bytes per token; with --mtp also the speculative acceptance rate and speed-up over plain decode.
+The roofline assumes every routed expert is read each step (32 tokens x top-6 of 64 experts
+touch nearly all, as PERF.md counts) and leaves out the embedding table and the MTP module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.inference import cache_bytes_per_token, generate, load_model
+from dsv3_jax.inference.decode import bucket, cache_size
+from dsv3_jax.model import DeepSeekV3
+
+HBM_BYTES_PER_S = 4.8e12
+
+
+def weight_bytes_per_step(model: DeepSeekV3, itemsize: int) -> int:
+    """Parameters one decode step reads: all but the embedding table and the MTP module."""
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return sum(v.size * itemsize for path, v in params
+               if path[0] not in ("embed", "mtp") and not (len(path) > 3 and path[3] == "router"))
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--mtp", action="store_true", help="also run MTP speculative decoding")
+    p.add_argument("--ckpt", help="a trained checkpoint instead of random weights (random MTP drafts are "
+                                  "almost never accepted, so acceptance and speed-up need one)")
+    p.add_argument("--dtype", help="params and compute (default bfloat16; float32 on CPU, whose runtime "
+                                    "lacks some bf16 x bf16 -> f32 dots)")
+    args = p.parse_args()
+    dtype = jnp.dtype(args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
+    if args.ckpt:
+        model, _ = load_model(args.ckpt, dtype=dtype)
+        config = model.config
+    else:
+        config = ModelConfig.preset(args.preset)
+        model = nnx.jit(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))()
+    prompts = np.random.default_rng(0).integers(2, config.vocab_size, (args.batch, args.prompt_len)).tolist()
+
+    def run(new_tokens: int, speculative: bool = False):
+        # stop tokens none: every row decodes all new tokens; max_len fixed so prefill-only and full runs share
+        return generate(model, prompts, new_tokens, speculative=speculative,
+                        max_len=cache_size(bucket(args.prompt_len), args.new_tokens))
+
+    run(1), run(args.new_tokens)  # compile (and warm) prefill and step
+    _, prefill_s = timed(lambda: run(1))
+    result, total_s = timed(lambda: run(args.new_tokens))
+    decode_s = total_s - prefill_s
+    new = sum(len(t) for t in result.tokens) - args.batch  # tokens after the prefill's first
+    slots = cache_size(bucket(args.prompt_len), args.new_tokens)
+    cache_step = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize \
+        * slots * args.batch
+    roofline_s = (weight_bytes_per_step(model, dtype.itemsize) + cache_step) / HBM_BYTES_PER_S
+    step_ms = 1e3 * decode_s / max(result.steps, 1)
+    out = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+           "device": str(jax.devices()[0].device_kind), "decode_tokens_per_s": new / decode_s,
+           "prefill_s": prefill_s, "ms_per_step": step_ms, "roofline_ms_per_step": 1e3 * roofline_s,
+           "roofline_tokens_per_s": args.batch / roofline_s, "pct_of_roofline": 100 * 1e3 * roofline_s / step_ms,
+           "weight_bytes_per_step": weight_bytes_per_step(model, dtype.itemsize), "cache_bytes_per_step": cache_step,
+           "cache_bytes_per_token": cache_bytes_per_token(config, dtype),
+           "cache_bytes_per_token_671b_bf16": cache_bytes_per_token(ModelConfig.preset("v3_671b"), jnp.bfloat16)}
+    if args.mtp:
+        run(args.new_tokens, True)  # compile
+        spec, spec_total = timed(lambda: run(args.new_tokens, True))
+        spec_new = sum(len(t) for t in spec.tokens) - args.batch
+        spec_rate = spec_new / (spec_total - prefill_s)
+        out.update(mtp_acceptance_rate=spec.acceptance_rate, mtp_decode_tokens_per_s=spec_rate,
+                   mtp_speedup=spec_rate / out["decode_tokens_per_s"], mtp_steps=spec.steps,
+                   mtp_equals_greedy=spec.tokens == result.tokens)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
