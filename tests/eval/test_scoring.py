@@ -1,0 +1,48 @@
+"""Bits per byte equals a hand computation; windows score every token once; multiple choice."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.eval import bits_per_byte, choice_scores, windows
+from dsv3_jax.model import DeepSeekV3
+
+CONFIG = ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32)
+
+
+def test_windows_score_each_token_once():
+    for n, w, s in ((5, 8, 4), (40, 16, 8), (41, 16, 5)):
+        scored = [t for b, e, f in windows(n, w, s) for t in range(f, e)]
+        assert scored == list(range(1, n))
+        assert all(e - b <= w and b < f for b, e, f in windows(n, w, s))
+    with pytest.raises(ValueError, match="stride"):
+        windows(10, 8, 8)
+
+
+def test_bits_per_byte_equals_hand_computation(model):
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, 12)
+    logits = np.asarray(model(jnp.asarray(tokens[None])).logits[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    hand = -sum(logp[t, tokens[t + 1]] for t in range(11)) / np.log(2) / 30
+    assert bits_per_byte(model, tokens, 30, window=16)["bits_per_byte"] == pytest.approx(hand, rel=1e-5)
+    # a window shorter than the text: each token keeps at least window - stride tokens of context
+    short = bits_per_byte(model, tokens, 30, window=8, stride=4)
+    assert short["windows"] == 2 and short["bits_per_byte"] == pytest.approx(hand, rel=0.3)
+
+
+def test_choice_scores_sum_continuation_logprobs(model):
+    ctx, cont = [3, 9, 27], [81, 5]
+    logits = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ctx + cont])).logits[0], -1))
+    hand = logits[2, 81] + logits[3, 5]
+    got = choice_scores(model, [ctx, ctx], [cont, [7]])
+    assert got[0] == pytest.approx(hand, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one token"):
+        choice_scores(model, [ctx], [[]])
