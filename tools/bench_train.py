@@ -1,0 +1,99 @@
+"""Training-step benchmark: `python tools/bench.py train --preset bench --batch 4 --seq 4096 [--precision fp8_native]`.
+
+One device, random bf16-compute / fp32-parameter model, random tokens (one document per row),
+the real jitted train step (`train.step`: loss + MTP + balance, AdamW, bias update) with donated
+state. Prints ONE JSON line: tokens/s and MFU from the median step time over the timed steps
+(after `--warmup` untimed ones, the first of which compiles), FLOPs per token from
+`tools/count_flops.py` (PERF.md's convention, against 989 TFLOP/s dense bf16), compile seconds
+and peak device memory (`memory_stats`, null where the backend has none). `--profile DIR` also
+writes a jax.profiler trace of two timed steps (where the time goes, op by op).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from count_flops import flops_per_token  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv3_jax.config import ModelConfig  # noqa: E402
+from dsv3_jax.fp8 import PRECISIONS  # noqa: E402
+from dsv3_jax.model import DeepSeekV3, RouterBias  # noqa: E402
+from dsv3_jax.train.config import TrainConfig  # noqa: E402
+from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
+from dsv3_jax.train.step import TrainState, make_train_step  # noqa: E402
+
+PEAK_BF16_FLOPS = 989e12
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--pow2-scales", action="store_true", help="FP8 scales rounded up to powers of two")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    p.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--profile", help="write a profiler trace of two more steps here")
+    args = p.parse_args()
+
+    config = ModelConfig.preset(args.preset)
+    tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
+                     moments_dtype=args.moments_dtype)
+    model = DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(tc.dtype), param_dtype=jnp.dtype(tc.param_dtype))
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    del model
+    tx = make_optimizer(tc)
+    state = TrainState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), params, bias, tx.init(params))
+    step_fn = jax.jit(make_train_step(graphdef, config, tc, tx, planned_micro_batches=10**6), donate_argnums=0)
+
+    B, T = args.batch, args.seq
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, config.vocab_size, (1, B, T)), jnp.int32),  # [A=1,B,T]
+             "segment_ids": jnp.ones((1, B, T), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))}
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            for _ in range(2):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+
+    step_s = float(np.median(times))
+    tokens_per_s = B * T / step_s
+    fpt = flops_per_token(config, T)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    print(json.dumps({
+        "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
+        "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
+        "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,
+        "mfu": fpt * tokens_per_s / PEAK_BF16_FLOPS, "compile_s": compile_s,
+        "peak_memory_gib": None if peak is None else peak / 2**30, "loss": float(metrics["loss"]),
+    }))
+
+
+if __name__ == "__main__":
+    main()
