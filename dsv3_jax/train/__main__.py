@@ -15,6 +15,7 @@ import jax
 from dsv3_jax import parallel
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
+from dsv3_jax.fp8 import PRECISIONS
 from dsv3_jax.train.config import TrainConfig, parse_overrides
 from dsv3_jax.train.loop import NonFiniteError, train
 
@@ -25,7 +26,8 @@ def build_configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     train_kw = {"steps": args.steps, **sets["train"]}
     data_kw = {**({"paths": tuple(args.data)} if args.data else {}), **sets["data"]}
     for flag, section, field in ((args.batch_size, data_kw, "batch_size"), (args.seq_len, data_kw, "seq_len"),
-                                 (args.text_field, data_kw, "text_field"), (args.seed, train_kw, "seed")):
+                                 (args.text_field, data_kw, "text_field"), (args.seed, train_kw, "seed"),
+                                 (args.precision, train_kw, "precision")):
         if flag is not None:
             section[field] = flag
     train_cfg = TrainConfig(**train_kw)
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, help="global sequences per micro-batch")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="projection GEMMs: bf16 (default), fp8_emulated or fp8_native (DeepSeek's FP8 recipe)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any field of model (ModelConfig), train (TrainConfig) or data (DataConfig)")
     p.add_argument("--mesh", help="e.g. data=2,expert=4 (-1: the rest; default: all devices on data)")
