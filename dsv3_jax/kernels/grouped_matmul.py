@@ -1,7 +1,9 @@
 """Grouped matmul for dropless MoE: rows sorted by expert, one weight matrix per group.
 
-Two implementations of the same product:
-- "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the portable GPU/TPU path).
+Three implementations of the same product:
+- "tokamax": tokamax's grouped-matmul kernel (GPU default when tokamax is installed; XLA's GPU
+  ragged_dot expands to dense and is ~60x slower there, PERF.md).
+- "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the TPU default).
 - "tiled": rows cut into fixed tiles; each (tile, expert) pair that overlaps becomes one work
   item, so there are at most tiles + E - 1 items of dense [tile, K] x [K, N] matmuls, rows
   outside the item's expert masked to zero. Exact (every row is produced by exactly one item),
@@ -12,14 +14,19 @@ Two implementations of the same product:
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("ragged", "tiled")
+IMPLS = ("tokamax", "ragged", "tiled")
 
 
 def default_impl() -> str:
-    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+    backend = jax.default_backend()
+    if backend == "gpu" and importlib.util.find_spec("tokamax") is not None:
+        return "tokamax"
+    return "tiled" if backend == "cpu" else "ragged"
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str | None = None,
@@ -34,7 +41,11 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     w = w.astype(x.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    if impl == "ragged":
+    if impl == "tokamax":
+        import tokamax
+
+        out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=jnp.float32)
+    elif impl == "ragged":
         out = jax.lax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=jnp.float32)
     else:
         out = _tiled(x, w, group_sizes, min(tile, x.shape[0]), precision)

@@ -106,7 +106,7 @@ class MLA(nnx.Module):
             return self.kv_a_norm(kv_a[..., :R]), apply_rope(kv_a[..., R:], cos, sin)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B,T,D], cos/sin [B,T,Kr/2], mask [B|1,1,T,T] -> [B,T,D]."""
+        """x [B,T,D], cos/sin [B,T,Kr/2], mask [B|1,1,T,T] or None (causal) -> [B,T,D]."""
         c = self.config
         B, T, _ = x.shape
         H, Kn, Kr, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim

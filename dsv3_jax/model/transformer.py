@@ -144,15 +144,15 @@ class DeepSeekV3(nnx.Module):
         E, N = c.n_routed_experts, c.num_nextn_predict_layers
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1,1,T,T]
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
             size = (cache.dense or cache.moe).latent.shape[2]
             mask, token_mask = cache_mask(positions, size), jnp.ones((B, T), bool)
-        elif segment_ids is None:
-            mask, token_mask = causal, jnp.ones((B, T), bool)
+        elif segment_ids is None:  # plain causal: the attention kernel builds (or skips) the mask
+            mask, token_mask = None, jnp.ones((B, T), bool)
         else:
+            causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1,1,T,T]
             mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
             token_mask = segment_ids != 0
         cos, sin = rope_cos_sin(c, positions)
