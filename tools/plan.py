@@ -110,11 +110,12 @@ def table(r: dict) -> str:
     if "fits" in r:
         lines.append(f"  fits in {r['hbm_gib']} GiB (90% usable): {r['fits']}")
     if "lowered" in r:
-        lines.append(f"  lowered the sharded train step ({r['lowered']['layers']} layers) in {r['lowered']['seconds']} s")
+        lo = r["lowered"]
+        lines.append(f"  lowered the sharded train step ({lo['layers']} layers) in {lo['seconds']} s")
     if "xla_memory" in r:
         m = r["xla_memory"]
-        lines.append(f"  XLA memory analysis: arguments {fmt_bytes(m['argument'])}, outputs {fmt_bytes(m['output'])} "
-                     f"(aliased {fmt_bytes(m['alias'])}), temporaries {fmt_bytes(m['temp'])}")
+        lines.append(f"  XLA memory analysis: arguments {fmt_bytes(m['argument'])}, "
+                     f"outputs {fmt_bytes(m['output'])} (aliased {fmt_bytes(m['alias'])}), temporaries {fmt_bytes(m['temp'])}")
     return "\n".join(lines)
 
 

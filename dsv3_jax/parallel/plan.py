@@ -231,7 +231,8 @@ def activation_bytes(s: Setup) -> dict:
     else:
         moe_seq = 0
     if c.num_dense_layers:
-        more = local.replace(num_hidden_layers=c.num_hidden_layers + 1, first_k_dense_replace=c.first_k_dense_replace + 1)
+        more = local.replace(num_hidden_layers=c.num_hidden_layers + 1,
+                             first_k_dense_replace=c.first_k_dense_replace + 1)
         dense_seq = trace(more, 2) - trace(more, 1) - per_seq
     else:
         dense_seq = 0
