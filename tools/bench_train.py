@@ -20,17 +20,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from count_flops import flops_per_token  # noqa: E402
-from flax import nnx  # noqa: E402
 
+from dsv3_jax import parallel  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.fp8 import PRECISIONS  # noqa: E402
-from dsv3_jax.model import DeepSeekV3, RouterBias  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
-from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
-from dsv3_jax.train.step import TrainState, make_train_step  # noqa: E402
+from dsv3_jax.train.step import init_state, jit_train_step  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12
 
@@ -46,51 +43,51 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     p.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
+    p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
     args = p.parse_args()
 
     config = ModelConfig.preset(args.preset)
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
                      moments_dtype=args.moments_dtype)
-    model = DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(tc.dtype), param_dtype=jnp.dtype(tc.param_dtype))
-    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
-    del model
-    tx = make_optimizer(tc)
-    state = TrainState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), params, bias, tx.init(params))
-    step_fn = jax.jit(make_train_step(graphdef, config, tc, tx, planned_micro_batches=10**6), donate_argnums=0)
-
+    mesh = parallel.make_mesh(args.mesh)
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, config.vocab_size, (1, B, T)), jnp.int32),  # [A=1,B,T]
-             "segment_ids": jnp.ones((1, B, T), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))}
-
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(args.warmup + args.steps):
+    host = {"tokens": rng.integers(0, config.vocab_size, (1, B, T)).astype(np.int32),  # [A=1,B,T]
+            "segment_ids": np.ones((1, B, T), np.int32),
+            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T))}
+    with jax.set_mesh(mesh):
+        graphdef, tx, state = init_state(config, tc, mesh)
+        step_fn = jit_train_step(graphdef, config, tc, tx, 10**6, state, mesh)
+        batch = {k: parallel.shard_batch(v, mesh, B, batch_dim=1) for k, v in host.items()}
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    if args.profile:
-        with jax.profiler.trace(args.profile):
-            for _ in range(2):
-                state, metrics = compiled(state, batch)
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        if args.profile:
+            with jax.profiler.trace(args.profile):
+                for _ in range(2):
+                    state, metrics = compiled(state, batch)
+                jax.block_until_ready((state, metrics))
 
     step_s = float(np.median(times))
     tokens_per_s = B * T / step_s
     fpt = flops_per_token(config, T)
     stats = jax.devices()[0].memory_stats() or {}
+    n_dev = mesh.devices.size
     peak = stats.get("peak_bytes_in_use")
     print(json.dumps({
         "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
+        "mesh": dict(mesh.shape), "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,
-        "mfu": fpt * tokens_per_s / PEAK_BF16_FLOPS, "compile_s": compile_s,
+        "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,
         "peak_memory_gib": None if peak is None else peak / 2**30, "loss": float(metrics["loss"]),
     }))
 

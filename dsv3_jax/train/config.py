@@ -7,8 +7,8 @@ import json
 import typing
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.fp8 import PRECISIONS
 from dsv3_jax.data.pipeline import DataConfig
+from dsv3_jax.fp8 import PRECISIONS
 
 # The paper's token milestones as fractions of its 14.8T-token run (SPEC G).
 PAPER_TOKENS = 14.8e12

@@ -8,25 +8,19 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from dsv3_jax import parallel
-
 from dsv3_jax.checkpoint.manager import Checkpointer, abstract_like
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.corpus import embedded_documents
 from dsv3_jax.data.pipeline import DataConfig, make_iterator, read_documents
 from dsv3_jax.data.tokenizer import load_or_train_tokenizer
-from dsv3_jax.model import DeepSeekV3, RouterBias
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.metrics import MetricsWriter, plot
-from dsv3_jax.train.optimizer import make_optimizer
-from dsv3_jax.train.step import TrainState, make_train_step
+from dsv3_jax.train.step import init_state, jit_train_step
 
 
 class NonFiniteError(RuntimeError):
@@ -85,22 +79,12 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
 
 
 def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress) -> list[dict]:
-    model = parallel.create_model(config, mesh, seed=tc.seed, dtype=jnp.dtype(tc.dtype),
-                                  param_dtype=jnp.dtype(tc.param_dtype))
-    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
-    tx = make_optimizer(tc)
-    opt_state = jax.jit(tx.init, out_shardings=parallel.param_shardings(jax.eval_shape(tx.init, params), mesh))(params)
-    scalar = lambda: jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
-    state = TrainState(scalar(), scalar(), params, bias, opt_state)
+    graphdef, tx, state = init_state(config, tc, mesh)
     start = ckpt.latest_step()
     if start is not None:  # the target's shardings are this run's: a different mesh is fine
         state = ckpt.restore(start, abstract_like(state), data)
     start = int(state.step)
-    planned = schedule.planned_micro_batches(tc)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(graphdef, config, tc, tx, planned), donate_argnums=0,
-                      in_shardings=(state_sharding, parallel.batch_sharding(mesh, ndim=3, batch_dim=1)),
-                      out_shardings=(state_sharding, None))
+    step_fn = jit_train_step(graphdef, config, tc, tx, schedule.planned_micro_batches(tc), state, mesh)
 
     log_every = tc.log_every or (1 if tc.steps <= 1000 else 10)
     writer = MetricsWriter(workdir)

@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv3_jax import fp8
+from dsv3_jax import fp8, parallel
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import RouterBias
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy, shifted_targets
+from dsv3_jax.train.optimizer import make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -43,8 +45,8 @@ def update_bias(bias: nnx.State, load: jax.Array, gamma, num_moe_layers: int) ->
     rows = {"moe_layers": load[:num_moe_layers], "mtp": load[num_moe_layers:]}
 
     def step(path, b):  # b [L,E]
-        l = rows[path[0].key]
-        return b + gamma * jnp.sign(l.mean(-1, keepdims=True) - l)
+        load_l = rows[path[0].key]
+        return b + gamma * jnp.sign(load_l.mean(-1, keepdims=True) - load_l)
 
     return jax.tree_util.tree_map_with_path(step, bias)
 
@@ -112,3 +114,27 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         return new, metrics
 
     return train_step
+
+
+def init_state(config: ModelConfig, c: TrainConfig, mesh) -> tuple[nnx.GraphDef, optax.GradientTransformation,
+                                                                    TrainState]:
+    """A fresh TrainState created sharded over `mesh` (parameters by the rules, optimizer
+    moments like their parameters, counters replicated); call under `jax.set_mesh(mesh)`."""
+    model = parallel.create_model(config, mesh, seed=c.seed, dtype=jnp.dtype(c.dtype),
+                                  param_dtype=jnp.dtype(c.param_dtype))
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    tx = make_optimizer(c)
+    opt_state = jax.jit(tx.init, out_shardings=parallel.param_shardings(jax.eval_shape(tx.init, params), mesh))(params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    return graphdef, tx, TrainState(scalar(), scalar(), params, bias, opt_state)
+
+
+def jit_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx, planned_micro_batches: int, state: TrainState,
+                   mesh):
+    """`make_train_step` jitted with donated state, the state's shardings in and out, and
+    [A,B,T] batches split over the mesh's batch axes."""
+    sharding = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(make_train_step(graphdef, config, c, tx, planned_micro_batches), donate_argnums=0,
+                   in_shardings=(sharding, parallel.batch_sharding(mesh, ndim=3, batch_dim=1)),
+                   out_shardings=(sharding, None))

@@ -1,0 +1,70 @@
+"""Do the backend kernels agree with the portable path? Prints one JSON line.
+
+Compares, on the current backend, every available grouped-matmul implementation against the
+"tiled" one and the attention implementations against "xla", forward and gradients, in bf16 at
+a bench-like shape (run it on a GPU with tokamax installed to check the GPU kernels).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsv3_jax.kernels import attention, grouped_matmul  # noqa: E402
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def main():
+    rs = np.random.RandomState(0)
+    out = {"backend": jax.default_backend(), "devices": str(jax.devices()[0])}
+    small = jax.default_backend() == "cpu"
+    M, K, N, E = (1024, 128, 64, 8) if small else (8192, 1024, 512, 64)
+    x = jnp.asarray(rs.randn(M, K) * 0.5, jnp.bfloat16)
+    w = jnp.asarray(rs.randn(E, K, N) * 0.05, jnp.bfloat16)
+    sizes = jnp.asarray(np.bincount(rs.randint(0, E, M), minlength=E), jnp.int32)
+
+    def gmm(impl, x, w, sizes):
+        f = lambda x, w: grouped_matmul.grouped_matmul(x, w, sizes, impl=impl)
+        y, vjp = jax.vjp(f, x, w)
+        return (y, *vjp(jnp.ones_like(y)))
+
+    ref = jax.jit(gmm, static_argnums=0)("tiled", x, w, sizes)
+    for impl in grouped_matmul.IMPLS:
+        try:
+            got = jax.jit(gmm, static_argnums=0)(impl, x, w, sizes)
+            out[f"grouped_matmul/{impl}"] = [rel(a, b) for a, b in zip(got, ref)]
+        except Exception as e:  # an implementation this backend lacks
+            out[f"grouped_matmul/{impl}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+
+    B, T, H = (1, 128, 2) if small else (2, 1024, 16)
+    q = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
+    k = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
+    v = jnp.asarray(rs.randn(B, T, H, 128), jnp.bfloat16)
+
+    def attn(impl, q, k, v):
+        f = lambda q, k, v: attention.dot_product_attention(q, k, v, None, 192 ** -0.5, impl=impl)
+        y, vjp = jax.vjp(f, q, k, v)
+        return (y, *vjp(jnp.ones_like(y)))
+
+    ref = jax.jit(attn, static_argnums=0)("xla", q, k, v)
+    for impl in attention.IMPLS:
+        try:
+            got = jax.jit(attn, static_argnums=0)(impl, q, k, v)
+            out[f"attention/{impl}"] = [rel(a, b) for a, b in zip(got, ref)]
+        except Exception as e:
+            out[f"attention/{impl}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(), "attention": attention.default_impl()}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
