@@ -44,7 +44,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     if impl == "tokamax":
         import tokamax
 
-        out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=jnp.float32)
+        # fp32 accumulation happens inside the kernel; its backward needs operands of one dtype
+        out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype)
     elif impl == "ragged":
         out = jax.lax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=jnp.float32)
     else:
