@@ -255,6 +255,16 @@ def create_sharded(make, mesh: Mesh):
     return nnx.merge(graphdef, state)
 
 
+def check_fits(config, mesh: Mesh) -> None:
+    """Refuse a mesh that would split what must stay whole: experts over `expert`, attention
+    heads over `tensor` (a silent fallback to replication would hide the mistake)."""
+    expert, tensor = mesh.shape["expert"], mesh.shape["tensor"]
+    if config.n_routed_experts % expert:
+        raise ValueError(f"mesh expert={expert} must divide n_routed_experts={config.n_routed_experts}")
+    if config.num_attention_heads % tensor:
+        raise ValueError(f"mesh tensor={tensor} must divide num_attention_heads={config.num_attention_heads}")
+
+
 def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None):
     """DeepSeekV3(config, rngs=nnx.Rngs(seed), ...) created sharded over `mesh`.
 
@@ -262,6 +272,7 @@ def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=N
     """
     from dsv3_jax.model import DeepSeekV3  # here, not at the top: the model imports this package
 
+    check_fits(config, mesh)
     kw = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype).items() if v is not None}
     return create_sharded(lambda: DeepSeekV3(config, rngs=nnx.Rngs(seed), **kw), mesh)
 

@@ -145,3 +145,17 @@ def test_micro_batched_batches_split_on_their_batch_dim():
     x = shard_batch(np.zeros((3, 8, 5), np.int32), mesh, batch_dim=1)
     assert x.shape == (3, 8, 5) and x.sharding == batch_sharding(mesh, ndim=3, batch_dim=1)
     assert x.sharding.spec == P(None, ("data", "fsdp", "expert"), None)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("expert=8", r"mesh expert=8 must divide n_routed_experts=4"),
+    ("data=2,tensor=4", r"mesh tensor=4 must divide num_attention_heads=2"),
+])
+def test_meshes_that_would_split_experts_or_heads_are_refused(spec, message):
+    from dsv3_jax import parallel
+    from dsv3_jax.config import ModelConfig
+
+    config = ModelConfig.preset("tiny", n_routed_experts=4, n_group=2, topk_group=1, num_attention_heads=2,
+                                num_key_value_heads=2)
+    with pytest.raises(ValueError, match=message):
+        parallel.create_model(config, parallel.make_mesh(spec))
