@@ -19,7 +19,8 @@ from dsv3_jax.parallel.mesh import logical_to_spec
 def _stack(config: ModelConfig, layers: int, batch: int, size: int, dtype, mesh) -> LatentCache | None:
     if layers == 0:
         return None
-    shapes = {"latent": (layers, batch, size, config.kv_lora_rank), "k_pe": (layers, batch, size, config.qk_rope_head_dim)}
+    shapes = {"latent": (layers, batch, size, config.kv_lora_rank),
+              "k_pe": (layers, batch, size, config.qk_rope_head_dim)}
 
     def zeros(shape):
         if mesh is None:

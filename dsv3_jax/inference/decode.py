@@ -116,7 +116,8 @@ def prefill(graphdef, state, prompts, lengths, cache, mtp_cache, key, *, samplin
         ahead = jnp.roll(prompts, -1, axis=1).at[jnp.arange(B), lengths - 1].set(first)  # t_{i+1}
         guess, mtp_cache = speculative.draft(model, o.hidden_states, ahead, positions, mtp_cache, lengths - 1)
     zero = jnp.zeros((), jnp.int32)
-    return DecodeState(o.cache, mtp_cache, lengths, first, guess, out, count, done, key, zero + 1, zero, zero), done.all()
+    state = DecodeState(o.cache, mtp_cache, lengths, first, guess, out, count, done, key, zero + 1, zero, zero)
+    return state, done.all()
 
 
 def step(graphdef, state, s: DecodeState, *, sampling: Sampling, stops: tuple[int, ...], max_new: int
@@ -135,7 +136,6 @@ def speculative_step(graphdef, state, s: DecodeState, *, sampling: Sampling, sto
                      max_new: int) -> tuple[DecodeState, jax.Array]:
     """One round (`speculative`): verify the draft, emit one or two tokens per row, draft again."""
     model = nnx.merge(graphdef, state)
-    B = s.token.shape[0]
     live = ~s.done
     positions = s.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)  # [B,2]
     o = model(jnp.stack([s.token, s.draft], 1), positions=positions, cache=s.cache)

@@ -26,7 +26,8 @@ def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
     """
     dim = config.qk_rope_head_dim
     base = config.rope_theta
-    freq = (1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    base_freq = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))  # theta^(2j/d)
+    freq = (1.0 / base_freq).astype(np.float32)
     if config.rope_type != "yarn":
         return freq, 1.0
     s = config.rope_scaling
@@ -45,7 +46,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
     extrapolation = 1 - ramp  # weight of the unscaled frequency
-    scaled = (1.0 / (np.float32(factor) * (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))).astype(np.float32)
+    scaled = (1.0 / (np.float32(factor) * base_freq)).astype(np.float32)
     freq = (scaled * (1 - extrapolation) + freq * extrapolation).astype(np.float32)
     if s.get("attention_factor") is not None:
         return freq, float(s["attention_factor"])

@@ -22,6 +22,7 @@ from dsv3_jax.parallel.mesh import (
 )
 
 __all__ = ["AXES", "BATCH_AXES", "RULES", "batch_sharding", "check_fits", "choose_transport", "constrain",
-           "create_model", "create_sharded", "expert_transport", "flat_shardings", "initialize_distributed", "logical_to_spec",
+           "create_model", "create_sharded", "expert_transport", "flat_shardings", "initialize_distributed",
+           "logical_to_spec",
            "make_mesh", "param_shardings", "parse_mesh_spec", "place", "process_rows", "routed_experts",
            "shard_batch", "shard_like"]
