@@ -44,11 +44,16 @@ def main() -> None:
     p.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
+    p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense")
+    p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax")
+    p.add_argument("--grouped-matmul", default="auto", 
+                   help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
     args = p.parse_args()
 
     config = ModelConfig.preset(args.preset)
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
-                     moments_dtype=args.moments_dtype)
+                     moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
+                     attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul)
     mesh = parallel.make_mesh(args.mesh)
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
@@ -70,7 +75,7 @@ def main() -> None:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         if args.profile:
-            with jax.profiler.trace(args.profile):
+            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
                 for _ in range(2):
                     state, metrics = compiled(state, batch)
                 jax.block_until_ready((state, metrics))
@@ -84,7 +89,8 @@ def main() -> None:
     print(json.dumps({
         "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
-        "mesh": dict(mesh.shape), "tokens_per_s_per_device": tokens_per_s / n_dev,
+        "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.expert_transport],
+        "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,
         "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,

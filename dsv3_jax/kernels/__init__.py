@@ -1,1 +1,8 @@
-"""Backend-chosen ops. Each module exposes one function; the portable XLA version runs everywhere."""
+"""Backend-chosen ops. Each module exposes one function; the portable XLA version runs everywhere.
+
+`use(attention=..., grouped_matmul=...)` overrides the backend's choice while tracing.
+"""
+
+from dsv3_jax.kernels.choice import use, validate
+
+__all__ = ["use", "validate"]

@@ -12,10 +12,15 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.kernels.choice import forced
+
 IMPLS = ("xla", "tokamax")
 
 
 def default_impl() -> str:
+    """The impl `kernels.use` forces, else tokamax on GPU where installed, else xla."""
+    if forced("attention"):
+        return forced("attention")
     gpu = jax.default_backend() == "gpu"
     return "tokamax" if gpu and importlib.util.find_spec("tokamax") is not None else "xla"
 

@@ -20,10 +20,15 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.kernels.choice import forced
+
 IMPLS = ("tokamax", "ragged", "tiled")
 
 
 def default_impl() -> str:
+    """The impl `kernels.use` forces, else by backend (module docstring)."""
+    if forced("grouped_matmul"):
+        return forced("grouped_matmul")
     backend = jax.default_backend()
     if backend == "gpu" and importlib.util.find_spec("tokamax") is not None:
         return "tokamax"
@@ -98,7 +103,18 @@ def _tokamax(x, w, group_sizes, precision):
     H200 (tokamax 0.0.17: 55% max error vs the portable path), so that one is ours (tiled)."""
     import tokamax
 
-    return tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype)
+    out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype)
+    return _vary_like(out, x, w, group_sizes)
+
+
+def _vary_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:
+    """`out` typed as varying over every manual mesh axis its inputs vary over.
+
+    Inside `shard_map` the tokamax kernel returns an array typed as replicated whatever its
+    inputs (tokamax 0.0.17), which breaks the gradient's types under expert parallelism.
+    """
+    axes = frozenset().union(*map(_varying, inputs)) - _varying(out)
+    return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
 
 
 def _tokamax_fwd(x, w, group_sizes, precision):
@@ -109,7 +125,21 @@ def _tokamax_bwd(precision, res, g):
     x, w, group_sizes = res
     dx = _tokamax(g.astype(x.dtype), w.transpose(0, 2, 1), group_sizes, precision)
     dw = _tiled_weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], 128, precision)
-    return dx, dw.astype(w.dtype), None
+    return _sum_to_vma(dx, x), _sum_to_vma(dw, w).astype(w.dtype), None
+
+
+def _varying(a: jax.Array) -> frozenset:
+    """The manual mesh axes `a` is typed as varying over (`vma` before jax 0.10)."""
+    t = jax.typeof(a)
+    mat = getattr(t, "manual_axis_type", None)
+    return mat.varying if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _sum_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent summed over the manual mesh axes its primal does not vary over (the
+    transpose of the implicit broadcast, e.g. weights replicated over the token axes)."""
+    axes = _varying(ct) - _varying(primal)
+    return jax.lax.psum(ct, tuple(sorted(axes))) if axes else ct
 
 
 _tokamax.defvjp(_tokamax_fwd, _tokamax_bwd)

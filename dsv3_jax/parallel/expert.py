@@ -12,7 +12,8 @@
    and run through the grouped matmul; results travel back the same way.
 4. Each device weights and sums its tokens' K results (and sums the tensor-split partials).
 
-Two transports move the rows, chosen by backend and overridable with `expert_transport`:
+Two transports move the rows, chosen by backend and expert-axis size (`choose_transport`) and
+overridable with `expert_transport`:
 - "ragged": `jax.lax.ragged_all_to_all`, sending exactly the rows needed (GPU/TPU);
 - "dense": `jax.lax.all_to_all` of a [P, n*K, D] buffer padded so that any routing fits (runs
   everywhere, CPU included; P times the memory of the ragged one).
@@ -36,6 +37,7 @@ from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 
 TRANSPORTS = ("ragged", "dense")
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+DENSE_GPU_MAX_EP = 8  # "auto" on GPU: dense all_to_all up to this many expert devices (choose_transport)
 _transport = contextvars.ContextVar("dsv3_expert_transport", default="auto")
 
 
@@ -53,13 +55,21 @@ def expert_transport(name: str):
         _transport.reset(token)
 
 
-def choose_transport(requested: str = "auto", platform: str | None = None) -> str:
-    """"auto" -> "ragged" where the backend implements ragged_all_to_all, else "dense"."""
+def choose_transport(requested: str = "auto", platform: str | None = None, n_ep: int = 2) -> str:
+    """"auto" -> "ragged" on TPU, and on GPU once the expert axis exceeds DENSE_GPU_MAX_EP
+    devices; "dense" on CPU and on small GPU groups.
+
+    On GPU the dense all_to_all runs on NCCL while ragged_all_to_all within one process runs
+    XLA's one-shot kernel, measured 4.6x slower per step at expert=2 on 2 H200s (bench shape,
+    docs/benchmarks.md); the dense buffer's P-fold padding is what caps the dense choice.
+    """
     platform = platform or jax.default_backend()
     if requested not in ("auto",) + TRANSPORTS:
         raise ValueError(f"expert transport {requested!r}: choose from {('auto',) + TRANSPORTS}")
     if requested == "auto":
-        return "ragged" if platform in RAGGED_PLATFORMS else "dense"
+        if platform not in RAGGED_PLATFORMS or (platform != "tpu" and n_ep <= DENSE_GPU_MAX_EP):
+            return "dense"
+        return "ragged"
     if requested == "ragged" and platform not in RAGGED_PLATFORMS:
         raise ValueError(f"expert transport 'ragged': jax.lax.ragged_all_to_all is not implemented on "
                          f"{platform!r}; use 'dense' (or 'auto')")
@@ -140,7 +150,7 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
     w_out = PartitionSpec(w_in[0], w_in[2], None)
     body = jax.shard_map(
         lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype, varying=tok[0],
-                                 transport=choose_transport(_transport.get())),
+                                 transport=choose_transport(_transport.get(), n_ep=n_ep)),
         mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
     return body(x.astype(dtype), weights, expert_ids, gate, up, down)[:N]
 

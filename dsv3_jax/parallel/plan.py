@@ -24,7 +24,6 @@ logsumexp, what tokamax / FlashAttention-style kernels keep).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -34,11 +33,9 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv3_jax import fp8
+from dsv3_jax import fp8, kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference.cache import cache_bytes_per_token
-from dsv3_jax.kernels import attention as attention_kernels
-from dsv3_jax.kernels import grouped_matmul as gmm_kernels
 from dsv3_jax.parallel.expert import expert_ffn
 from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, param_shardings, parse_mesh_spec
 from dsv3_jax.train.config import TrainConfig
@@ -144,16 +141,9 @@ def parameter_counts(config: ModelConfig) -> dict:
 # activations from the real code's saved residuals
 
 
-@contextlib.contextmanager
-def target_kernels(attention: str):
-    """Trace with the accelerator's kernels: lax.ragged_dot experts and XLA attention."""
-    saved = gmm_kernels.default_impl, attention_kernels.default_impl
-    gmm_kernels.default_impl = lambda: "ragged"
-    attention_kernels.default_impl = lambda: "xla"
-    try:
-        yield
-    finally:
-        gmm_kernels.default_impl, attention_kernels.default_impl = saved
+def target_kernels():
+    """Trace with the accelerator's kernels as XLA sees them: lax.ragged_dot experts, XLA attention."""
+    return kernels.use(attention="xla", grouped_matmul="ragged")
 
 
 def _residual_bytes(fn, args, seq: int, attention: str) -> int:
@@ -196,7 +186,7 @@ def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention
         return ce(out.hidden_states) + mtp + out.balance_loss
 
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    with target_kernels(attention):
+    with target_kernels():
         return _residual_bytes(loss, (abstract(params), abstract(bias)), seq, attention)
 
 
@@ -212,7 +202,7 @@ def _expert_row_residuals(config: ModelConfig, recipe, n_local_experts: int) -> 
                 return expert_ffn(xs, sizes, gate, up, down)
 
         args = (w(m, D), w(n_local_experts, D, F), w(n_local_experts, D, F), w(n_local_experts, F, D))
-        with target_kernels("xla"):
+        with target_kernels():
             return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, _ in saved_residuals(f, *args))
 
     return (rows(256) - rows(128)) / 128

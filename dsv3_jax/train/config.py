@@ -6,9 +6,11 @@ import dataclasses
 import json
 import typing
 
+from dsv3_jax import kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
 from dsv3_jax.fp8 import PRECISIONS
+from dsv3_jax.parallel.expert import TRANSPORTS
 
 # The paper's token milestones as fractions of its 14.8T-token run (SPEC G).
 PAPER_TOKENS = 14.8e12
@@ -43,6 +45,9 @@ class TrainConfig:
     dtype: str = "bfloat16"  # compute
     precision: str = "bf16"  # projections: bf16 (the compute dtype), fp8_emulated or fp8_native (SPEC F)
     fp8_pow2_scales: bool = False  # FP8 scales rounded up to powers of two
+    attention_impl: str = "auto"  # kernels: "auto" (by backend), "xla" or "tokamax"
+    grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
+    expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
     param_dtype: str = "float32"
     vocab_chunk: int = 8192  # cross-entropy vocabulary chunk
     mask_documents: bool = True  # attention stays within a packed document (the paper did not)
@@ -64,6 +69,14 @@ class TrainConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: float32 or bfloat16")
+        for f, op in (("attention_impl", "attention"), ("grouped_matmul_impl", "grouped_matmul")):
+            try:
+                kernels.validate(op, getattr(self, f))
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.{f}: {e}") from None
+        if self.expert_transport not in ("auto",) + TRANSPORTS:
+            raise ValueError(f"TrainConfig.expert_transport={self.expert_transport!r}: "
+                             f"choose from {('auto',) + TRANSPORTS}")
 
     @property
     def horizon(self) -> int:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv3_jax import fp8, parallel
+from dsv3_jax import fp8, kernels, parallel
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import RouterBias
 from dsv3_jax.train import schedule
@@ -60,7 +60,8 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         model = nnx.merge(graphdef, params, bias)
         tokens, seg = micro["tokens"], micro["segment_ids"]
         B, T = tokens.shape
-        with fp8.use(recipe):
+        with fp8.use(recipe), kernels.use(c.attention_impl, c.grouped_matmul_impl), \
+                parallel.expert_transport(c.expert_transport):
             if c.mask_documents:
                 out = model(tokens, positions=micro["positions"], segment_ids=seg)
             else:  # one causal stream per row, padding still excluded

@@ -1,3 +1,6 @@
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -41,6 +44,27 @@ def test_einsum_bf16_accumulates_in_fp32_and_rounds_once():
     got = einsum("ti,io->to", xb, wb, dtype=jnp.bfloat16)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16)))
+
+
+def test_einsum_bf16_gradient_runs_bf16_gemms_and_returns_fp32_weight_grad():
+    rs = np.random.RandomState(3)
+    xb = jnp.asarray(rs.randn(4, 5, 64), jnp.bfloat16)
+    w = jnp.asarray(rs.randn(64, 6), jnp.float32)  # fp32 master weight
+    c = jnp.asarray(rs.randn(4, 5, 6), jnp.bfloat16)  # the cotangent, exactly representable in bf16
+
+    def f(x, w):
+        return (einsum("...d,df->...f", x, w, dtype=jnp.bfloat16).astype(jnp.float32) * c.astype(jnp.float32)).sum()
+
+    dx, dw = jax.grad(f, (0, 1))(xb, w)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    x64, w64, c64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (xb, w.astype(jnp.bfloat16), c))
+    # dX: bf16 operands, fp32 accumulation, rounded once to bf16; dW stays fp32
+    want_dx = jnp.asarray(np.einsum("btf,df->btd", c64, w64), jnp.float32).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(want_dx))
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("btd,btf->df", x64, c64), rtol=1e-6, atol=1e-5)
+    hlo = jax.jit(jax.grad(f, (0, 1))).lower(xb, w).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 2 and all(re.search(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\)", d) for d in dots), dots
 
 
 def test_swiglu_matches_hf_mlp():

@@ -1,0 +1,39 @@
+"""Which implementation each backend-chosen op runs: "auto" (by backend) or forced by name.
+
+`use(...)` sets the choice for everything traced inside it (the train step wraps its loss in
+it from `TrainConfig.attention_impl` / `grouped_matmul_impl`); each op's `default_impl` asks
+`forced` first. Read at trace time, like `fp8.use`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+_forced: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("dsv3_kernels", default=())
+
+
+def validate(op: str, impl: str) -> None:
+    from dsv3_jax.kernels import attention, grouped_matmul
+
+    impls = {"attention": attention.IMPLS, "grouped_matmul": grouped_matmul.IMPLS}[op]
+    if impl != "auto" and impl not in impls:
+        raise ValueError(f"{op} impl {impl!r}: choose from {('auto',) + impls}")
+
+
+@contextlib.contextmanager
+def use(attention: str = "auto", grouped_matmul: str = "auto"):
+    """Force kernels by name ("auto" keeps the backend's default) while tracing inside."""
+    choice = {"attention": attention, "grouped_matmul": grouped_matmul}
+    for op, impl in choice.items():
+        validate(op, impl)
+    token = _forced.set(tuple((op, impl) for op, impl in choice.items() if impl != "auto"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced(op: str) -> str | None:
+    """The implementation `use` forces for `op`, or None for the backend default."""
+    return dict(_forced.get()).get(op)

@@ -1,0 +1,30 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dsv3_jax import kernels
+from dsv3_jax.kernels import attention, grouped_matmul
+from dsv3_jax.train.config import TrainConfig
+
+
+def test_use_forces_kernels_while_tracing_and_restores():
+    before = attention.default_impl(), grouped_matmul.default_impl()
+    x, w, sizes = jnp.ones((8, 4)), jnp.ones((2, 4, 3)), jnp.array([5, 3])
+    with kernels.use(grouped_matmul="ragged"):
+        assert grouped_matmul.default_impl() == "ragged"
+        assert attention.default_impl() == before[0]  # "auto" keeps the backend's choice
+        jaxpr = str(jax.make_jaxpr(lambda *a: grouped_matmul.grouped_matmul(*a))(x, w, sizes))
+    assert "ragged_dot" in jaxpr
+    with kernels.use(grouped_matmul="tiled"):
+        assert "ragged_dot" not in str(jax.make_jaxpr(lambda *a: grouped_matmul.grouped_matmul(*a))(x, w, sizes))
+    assert (attention.default_impl(), grouped_matmul.default_impl()) == before
+
+
+def test_bad_kernel_names_are_refused():
+    with pytest.raises(ValueError, match="attention impl 'cudnn': choose from"):
+        with kernels.use(attention="cudnn"):
+            pass
+    with pytest.raises(ValueError, match="TrainConfig.grouped_matmul_impl"):
+        TrainConfig(grouped_matmul_impl="megablox")
+    with pytest.raises(ValueError, match="TrainConfig.expert_transport"):
+        TrainConfig(expert_transport="nccl")
