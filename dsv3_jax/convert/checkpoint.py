@@ -127,8 +127,9 @@ class StoredLeaf:
 
 def open_params(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, StoredLeaf]]:
     """(config, flat {path: StoredLeaf}) of a checkpoint: nothing is read until indexed."""
-    config = ModelConfig.from_hf(os.fspath(ckpt_dir))
-    root = _ocdbt_root(os.path.join(os.fspath(ckpt_dir), PARAMS))
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))  # tensorstore's file:// needs an absolute path
+    config = ModelConfig.from_hf(ckpt_dir)
+    root = _ocdbt_root(os.path.join(ckpt_dir, PARAMS))
     _, _, shapes = abstract_model(config)
     return config, {p: StoredLeaf(_open_leaf(root, p, s.shape)) for p, s in shapes.items()}
 

@@ -50,7 +50,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
 
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json if present.
     """
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))  # Orbax refuses relative paths
     if os.path.isdir(os.path.join(path, "checkpoints")):
         _, model = _from_workdir(path, dtype)
     elif os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):

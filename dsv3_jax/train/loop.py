@@ -6,6 +6,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -55,13 +56,14 @@ def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelCon
 
 def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
           tokenizer_path: str | None = None, progress: bool = True, mesh: str | dict | None = None,
-          devices=None) -> list[dict]:
+          devices=None, on_log: Callable[[dict], None] | None = None) -> list[dict]:
     """Train to `train_config.steps` (continuing from workdir's latest checkpoint); returns the
     metrics logged by this call. Always checkpoints the last step it reaches.
 
     `mesh` is a spec such as "data=2,expert=4" over `devices` (default: all devices, all on
     data); parameters, optimizer state and batches are sharded by `dsv3_jax.parallel`'s rules,
-    and each process reads only its share of the data.
+    and each process reads only its share of the data. `on_log(record)` is called with each
+    logged record as it is written (e.g. a notebook's live loss plot).
     """
     tc = train_config
     os.makedirs(workdir, exist_ok=True)
@@ -75,10 +77,10 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
     with jax.set_mesh(mesh):
-        return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress)
+        return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log)
 
 
-def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress) -> list[dict]:
+def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log) -> list[dict]:
     graphdef, tx, state = init_state(config, tc, mesh)
     start = ckpt.latest_step()
     if start is not None:  # the target's shardings are this run's: a different mesh is fine
@@ -117,6 +119,8 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress) -> list[d
             if step % log_every == 0 or step == tc.steps:
                 writer.write(record)
                 history.append(record)
+                if on_log is not None:
+                    on_log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
                             maxvio=f"{record['max_violation']:.2f}")

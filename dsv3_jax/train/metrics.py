@@ -41,13 +41,11 @@ def plot(workdir: str, num_mtp_layers: int, out: str = "training.png") -> str | 
     records = read_metrics(workdir)
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (a notebook's) alone
 
     steps = [r["step"] for r in records]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
     for key in ("loss", "lm_loss", "mtp_loss"):
         a.plot(steps, [r[key] for r in records], label=key)
     a.set_xlabel("step"), a.set_ylabel("nats/token"), a.set_title("loss"), a.legend()
@@ -60,5 +58,4 @@ def plot(workdir: str, num_mtp_layers: int, out: str = "training.png") -> str | 
     fig.tight_layout()
     path = os.path.join(workdir, out)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
