@@ -44,6 +44,7 @@ class ModelConfig:
     first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
     num_nextn_predict_layers: int = 1
+    seq_aux: bool = True  # remote-code field: balance loss per sequence (V3); False: over the batch (GShard style)
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000

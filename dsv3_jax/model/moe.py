@@ -100,22 +100,29 @@ class MoE(nnx.Module):
         if c.n_shared_experts:
             with jax.named_scope("shared"):
                 y = y + self.shared(x)
-        return y, routing_stats(expert_ids.reshape(B, T, K), scores.reshape(B, T, E), token_mask, K)
+        return y, routing_stats(expert_ids.reshape(B, T, K), scores.reshape(B, T, E), token_mask, K, c.seq_aux)
 
 
-def routing_stats(expert_ids: jax.Array, scores: jax.Array, token_mask: jax.Array, k: int) -> dict:
-    """Expert load and the sequence-wise balance loss (SPEC G), over non-padding tokens.
+def routing_stats(expert_ids: jax.Array, scores: jax.Array, token_mask: jax.Array, k: int,
+                  seq_aux: bool = True) -> dict:
+    """Expert load and the balance loss (SPEC G), over non-padding tokens.
 
     expert_ids [B,T,K], scores [B,T,E] (unbiased sigmoid), token_mask [B,T] ->
     load [E] = tokens routed to each expert; balance = mean over sequences of
     sum_i f_i P_i with f_i = E/(K T) * #tokens picking i, P_i = mean_t s_i,t / sum_j s_j,t.
+    seq_aux=False is the batch-wise form (GShard / Switch style): the whole batch counts as
+    one sequence, so only the batch's total load is pushed towards uniform.
     The loss counts the experts actually selected (with the bias), i.e. the real load.
     """
     B, T, E = scores.shape
     m = token_mask.astype(jnp.float32)
     counts = jnp.zeros((B, E), jnp.float32).at[
         jnp.arange(B)[:, None, None], expert_ids].add(jnp.broadcast_to(m[..., None], expert_ids.shape))
-    n_tok = jnp.maximum(m.sum(-1, keepdims=True), 1.0)  # [B,1]
-    f = counts * E / (k * n_tok)
-    p = (scores / scores.sum(-1, keepdims=True) * m[..., None]).sum(1) / n_tok  # [B,E]
+    share = (scores / scores.sum(-1, keepdims=True) * m[..., None]).sum(1)  # [B,E] summed normalised scores
+    picks, n_tok = counts, m.sum(-1, keepdims=True)  # [B,E], [B,1]
+    if not seq_aux:  # [B,E] -> [1,E]: one sequence of all B*T tokens
+        picks, share, n_tok = picks.sum(0, keepdims=True), share.sum(0, keepdims=True), n_tok.sum(0, keepdims=True)
+    n_tok = jnp.maximum(n_tok, 1.0)
+    f = picks * E / (k * n_tok)
+    p = share / n_tok
     return {"load": counts.sum(0), "balance": (f * p).sum(-1).mean()}

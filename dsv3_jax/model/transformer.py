@@ -21,7 +21,7 @@ class ModelOutput(NamedTuple):
     logits: jax.Array  # [B,T,V]
     mtp_logits: jax.Array | None  # [N,B,T,V]: depth k+1 at position i predicts token i+k+2
     expert_load: jax.Array  # [Lm+N,E] tokens per routed expert: main MoE layers, then MTP layers
-    balance_loss: jax.Array  # [] sum over those layers of the sequence-wise balance loss (no alpha)
+    balance_loss: jax.Array  # [] sum over those layers of the balance loss (no alpha; config.seq_aux)
     hidden_states: jax.Array  # [B,T,D] after the final norm
     mtp_hidden_states: jax.Array | None  # [N,B,T,D] each depth's normed output (the head's input)
     cache: Cache | None = None  # the updated cache, when called with one

@@ -135,6 +135,27 @@ def test_routing_stats_load_and_sequence_balance_loss():
     assert float(uni["balance"]) == pytest.approx(1.0)
 
 
+def test_routing_stats_batch_wise_balance_loss():
+    """seq_aux=False: f and P over every real token of the batch at once (one sum, not a mean of
+    per-sequence sums); the load is the same as the sequence-wise form's."""
+    rs = np.random.RandomState(9)
+    B, T, E, K = 3, 10, 8, 2
+    ids = np.stack([np.stack([rs.choice(E, K, replace=False) for _ in range(T)]) for _ in range(B)])
+    scores = rs.rand(B, T, E).astype(np.float32)
+    mask = np.ones((B, T), bool)
+    mask[1, 7:] = False
+    real = mask.reshape(-1)
+    flat_ids, flat_scores = ids.reshape(B * T, K)[real], scores.reshape(B * T, E)[real]
+    n = real.sum()
+    f = np.bincount(flat_ids.reshape(-1), minlength=E) * E / (K * n)
+    P = (flat_scores / flat_scores.sum(-1, keepdims=True)).mean(0)
+    batch = routing_stats(jnp.asarray(ids), jnp.asarray(scores), jnp.asarray(mask), K, seq_aux=False)
+    seq = routing_stats(jnp.asarray(ids), jnp.asarray(scores), jnp.asarray(mask), K)
+    np.testing.assert_allclose(batch["balance"], (f * P).sum(), rtol=1e-6)
+    np.testing.assert_allclose(batch["load"], seq["load"])
+    assert abs(float(batch["balance"]) - float(seq["balance"])) > 1e-3  # a different loss
+
+
 def test_moe_gradients_flow_to_router_and_experts_not_bias():
     config = CASES["groups4-top2"]
     ours, _ = build(config, seed=8)
