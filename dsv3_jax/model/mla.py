@@ -67,7 +67,10 @@ def latent_attention(q_lat: jax.Array, q_pe: jax.Array, latent: jax.Array, k_pe:
               + jnp.einsum("bthk,bsk->bhts", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_lat.dtype)
-    return jnp.einsum("bhts,bsr->bthr", probs, latent, preferred_element_type=jnp.float32).astype(q_lat.dtype)
+    # [B,H,T,R] then transposed: a canonical batched matmul (XLA's CPU runtime has no BF16 x BF16
+    # -> F32 kernel for the transposed layout that "bhts,bsr->bthr" lowers to at batch > 1)
+    out = jnp.einsum("bhts,bsr->bhtr", probs, latent, preferred_element_type=jnp.float32)
+    return out.transpose(0, 2, 1, 3).astype(q_lat.dtype)
 
 
 class MLA(nnx.Module):

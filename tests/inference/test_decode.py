@@ -135,6 +135,14 @@ def test_generate_on_a_mesh_equals_one_device(model):
     assert got == generate(model, prompts, 4).tokens
 
 
+def test_bf16_batch_decodes_each_row_as_alone():
+    """bf16 with several rows (XLA's CPU runtime once refused the value product's layout)."""
+    model = DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    prompts = [[5, 17, 99, 3], [7, 1, 2, 300]]
+    batched = generate(model, prompts, 3).tokens
+    assert batched == [generate(model, [p], 3).tokens[0] for p in prompts]
+
+
 def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1, 2], []], 2)
