@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.attention import dot_product_attention
@@ -125,6 +126,7 @@ class MLA(nnx.Module):
         v = constrain(v, *heads)
         with jax.named_scope("core"):
             o = constrain(dot_product_attention(q, k, v, mask, c.softmax_scale), *heads)  # [B,T,H,Kv]
+            o = checkpoint_name(o, "attention_out")  # kept under remat "selective"
         return self.o_proj(o.reshape(B, T, H * Kv))
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, view: CacheView

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import SwiGLU, init_normal
@@ -75,8 +76,9 @@ class RoutedExperts(nnx.Module):
         contiguous, run through one grouped matmul per projection, weighted in fp32 and summed
         back per token in fp32. Under a mesh, `parallel.expert` does this expert-parallel.
         """
-        return routed_experts(x, weights, expert_ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
-                              dtype=self.dtype)
+        y = routed_experts(x, weights, expert_ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
+                           dtype=self.dtype)
+        return checkpoint_name(y, "experts_out")  # kept under remat "selective"
 
 
 class MoE(nnx.Module):

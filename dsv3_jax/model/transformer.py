@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import jax
@@ -77,12 +79,49 @@ def _stack(n: int, make, rngs: nnx.Rngs):
     return build(rngs)
 
 
+REMATS = ("none", "selective", "full")
+SAVED = ("attention_out", "experts_out")  # what "selective" keeps (checkpoint_name in mla / moe)
+_remat: contextvars.ContextVar[str] = contextvars.ContextVar("dsv3_remat", default="none")
+
+
+@contextlib.contextmanager
+def remat(policy: str):
+    """Rematerialise each layer of the scanned stacks in the backward pass, for models traced
+    inside: "none" saves every residual; "full" saves only each layer's input (the scan carry)
+    and recomputes the layer; "selective" also keeps the attention core's and the routed
+    experts' outputs (the costly parts: flash attention, dispatch and grouped matmuls).
+    """
+    if policy not in REMATS:
+        raise ValueError(f"remat {policy!r}: choose from {REMATS}")
+    token = _remat.set(policy)
+    try:
+        yield
+    finally:
+        _remat.reset(token)
+
+
+def _layer_fn():
+    """layer(x, *shared), wrapped in the active remat policy."""
+    policy = _remat.get()
+
+    if policy == "none":
+        return lambda layer, x, *shared: layer(x, *shared)
+    saved = jax.checkpoint_policies.save_only_these_names(*SAVED) if policy == "selective" else None
+
+    def call(layer, x, *shared):  # pure in the layer's state (the forward pass mutates none)
+        graphdef, state = nnx.split(layer)
+        return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=saved)(state, x, *shared)
+
+    return call
+
+
 def _scan(stack, x, *shared):
     """Run a stacked layer module over its leading axis; returns (x, per-layer stats)."""
+    call = _layer_fn()
 
     @nnx.scan(in_axes=(0, nnx.Carry) + (None,) * len(shared), out_axes=(nnx.Carry, 0))
     def step(layer, x, *shared):
-        return layer(x, *shared)
+        return call(layer, x, *shared)
 
     return step(stack, x, *shared)
 

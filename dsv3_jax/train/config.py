@@ -10,6 +10,7 @@ from dsv3_jax import kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
 from dsv3_jax.fp8 import PRECISIONS
+from dsv3_jax.model.transformer import REMATS
 from dsv3_jax.parallel.expert import TRANSPORTS
 
 # The paper's token milestones as fractions of its 14.8T-token run (SPEC G).
@@ -48,6 +49,7 @@ class TrainConfig:
     attention_impl: str = "auto"  # kernels: "auto" (by backend), "xla" or "tokamax"
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
+    remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     param_dtype: str = "float32"
     vocab_chunk: int = 8192  # cross-entropy vocabulary chunk
     mask_documents: bool = True  # attention stays within a packed document (the paper did not)
@@ -74,6 +76,8 @@ class TrainConfig:
                 kernels.validate(op, getattr(self, f))
             except ValueError as e:
                 raise ValueError(f"TrainConfig.{f}: {e}") from None
+        if self.remat not in REMATS:
+            raise ValueError(f"TrainConfig.remat={self.remat!r}: choose from {REMATS}")
         if self.expert_transport not in ("auto",) + TRANSPORTS:
             raise ValueError(f"TrainConfig.expert_transport={self.expert_transport!r}: "
                              f"choose from {('auto',) + TRANSPORTS}")

@@ -1,10 +1,15 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, RouterBias
+from dsv3_jax.model.transformer import REMATS, remat
 
 CONFIG = ModelConfig.preset("tiny")
 
@@ -67,3 +72,28 @@ def test_gradients_reach_every_parameter_and_never_the_router_bias():
         assert bool(jnp.all(jnp.isfinite(g))), path
         assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
     assert len(jax.tree.leaves(nnx.state(model, RouterBias))) == 2  # moe stack + mtp stack
+
+
+def test_remat_policies_give_the_same_gradients_and_save_less():
+    config = CONFIG.replace(num_hidden_layers=2, num_nextn_predict_layers=0)  # one dense, one MoE layer
+    graphdef, params, rest = nnx.split(_model(config), nnx.Param, ...)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, config.vocab_size, (2, 16)))
+
+    def loss(p, r):  # differentiated in the router bias too (its gradient is 0): nnx wants one trace level
+        out = nnx.merge(graphdef, p, r)(tokens)
+        return jax.nn.logsumexp(out.logits, -1).mean() + out.balance_loss
+
+    def traced(policy):
+        with remat(policy):
+            residuals = saved_residuals(loss, params, rest)  # what autodiff keeps for the backward
+            grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, rest)[0]
+        return sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, _ in residuals), grads
+
+    saved, grads = zip(*(traced(p) for p in REMATS), strict=True)
+    none, selective, full = saved
+    assert none > selective > full, saved
+    for g in grads[1:]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, grads[0])
+    with pytest.raises(ValueError, match="remat 'some': choose from"):
+        with remat("some"):
+            pass
