@@ -23,6 +23,17 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def compare(out: dict, op: str, fn, impls, ref_impl: str, *args) -> None:
+    """out[op/impl] = relative errors of fn(impl, *args)'s outputs against ref_impl's."""
+    ref = jax.jit(fn, static_argnums=0)(ref_impl, *args)
+    for impl in impls:
+        try:
+            got = jax.jit(fn, static_argnums=0)(impl, *args)
+            out[f"{op}/{impl}"] = [rel(a, b) for a, b in zip(got, ref)]
+        except Exception as e:  # an implementation this backend lacks
+            out[f"{op}/{impl}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+
+
 def main():
     rs = np.random.RandomState(0)
     out = {"backend": jax.default_backend(), "devices": str(jax.devices()[0])}
@@ -37,13 +48,7 @@ def main():
         y, vjp = jax.vjp(f, x, w)
         return (y, *vjp(jnp.ones_like(y)))
 
-    ref = jax.jit(gmm, static_argnums=0)("tiled", x, w, sizes)
-    for impl in grouped_matmul.IMPLS:
-        try:
-            got = jax.jit(gmm, static_argnums=0)(impl, x, w, sizes)
-            out[f"grouped_matmul/{impl}"] = [rel(a, b) for a, b in zip(got, ref)]
-        except Exception as e:  # an implementation this backend lacks
-            out[f"grouped_matmul/{impl}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    compare(out, "grouped_matmul", gmm, grouped_matmul.IMPLS, "tiled", x, w, sizes)
 
     B, T, H = (1, 128, 2) if small else (2, 1024, 16)
     q = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
@@ -55,13 +60,7 @@ def main():
         y, vjp = jax.vjp(f, q, k, v)
         return (y, *vjp(jnp.ones_like(y)))
 
-    ref = jax.jit(attn, static_argnums=0)("xla", q, k, v)
-    for impl in attention.IMPLS:
-        try:
-            got = jax.jit(attn, static_argnums=0)(impl, q, k, v)
-            out[f"attention/{impl}"] = [rel(a, b) for a, b in zip(got, ref)]
-        except Exception as e:
-            out[f"attention/{impl}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    compare(out, "attention", attn, attention.IMPLS, "xla", q, k, v)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(), "attention": attention.default_impl()}
     print(json.dumps(out))
 
