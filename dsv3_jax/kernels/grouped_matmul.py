@@ -1,7 +1,8 @@
 """Grouped matmul for dropless MoE: rows sorted by expert, one weight matrix per group.
 
 Three implementations of the same product:
-- "tokamax": tokamax's grouped-matmul kernel (GPU default when tokamax is installed; XLA's GPU
+- "tokamax": tokamax's grouped-matmul kernel for the product and its input gradient, our Pallas
+  (Triton) kernel for the weight gradient (GPU default when tokamax is installed; XLA's GPU
   ragged_dot expands to dense and is ~60x slower there, PERF.md).
 - "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the TPU default).
 - "tiled": rows cut into fixed tiles; each (tile, expert) pair that overlaps becomes one work
@@ -19,6 +20,8 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels.choice import forced
 
@@ -97,10 +100,57 @@ def _tiled_weight_grad(x, g, group_sizes, E: int, tile: int, precision):
     return jnp.zeros((E,) + dw.shape[1:], jnp.float32).at[group].add(dw)
 
 
+def _pallas_weight_grad(x, g, group_sizes, E: int, precision, interpret: bool = False):
+    """dW[e] = x_e^T g_e as one Pallas (Triton) kernel: x [M, K], g [M, N] -> [E, K, N] fp32.
+
+    Program (e, i, j) owns the [128, 128] block (i, j) of expert e's gradient and walks that
+    expert's rows in blocks of 64 (rows past the group masked to zero), so nothing but the
+    result is written and rows outside every group (the padding) cost nothing. Measured
+    ~1.0 ms against the tiled form's ~3.6 ms for one bench-shape projection on an H200
+    (docs/benchmarks.md). K and N must be multiples of 128 (`_weight_grad` falls back).
+    """
+    M, K = x.shape
+    N = g.shape[1]
+    bm, bk, bn = _WG_BLOCK
+    ends = jnp.cumsum(group_sizes)
+    axes = _varying(x) | _varying(g) | _varying(ends)  # inside shard_map: every operand typed alike
+    x, g, ends = (_as_varying(a, axes) for a in (x, g, ends))
+    starts = ends - group_sizes
+
+    def kernel(starts_ref, ends_ref, x_ref, g_ref, out_ref):
+        e, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        start, end = starts_ref[e], ends_ref[e]
+
+        def step(r, acc):  # acc [bk, bn] += x[rows, i-block]^T g[rows, j-block]
+            row0 = start + r * bm
+            valid = (row0 + jnp.arange(bm) < end)[:, None]
+            xb = plt.load(x_ref.at[pl.ds(row0, bm), pl.ds(i * bk, bk)], mask=valid, other=0)
+            gb = plt.load(g_ref.at[pl.ds(row0, bm), pl.ds(j * bn, bn)], mask=valid, other=0)
+            return acc + plt.dot(xb, gb, trans_a=True, precision=precision)
+
+        out_ref[...] = jax.lax.fori_loop(0, (end - start + bm - 1) // bm, step, jnp.zeros((bk, bn), jnp.float32))
+
+    return pl.pallas_call(
+        kernel, out_shape=_struct_like((E, K, N), jnp.float32, x), grid=(E, K // bk, N // bn),
+        out_specs=pl.BlockSpec((None, bk, bn), lambda e, i, j: (e, i, j)), interpret=interpret,
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=3),
+    )(starts, ends, x, g)
+
+
+_WG_BLOCK = (64, 128, 128)  # rows per step, K block, N block (fastest measured on the H200)
+
+
+def _weight_grad(x, g, group_sizes, E: int, precision):
+    """The grouped weight gradient: the Pallas kernel where its blocks tile [K, N], else tiled."""
+    if x.shape[1] % _WG_BLOCK[1] or g.shape[1] % _WG_BLOCK[2]:
+        return _tiled_weight_grad(x, g, group_sizes, E, 128, precision)
+    return _pallas_weight_grad(x, g, group_sizes, E, precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tokamax(x, w, group_sizes, precision):
     """tokamax's kernel forward and input gradient; its weight gradient measured wrong on the
-    H200 (tokamax 0.0.17: 55% max error vs the portable path), so that one is ours (tiled)."""
+    H200 (tokamax 0.0.17: 55% max error vs the portable path), so that one is ours (Pallas)."""
     import tokamax
 
     out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype)
@@ -113,8 +163,21 @@ def _vary_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:
     Inside `shard_map` the tokamax kernel returns an array typed as replicated whatever its
     inputs (tokamax 0.0.17), which breaks the gradient's types under expert parallelism.
     """
-    axes = frozenset().union(*map(_varying, inputs)) - _varying(out)
-    return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
+    return _as_varying(out, frozenset().union(*map(_varying, inputs)))
+
+
+def _as_varying(a: jax.Array, axes: frozenset) -> jax.Array:
+    """`a` typed as varying over `axes` too (a no-op outside shard_map)."""
+    missing = axes - _varying(a)
+    return jax.lax.pcast(a, tuple(sorted(missing)), to="varying") if missing else a
+
+
+def _struct_like(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """An output type for pallas_call varying over the same manual mesh axes as `like`."""
+    t = jax.typeof(like)
+    if hasattr(t, "manual_axis_type"):
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=t.manual_axis_type)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=t.vma)
 
 
 def _tokamax_fwd(x, w, group_sizes, precision):
@@ -124,7 +187,7 @@ def _tokamax_fwd(x, w, group_sizes, precision):
 def _tokamax_bwd(precision, res, g):
     x, w, group_sizes = res
     dx = _tokamax(g.astype(x.dtype), w.transpose(0, 2, 1), group_sizes, precision)
-    dw = _tiled_weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], 128, precision)
+    dw = _weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], precision)
     return _sum_to_vma(dx, x), _sum_to_vma(dw, w).astype(w.dtype), None
 
 
