@@ -1,4 +1,5 @@
-"""Cached decode benchmark: `python tools/bench.py decode --preset bench --batch 32 --prompt-len 1024 --new-tokens 64 [--mtp]`.
+"""Cached decode benchmark:
+`python tools/bench.py decode --preset bench --batch 32 --prompt-len 1024 --new-tokens 64 [--mtp]`.
 
 Random bf16 weights, random prompts (all of --prompt-len tokens), greedy. Prints ONE JSON line:
 decode tokens/s (new tokens after the first / decode time), prefill seconds, ms per step, the HBM
@@ -6,23 +7,28 @@ roofline (weights read per step + cache bytes, at 4.8 TB/s) and the % of it reac
 bytes per token; with --mtp also the speculative acceptance rate and speed-up over plain decode.
 The roofline assumes every routed expert is read each step (32 tokens x top-6 of 64 experts
 touch nearly all, as PERF.md counts) and leaves out the embedding table and the MTP module.
+`--profile DIR` traces one more generate call (`tools/profile_summary.py DIR --steps 1`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3_jax.config import ModelConfig
-from dsv3_jax.inference import cache_bytes_per_token, generate, load_model
-from dsv3_jax.inference.decode import bucket, cache_size
-from dsv3_jax.model import DeepSeekV3
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv3_jax.config import ModelConfig  # noqa: E402
+from dsv3_jax.inference import cache_bytes_per_token, generate, load_model  # noqa: E402
+from dsv3_jax.inference.decode import bucket, cache_size  # noqa: E402
+from dsv3_jax.model import DeepSeekV3  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
 
@@ -51,6 +57,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--mtp", action="store_true", help="also run MTP speculative decoding")
+    p.add_argument("--profile", help="write a jax.profiler trace of one timed generate call here "
+                   "(`tools/profile_summary.py DIR --steps 1`)")
     p.add_argument("--ckpt", help="a trained checkpoint instead of random weights (random MTP drafts are "
                                   "almost never accepted, so acceptance and speed-up need one)")
     p.add_argument("--dtype", help="params and compute (default bfloat16; float32 on CPU, whose runtime "
@@ -95,6 +103,9 @@ def main() -> None:
         out.update(mtp_acceptance_rate=spec.acceptance_rate, mtp_decode_tokens_per_s=spec_rate,
                    mtp_speedup=spec_rate / out["decode_tokens_per_s"], mtp_steps=spec.steps,
                    mtp_equals_greedy=spec.tokens == result.tokens)
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            run(args.new_tokens)
     print(json.dumps(out))
 
 

@@ -6,7 +6,8 @@ state. Prints ONE JSON line: tokens/s and MFU from the median step time over the
 (after `--warmup` untimed ones, the first of which compiles), FLOPs per token from
 `tools/count_flops.py` (PERF.md's convention, against 989 TFLOP/s dense bf16), compile seconds
 and peak device memory (`memory_stats`, null where the backend has none). `--profile DIR` also
-writes a jax.profiler trace of two timed steps (where the time goes, op by op).
+writes a jax.profiler trace of two timed steps and the compiled program's HLO text (where
+the time goes, op by op and by model scope: `tools/profile_summary.py DIR`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main() -> None:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            with open(os.path.join(args.profile, "train_step.hlo.txt"), "w") as f:
+                f.write(compiled.as_text())  # op metadata for tools/profile_summary.py
             with jax.profiler.trace(args.profile, create_perfetto_trace=True):
                 for _ in range(2):
                     state, metrics = compiled(state, batch)

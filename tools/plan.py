@@ -105,8 +105,9 @@ def table(r: dict) -> str:
              f"({r['local_batch']} per device), {r['accum']} micro-batch(es)/step", "per device:"]
     lines += [f"  {name:<52} {fmt_bytes(v):>14}" for name, v in rows]
     if act:
-        lines.append(f"  activations: none {fmt_bytes(act['none'])}, full {fmt_bytes(act['full'])}; per layer (none) "
-                     f"dense {fmt_bytes(act['per_layer_none']['dense'])}, moe {fmt_bytes(act['per_layer_none']['moe'])}")
+        lines.append(f"  activations: none {fmt_bytes(act['none'])}, full {fmt_bytes(act['full'])}; "
+                     f"per layer (none) dense {fmt_bytes(act['per_layer_none']['dense'])}, "
+                     f"moe {fmt_bytes(act['per_layer_none']['moe'])}")
     if "fits" in r:
         lines.append(f"  fits in {r['hbm_gib']} GiB (90% usable): {r['fits']}")
     if "lowered" in r:
@@ -115,7 +116,8 @@ def table(r: dict) -> str:
     if "xla_memory" in r:
         m = r["xla_memory"]
         lines.append(f"  XLA memory analysis: arguments {fmt_bytes(m['argument'])}, "
-                     f"outputs {fmt_bytes(m['output'])} (aliased {fmt_bytes(m['alias'])}), temporaries {fmt_bytes(m['temp'])}")
+                     f"outputs {fmt_bytes(m['output'])} (aliased {fmt_bytes(m['alias'])}), "
+                     f"temporaries {fmt_bytes(m['temp'])}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,13 @@ create_perfetto_trace=True)`, as `tools/bench.py train --profile DIR` does), kee
 events on device (GPU/TPU) timelines and prints one JSON object: milliseconds per step for
 each op class and for the top kernels. Classes come from the kernel names (XLA fusion and
 library names), so they are a guide, not an exact attribution.
+
+Where the directory also holds compiled programs' HLO text (`*.hlo.txt`, which `bench.py
+train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text` dumps),
+each kernel is traced back to the HLO op it ran for and that op's `op_name` metadata, and
+time is also summed by program and model scope (the `jax.named_scope` path, e.g.
+`train_step: moe_layers/moe/experts bwd`, "bwd" marking the backward pass). GPU command buffers hide the op
+behind each kernel; profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them all.
 """
 
 from __future__ import annotations
@@ -41,6 +48,51 @@ def device_events(path: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in device and "dur" in e]
 
 
+HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
+HLO_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)", re.M)
+NOT_SCOPES = {"while", "body", "cond", "checkpoint", "remat", "rematted_computation", "closed_call", "pjit",
+              "shard_map", "main", "eval_jaxpr"}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_").replace("-", "_")
+
+
+def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
+    """(HLO module, instruction name with '.'/'-' written '_' as in kernel names) -> op_name
+    metadata; module "" holds every instruction too, for traces that do not name the module."""
+    out = {}
+    paths = [p for pattern in ("*.hlo.txt", "*after_optimizations.txt")
+             for p in glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True)]
+    for path in sorted(paths, key=os.path.getsize):  # where names repeat across programs, the largest wins
+        with open(path) as f:
+            text = f.read()
+        module = HLO_MODULE.search(text)
+        for name, op in HLO_OP.findall(text):
+            out[("", _key(name))] = op
+            if module:
+                out[(module.group(1), _key(name))] = op
+    return out
+
+
+def scope(op_name: str) -> str:
+    """'jit(step)/transpose(jvp(moe_layers))/while/body/moe/experts/dot_general' ->
+    'step: moe_layers/moe/experts bwd': the program, its named scopes, and whether it is the
+    backward pass."""
+    if "/" not in op_name:
+        return "(top level)"
+    root, *parts = op_name.split("/")[:-1]  # the jit(...) root, scopes; the primitive dropped
+    names = []
+    for part in parts:
+        if part.startswith(("jit(", "pjit(")):  # a jitted helper (jnp.clip, ...), not a scope
+            continue
+        inner = re.sub(r"^(?:\w+\()+|\)+$", "", part)  # transpose(jvp(moe_layers)) -> moe_layers
+        if re.fullmatch(r"[a-z_][a-z0-9_]*", inner) and inner not in NOT_SCOPES:
+            names.append(inner)
+    program = re.sub(r"^p?jit\((.*)\)$", r"\1", root)
+    return f"{program}: " + ("/".join(names) or "(top level)") + (" bwd" if "transpose(" in op_name else "")
+
+
 def classify(name: str) -> str:
     low = name.lower()
     return next((c for c, pattern in CLASSES if re.search(pattern, low)), "other")
@@ -50,18 +102,28 @@ def summarize(trace_dir: str, steps: int, top: int) -> dict:
     paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"no *trace.json.gz under {trace_dir}: trace with create_perfetto_trace=True")
+    metadata = op_names(trace_dir)
     by_name: collections.Counter = collections.Counter()
+    by_scope: collections.Counter = collections.Counter()
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
     for e in device_events(max(paths, key=os.path.getsize)):
-        by_name[e["name"]] += e["dur"] / 1e3 / steps  # us -> ms per step
+        ms = e["dur"] / 1e3 / steps  # us -> ms per step
         args = e.get("args", {})
-        ops.setdefault(e["name"], str(args.get("long_name") or args.get("hlo_op") or "")[:160])
+        hlo_op, module = str(args.get("hlo_op") or ""), str(args.get("hlo_module") or "")
+        op_name = next((metadata[k] for k in ((module, _key(hlo_op)), ("", _key(hlo_op)), ("", e["name"]))
+                        if k in metadata), "")
+        by_name[e["name"]] += ms
+        by_scope[scope(op_name) if op_name else "(unattributed)"] += ms
+        ops.setdefault(e["name"], op_name[:200] or hlo_op)
     by_class: collections.Counter = collections.Counter()
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
-    return {"device_ms_per_step": round(sum(by_name.values()), 2),
-            "by_class_ms": {c: round(ms, 2) for c, ms in by_class.most_common()},
-            "top_kernels_ms": [[n[:120], round(ms, 3), classify(n), ops[n]] for n, ms in by_name.most_common(top)]}
+    out = {"device_ms_per_step": round(sum(by_name.values()), 2),
+           "by_class_ms": {c: round(ms, 2) for c, ms in by_class.most_common()},
+           "top_kernels_ms": [[n[:120], round(ms, 3), classify(n), ops[n]] for n, ms in by_name.most_common(top)]}
+    if metadata:
+        out["by_scope_ms"] = {s: round(ms, 2) for s, ms in by_scope.most_common(top)}
+    return out
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels.choice import forced
+from dsv3_jax.kernels.vma import as_varying, cotangent_like, struct_like, vary_like, varying
 
 IMPLS = ("tokamax", "ragged", "tiled")
 
@@ -113,8 +114,8 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, interpret: bool = 
     N = g.shape[1]
     bm, bk, bn = _WG_BLOCK
     ends = jnp.cumsum(group_sizes)
-    axes = _varying(x) | _varying(g) | _varying(ends)  # inside shard_map: every operand typed alike
-    x, g, ends = (_as_varying(a, axes) for a in (x, g, ends))
+    axes = varying(x) | varying(g) | varying(ends)  # inside shard_map: every operand typed alike
+    x, g, ends = (as_varying(a, axes) for a in (x, g, ends))
     starts = ends - group_sizes
 
     def kernel(starts_ref, ends_ref, x_ref, g_ref, out_ref):
@@ -131,7 +132,7 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, interpret: bool = 
         out_ref[...] = jax.lax.fori_loop(0, (end - start + bm - 1) // bm, step, jnp.zeros((bk, bn), jnp.float32))
 
     return pl.pallas_call(
-        kernel, out_shape=_struct_like((E, K, N), jnp.float32, x), grid=(E, K // bk, N // bn),
+        kernel, out_shape=struct_like((E, K, N), jnp.float32, x), grid=(E, K // bk, N // bn),
         out_specs=pl.BlockSpec((None, bk, bn), lambda e, i, j: (e, i, j)), interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=3),
     )(starts, ends, x, g)
@@ -154,30 +155,7 @@ def _tokamax(x, w, group_sizes, precision):
     import tokamax
 
     out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype)
-    return _vary_like(out, x, w, group_sizes)
-
-
-def _vary_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:
-    """`out` typed as varying over every manual mesh axis its inputs vary over.
-
-    Inside `shard_map` the tokamax kernel returns an array typed as replicated whatever its
-    inputs (tokamax 0.0.17), which breaks the gradient's types under expert parallelism.
-    """
-    return _as_varying(out, frozenset().union(*map(_varying, inputs)))
-
-
-def _as_varying(a: jax.Array, axes: frozenset) -> jax.Array:
-    """`a` typed as varying over `axes` too (a no-op outside shard_map)."""
-    missing = axes - _varying(a)
-    return jax.lax.pcast(a, tuple(sorted(missing)), to="varying") if missing else a
-
-
-def _struct_like(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
-    """An output type for pallas_call varying over the same manual mesh axes as `like`."""
-    t = jax.typeof(like)
-    if hasattr(t, "manual_axis_type"):
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=t.manual_axis_type)
-    return jax.ShapeDtypeStruct(shape, dtype, vma=t.vma)
+    return vary_like(out, x, w, group_sizes)
 
 
 def _tokamax_fwd(x, w, group_sizes, precision):
@@ -188,21 +166,7 @@ def _tokamax_bwd(precision, res, g):
     x, w, group_sizes = res
     dx = _tokamax(g.astype(x.dtype), w.transpose(0, 2, 1), group_sizes, precision)
     dw = _weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], precision)
-    return _sum_to_vma(dx, x), _sum_to_vma(dw, w).astype(w.dtype), None
-
-
-def _varying(a: jax.Array) -> frozenset:
-    """The manual mesh axes `a` is typed as varying over (`vma` before jax 0.10)."""
-    t = jax.typeof(a)
-    mat = getattr(t, "manual_axis_type", None)
-    return mat.varying if mat is not None else frozenset(getattr(t, "vma", ()))
-
-
-def _sum_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """A cotangent summed over the manual mesh axes its primal does not vary over (the
-    transpose of the implicit broadcast, e.g. weights replicated over the token axes)."""
-    axes = _varying(ct) - _varying(primal)
-    return jax.lax.psum(ct, tuple(sorted(axes))) if axes else ct
+    return cotangent_like(dx, x), cotangent_like(dw, w).astype(w.dtype), None
 
 
 _tokamax.defvjp(_tokamax_fwd, _tokamax_bwd)

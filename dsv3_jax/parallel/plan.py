@@ -181,7 +181,8 @@ def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention
             out = model(tokens)
         head = model.lm_head.kernel[...]
         ce = lambda h: chunked_cross_entropy(h.reshape(batch * seq, -1), head, tokens.reshape(-1),
-                                             jnp.ones((batch * seq,), bool), chunk=8192, dtype=model.lm_head.dtype)[0]
+                                             jnp.ones((batch * seq,), bool), chunk=TrainConfig.loss_chunk,
+                                             dtype=model.lm_head.dtype)[0]
         mtp = sum(ce(h) for h in out.mtp_hidden_states) if out.mtp_hidden_states is not None else 0.0
         return ce(out.hidden_states) + mtp + out.balance_loss
 

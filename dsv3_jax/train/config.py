@@ -51,7 +51,7 @@ class TrainConfig:
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     param_dtype: str = "float32"
-    vocab_chunk: int = 8192  # cross-entropy vocabulary chunk
+    loss_chunk: int = 1024  # tokens per cross-entropy chunk ([chunk, vocab] fp32 logits at a time)
     mask_documents: bool = True  # attention stays within a packed document (the paper did not)
     log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10
     checkpoint_every: int = 100
@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "vocab_chunk"):
+        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)}: must be >= 1")
         if self.ramp_start_accum is not None and not 1 <= self.ramp_start_accum <= self.grad_accum:

@@ -1,44 +1,95 @@
-"""Training losses: next-token and MTP cross-entropy in vocabulary chunks, and their targets."""
+"""Training losses: next-token and MTP cross-entropy in token chunks, and their targets."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.model.layers import einsum
-
 
 def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, *,
                           chunk: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """Mean -log softmax(h w)[target] over masked tokens, never forming [N, V] logits.
+    """Mean -log softmax(h w)[target] over masked tokens, never forming all [N, V] logits.
 
     h [N,D], w [D,V] (the LM head), targets/mask [N] -> (mean loss, token count).
-    The vocabulary is scanned in `chunk`-wide slices with an online logsumexp; each slice is
-    rematerialised in the backward pass, so memory is O(N * chunk) both ways.
+    Tokens are taken `chunk` at a time (chunk c holds tokens c, c + C, c + 2C, ..., so a
+    batch-sharded N stays sharded inside each chunk); each chunk's [chunk, V] logits are exact
+    fp32 sums of `dtype` products. When differentiated, the forward pass also forms both
+    gradients from the same logits (softmax minus one-hot), so the backward pass only scales
+    them: three GEMMs per chunk instead of four with a recomputed forward.
     """
-    N, (D, V) = h.shape[0], w.shape
-    chunk = min(chunk, V)
-    n_chunks = -(-V // chunk)
-    w = jnp.pad(w, ((0, 0), (0, n_chunks * chunk - V))).reshape(D, n_chunks, chunk).transpose(1, 0, 2)  # [C,D,Vc]
-
-    @jax.checkpoint
-    def body(carry, xs):
-        m, s, t = carry  # running max, sum of exp(logit - m), target logit: [N] each
-        w_c, c = xs
-        logits = einsum("nd,dv->nv", h, w_c, dtype=dtype).astype(jnp.float32)  # [N,Vc]
-        col = c * chunk + jnp.arange(chunk)
-        logits = jnp.where(col[None, :] < V, logits, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(-1))
-        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
-        hit = col[None, :] == targets[:, None]
-        t = t + jnp.where(hit, logits, 0.0).sum(-1)
-        return (m_new, s, t), None
-
-    init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
-    (m, s, t), _ = jax.lax.scan(body, init, (w, jnp.arange(n_chunks)))
-    nll = m + jnp.log(s) - t
     count = mask.sum()
-    return jnp.where(mask, nll, 0.0).sum() / jnp.maximum(count, 1), count
+    weight = mask.astype(jnp.float32) / jnp.maximum(count, 1)  # [N]: each token's share of the mean
+    return _weighted_nll(h, w, targets.astype(jnp.int32), weight, min(chunk, h.shape[0]), jnp.dtype(dtype)), count
+
+
+def _chunks(a: jax.Array, n_chunks: int) -> jax.Array:
+    """[N, ...] -> [C, N/C, ...] with token n in chunk n % C (rows padded to a multiple of C)."""
+    pad = -a.shape[0] % n_chunks
+    a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+    return a.reshape((-1, n_chunks) + a.shape[1:]).swapaxes(0, 1)
+
+
+def _unchunk(a: jax.Array, n: int) -> jax.Array:
+    return a.swapaxes(0, 1).reshape((-1,) + a.shape[2:])[:n]
+
+
+def _logits(h: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """[n,D] x [D,V] -> [n,V]: `dtype` operands, fp32 accumulation and result."""
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jnp.einsum("nd,dv->nv", h.astype(dtype), w.astype(dtype), precision=precision,
+                      preferred_element_type=jnp.float32)
+
+
+def _chunk_nll(h, w, targets, dtype):
+    """One chunk: logits [n,V] fp32, log-sum-exp [n], -log p(target) [n]."""
+    logits = _logits(h, w, dtype)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits, lse, lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_nll(h, w, targets, weight, chunk: int, dtype):
+    """sum_n weight[n] * -log softmax(h w)[n, targets[n]], chunk tokens at a time."""
+    n_chunks = -(-h.shape[0] // chunk)
+
+    def body(total, xs):
+        h_c, t_c, wt_c = xs
+        return total + (wt_c * _chunk_nll(h_c, w, t_c, dtype)[2]).sum(), None
+
+    xs = (_chunks(h, n_chunks), _chunks(targets, n_chunks), _chunks(weight, n_chunks))
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
+
+
+def _weighted_nll_fwd(h, w, targets, weight, chunk, dtype):
+    """The loss and its gradients dh [N,D], dw [D,V] (fp32) in one pass over the chunks."""
+    n_chunks = -(-h.shape[0] // chunk)
+    w_c = w.astype(dtype)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def body(carry, xs):
+        total, dw = carry
+        h_c, t_c, wt_c = xs
+        logits, lse, nll = _chunk_nll(h_c, w_c, t_c, dtype)
+        probs = jnp.exp(logits - lse[:, None])
+        dlogits = (wt_c[:, None] * (probs - jax.nn.one_hot(t_c, w.shape[1], dtype=jnp.float32))).astype(dtype)
+        dh = jnp.einsum("nv,dv->nd", dlogits, w_c, precision=precision, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("nd,nv->dv", h_c.astype(dtype), dlogits, precision=precision,
+                             preferred_element_type=jnp.float32)
+        return (total + (wt_c * nll).sum(), dw), dh.astype(h.dtype)
+
+    xs = (_chunks(h, n_chunks), _chunks(targets, n_chunks), _chunks(weight, n_chunks))
+    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32)), xs)
+    return total, (_unchunk(dh, h.shape[0]), dw.astype(w.dtype))
+
+
+def _weighted_nll_bwd(chunk, dtype, res, g):
+    dh, dw = res
+    return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
 def shifted_targets(tokens: jax.Array, segment_ids: jax.Array, shift: int, same_document: bool

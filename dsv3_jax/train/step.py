@@ -72,8 +72,9 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
 
         def ce(h, shift):
             targets, valid = shifted_targets(tokens, seg, shift, c.mask_documents)
-            return chunked_cross_entropy(h.reshape(B * T, -1), head, targets.reshape(-1), valid.reshape(-1),
-                                         chunk=c.vocab_chunk, dtype=dtype)
+            with jax.named_scope("loss"):
+                return chunked_cross_entropy(h.reshape(B * T, -1), head, targets.reshape(-1), valid.reshape(-1),
+                                             chunk=c.loss_chunk, dtype=dtype)
 
         lm, n_tokens = ce(out.hidden_states, 1)
         mtp = sum(ce(out.mtp_hidden_states[k], k + 2)[0] for k in range(N)) / N if N else jnp.zeros(())
@@ -101,8 +102,9 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
 
         lr = schedule.learning_rate(c, frac)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
         bias = update_bias(state.bias, aux["load"], schedule.bias_gamma(c, frac), config.num_moe_layers)
         new = TrainState(state.step + 1, state.micro_batches + A, params, bias, opt_state)
 

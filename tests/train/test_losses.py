@@ -21,9 +21,24 @@ def test_chunked_cross_entropy_equals_full_softmax_in_value_and_gradient():
         return chunked_cross_entropy(h, w, targets, mask, chunk=16, dtype=jnp.float32)[0]
 
     np.testing.assert_allclose(chunked(h, w), full(h, w), rtol=1e-5)
-    for a, b in zip(jax.grad(chunked, (0, 1))(h, w), jax.grad(full, (0, 1))(h, w)):
+    value, grads = jax.value_and_grad(chunked, (0, 1))(h, w)  # the forward pass that also forms gradients
+    np.testing.assert_allclose(value, full(h, w), rtol=1e-5)
+    for a, b in zip(grads, jax.grad(full, (0, 1))(h, w)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert int(chunked_cross_entropy(h, w, targets, mask, chunk=16, dtype=jnp.float32)[1]) == int(mask.sum())
+
+
+def test_bf16_cross_entropy_stays_near_float32():
+    """bf16 operands with fp32 accumulation: loss and gradients within bf16 rounding of fp32."""
+    rs = np.random.RandomState(1)
+    N, D, V = 40, 32, 300
+    h, w = jnp.asarray(rs.randn(N, D), jnp.float32), jnp.asarray(rs.randn(D, V) * 0.2, jnp.float32)
+    targets, mask = jnp.asarray(rs.randint(0, V, N)), jnp.ones((N,), bool)
+    loss = lambda dtype: lambda h, w: chunked_cross_entropy(h, w, targets, mask, chunk=16, dtype=dtype)[0]
+    (v16, g16), (v32, g32) = (jax.value_and_grad(loss(d), (0, 1))(h, w) for d in (jnp.bfloat16, jnp.float32))
+    np.testing.assert_allclose(v16, v32, rtol=1e-2)
+    for a, b in zip(g16, g32):
+        assert float(jnp.abs(a - b).max()) < 2e-2 * float(jnp.abs(b).max())
 
 
 def test_targets_shift_and_mask_by_hand():
