@@ -80,13 +80,46 @@ def choose_transport(requested: str = "auto", platform: str | None = None, n_ep:
 # local steps (shared by the single-device and the per-device path)
 
 
+@jax.custom_vjp
+def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x [M,D] -> x[index] [len(index),D], where index == M gives a zero row.
+
+    `index` must send distinct output rows to distinct rows of x, and `inverse` [M] be its
+    inverse (for each row of x the output row holding it, len(index) if none): the gradient is
+    then the gather g[inverse] instead of a scatter-add (GPU scatters of bf16 rows are slow).
+    """
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
+
+
+def _take_rows_fwd(x, index, inverse):
+    return take_rows(x, index, inverse), (index, inverse)
+
+
+def _take_rows_bwd(res, g):
+    index, inverse = res
+    return take_rows(g, inverse, index), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def inverse_permutation(perm: jax.Array, size: int | None = None) -> jax.Array:
+    """perm [n] (distinct values < size, default n) -> inv [size], inv[perm[i]] = i; n where
+    no i maps there."""
+    n = perm.shape[0]
+    size = n if size is None else size
+    return jnp.full((size,), n, jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+
+
 def sort_by_expert(x: jax.Array, expert_ids: jax.Array, n_experts: int):
-    """x [N,D], expert_ids [N,K] -> rows [N*K,D] grouped by expert, order, source token, counts [E]."""
+    """x [N,D], expert_ids [N,K] -> rows [N*K,D] grouped by expert, the sort as (order, its
+    inverse) over the N*K (token, slot) assignments, counts [E]."""
     N, K = expert_ids.shape
     flat = expert_ids.reshape(N * K)
-    order = jnp.argsort(flat, stable=True)  # [N*K]
-    token = order // K
-    return x[token], order, token, jnp.bincount(flat, length=n_experts)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> assignment n*K + k
+    inverse = inverse_permutation(order)
+    xs = take_rows(jnp.repeat(x, K, axis=0), order, inverse)  # [N,D] -> [N*K,D] -> sorted
+    return xs, (order, inverse), jnp.bincount(flat, length=n_experts)
 
 
 def expert_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -99,16 +132,18 @@ def expert_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.A
     return grouped_matmul(h, down, group_sizes, recipe)  # [M,F] -> [M,D]
 
 
-def combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, n: int) -> jax.Array:
+def combine(y: jax.Array, weights: jax.Array, sort: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rows y [N*K,D] in sorted order -> sum_k weights[n,k] * y per token, [N,D] fp32."""
-    y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n, y.shape[-1]), jnp.float32).at[token].add(y)
+    order, inverse = sort
+    N, K = weights.shape
+    y = take_rows(y, inverse, order).reshape(N, K, -1)  # back to (token, slot) order: [N*K,D] -> [N,K,D]
+    return (y.astype(jnp.float32) * weights[..., None]).sum(1)
 
 
 def _local(x, weights, expert_ids, gate, up, down, dtype):
-    xs, order, token, counts = sort_by_expert(x.astype(dtype), expert_ids, gate.shape[0])
+    xs, sort, counts = sort_by_expert(x.astype(dtype), expert_ids, gate.shape[0])
     y = expert_ffn(xs, counts, gate, up, down)
-    return combine(y, weights, order, token, x.shape[0]).astype(dtype)
+    return combine(y, weights, sort).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +192,10 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
 
 def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport, varying):
     """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
-    n = x.shape[0]
-    xs, order, token, counts = sort_by_expert(x, expert_ids, gate.shape[0] * n_ep)
+    xs, sort, counts = sort_by_expert(x, expert_ids, gate.shape[0] * n_ep)
     y = _exchange(xs, counts, gate, up, down, n_ep, transport, varying) if n_ep > 1 else expert_ffn(
         xs, counts, gate, up, down)
-    out = combine(y, weights, order, token, n)
+    out = combine(y, weights, sort)
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum
         out = jax.lax.psum(out, psum_axis)
     return out.astype(dtype)
@@ -187,9 +221,10 @@ def _exchange(xs, counts, gate, up, down, n_ep, transport, varying):
     else:
         recv, send_back, starts = _dense(xs, sent, me)
     local = _local_expert_ids(starts, mine, recv.shape[0])  # [P*R]
-    order = jnp.argsort(local, stable=True)
-    y = expert_ffn(recv[order], mine.sum(0), gate, up, down)  # padding rows sort last, come out 0
-    return send_back(y[jnp.argsort(order)])
+    order = jnp.argsort(local, stable=True).astype(jnp.int32)
+    inverse = inverse_permutation(order)
+    y = expert_ffn(take_rows(recv, order, inverse), mine.sum(0), gate, up, down)  # padding rows sort last, come out 0
+    return send_back(take_rows(y, inverse, order))
 
 
 def _local_expert_ids(starts: jax.Array, mine: jax.Array, n_rows: int) -> jax.Array:
@@ -247,17 +282,22 @@ _ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
 
 
 def _dense(xs, sent, me):
-    """all_to_all of a [P, R, D] buffer: slot [p, i] holds my i-th row for device p."""
+    """all_to_all of a [P*R, D] buffer: block p, row i holds my i-th row for device p.
+
+    My rows for device p are the contiguous run xs[first[p] : first[p] + sent[me, p]] (xs is
+    sorted by expert, experts by device), so the buffer is a gather of xs, and so is its gradient.
+    """
     R, D = xs.shape
     P = sent.shape[0]
     send_sizes = sent[me]
-    dest = jnp.searchsorted(jnp.cumsum(send_sizes), jnp.arange(R), side="right")  # [R]
-    slot = jnp.arange(R) - _exclusive_cumsum(send_sizes)[dest]
-    buf = jnp.zeros((P, R, D), xs.dtype).at[dest, slot].set(xs).reshape(P * R, D)  # [P,R,D] -> [P*R,D]
-    recv = jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)  # block q: rows from device q
+    first = _exclusive_cumsum(send_sizes)  # [P]
+    i = jnp.arange(R, dtype=jnp.int32)
+    source = jnp.where(i[None, :] < send_sizes[:, None], first[:, None] + i[None, :], R).reshape(P * R)  # R = zero row
+    dest = jnp.searchsorted(jnp.cumsum(send_sizes), i, side="right")  # [R] device of each of my rows
+    slot = (dest * R + i - first[dest]).astype(jnp.int32)  # [R] its place in the buffer
+    recv = jax.lax.all_to_all(take_rows(xs, source, slot), "expert", 0, 0, tiled=True)  # block q: from device q
 
     def send_back(y):
-        back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(P, R, D)  # [P*R,D] -> [P,R,D]
-        return back[dest, slot]
+        return take_rows(jax.lax.all_to_all(y, "expert", 0, 0, tiled=True), slot, source)
 
     return recv, send_back, jnp.arange(P) * R

@@ -66,3 +66,19 @@ def test_transport_selection():
     with pytest.raises(ValueError, match="choose from"):
         with expert_transport("fast"):
             pass
+
+
+def test_take_rows_gathers_both_ways_and_matches_a_plain_gather():
+    """A partial permutation with zero rows (index == len(x)): value and gradient equal
+    autodiff through numpy-style indexing of x padded with a zero row."""
+    from dsv3_jax.parallel.expert import inverse_permutation, take_rows
+
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    index = jnp.asarray([3, 5, 0, 5, 4, 1, 2], jnp.int32)  # 7 output rows, two of them zero
+    inverse = jnp.asarray([2, 5, 6, 0, 4], jnp.int32)  # row j of x lands in output row inverse[j]
+    np.testing.assert_array_equal(inverse_permutation(jnp.asarray([3, 0, 4, 1, 2], jnp.int32)), [1, 3, 4, 0, 2])
+    g = jax.random.normal(jax.random.key(2), (7, 3))
+    plain = lambda x: jnp.concatenate([x, jnp.zeros((1, 3))])[index]
+    np.testing.assert_array_equal(take_rows(x, index, inverse), plain(x))
+    np.testing.assert_allclose(jax.vjp(lambda x: take_rows(x, index, inverse), x)[1](g)[0],
+                               jax.vjp(plain, x)[1](g)[0])
