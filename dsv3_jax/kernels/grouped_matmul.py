@@ -54,10 +54,40 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     if impl == "tokamax":
         out = _tokamax(x, w, group_sizes, precision)  # accumulates in fp32 inside the kernel
     elif impl == "ragged":
-        out = jax.lax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=jnp.float32)
+        out = _ragged(x, w, group_sizes, precision)
     else:
         out = _tiled(x, w, group_sizes, min(tile, x.shape[0]), precision)
     return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ragged(x, w, group_sizes, precision):
+    """`jax.lax.ragged_dot` with fp32 accumulation, rounded once to x's dtype. A custom gradient
+    (as for the einsum wrapper, model/layers.py): autodiff would differentiate through the fp32
+    accumulator and run both backward products on fp32 operands (multi-pass on TPU/GPU)."""
+    return jax.lax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=jnp.float32
+                              ).astype(x.dtype)
+
+
+def _ragged_fwd(x, w, group_sizes, precision):
+    return _ragged(x, w, group_sizes, precision), (x, w, group_sizes)
+
+
+def _ragged_bwd(precision, res, g):
+    """dx = g w_e^T per group (ragged rows); dW[e] = x_e^T g_e (ragged contraction): x's dtype
+    operands, fp32 accumulation, one rounding to the primal's dtype."""
+    x, w, group_sizes = res
+    g = g.astype(x.dtype)
+    dx = jax.lax.ragged_dot(g, w.transpose(0, 2, 1), group_sizes, precision=precision,
+                            preferred_element_type=jnp.float32).astype(x.dtype)
+    by_group = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                                 lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    dw = jax.lax.ragged_dot_general(x, g, group_sizes, by_group, precision=precision,
+                                    preferred_element_type=jnp.float32)  # [M,K] x [M,N] -> [E,K,N]
+    return cotangent_like(dx, x), cotangent_like(dw, w).astype(w.dtype), None
+
+
+_ragged.defvjp(_ragged_fwd, _ragged_bwd)
 
 
 def _work_items(group_sizes, M: int, E: int, tile: int):

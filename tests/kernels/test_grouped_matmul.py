@@ -72,3 +72,29 @@ def test_pallas_weight_gradient_matches_numpy(sizes):
     got = _pallas_weight_grad(jnp.asarray(x), jnp.asarray(g), jnp.asarray(sizes, jnp.int32), len(sizes),
                               jax.lax.Precision.HIGHEST, interpret=True)
     np.testing.assert_allclose(got, per_group_weight_grad(x, g, sizes), rtol=1e-5, atol=1e-4)
+
+
+def test_ragged_backward_products_take_bf16_operands():
+    """The "ragged" impl's gradient runs both backward products on bf16 operands (fp32
+    accumulation), not on the fp32 accumulator's cotangent; values match float64 NumPy."""
+    rs = np.random.RandomState(4)
+    x, w = rs.randn(40, 16).astype(np.float32), (rs.randn(3, 16, 8) * 0.3).astype(np.float32)
+    sizes = [11, 0, 25]
+    g = rs.randn(40, 8).astype(np.float32)
+    xb, wb, gb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, g))
+
+    def loss(x, w):
+        return (grouped_matmul(x, w, jnp.asarray(sizes), impl="ragged").astype(jnp.float32) * gb).sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(xb, wb)
+    products = [e for e in jaxpr.eqns if e.primitive.name == "ragged_dot_general"]
+    assert len(products) == 2  # dx and dW (the loss is linear in the product: no forward needed)
+    assert all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars[:2])
+    dx, dw = jax.grad(loss, (0, 1))(xb, wb)
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (xb, wb, gb))  # the bf16-rounded inputs
+    ends = np.cumsum(sizes)
+    want_dx = np.zeros_like(x64)
+    for e, (end, n) in enumerate(zip(ends, sizes)):
+        want_dx[end - n:end] = g64[end - n:end] @ w64[e].T
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), per_group_weight_grad(x64, g64, sizes), rtol=2e-2, atol=5e-2)

@@ -82,3 +82,17 @@ def test_take_rows_gathers_both_ways_and_matches_a_plain_gather():
     np.testing.assert_array_equal(take_rows(x, index, inverse), plain(x))
     np.testing.assert_allclose(jax.vjp(lambda x: take_rows(x, index, inverse), x)[1](g)[0],
                                jax.vjp(plain, x)[1](g)[0])
+
+
+def test_expert_parallel_with_the_ragged_grouped_matmul():
+    """The TPU default kernel ("ragged", custom gradient) under the expert shard_map: its
+    weight gradient is summed over the token axes the weights do not vary over."""
+    from dsv3_jax import kernels
+
+    args = _problem(37, False)
+    (_, ref_y), ref_grads = _grad()(*args)
+    with jax.set_mesh(make_mesh("data=2,expert=-1")), kernels.use(grouped_matmul="ragged"):
+        (_, y), grads = _grad()(*args)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
