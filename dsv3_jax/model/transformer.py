@@ -82,6 +82,7 @@ def _stack(n: int, make, rngs: nnx.Rngs):
 REMATS = ("none", "selective", "full")
 SAVED = ("attention_out", "experts_out")  # what "selective" keeps (checkpoint_name in mla / moe)
 _remat: contextvars.ContextVar[str] = contextvars.ContextVar("dsv3_remat", default="none")
+_unroll: contextvars.ContextVar[int] = contextvars.ContextVar("dsv3_scan_unroll", default=1)
 
 
 @contextlib.contextmanager
@@ -98,6 +99,20 @@ def remat(policy: str):
         yield
     finally:
         _remat.reset(token)
+
+
+@contextlib.contextmanager
+def scan_unroll(n: int):
+    """Unroll the layer scans n layers per loop iteration (n >= the stack's depth: straight-line
+    code, larger programs and slower compiles, more room for XLA to overlap layers), for models
+    traced inside."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"scan_unroll {n!r}: a positive number of layers per iteration")
+    token = _unroll.set(n)
+    try:
+        yield
+    finally:
+        _unroll.reset(token)
 
 
 def _layer_fn():
@@ -119,7 +134,7 @@ def _scan(stack, x, *shared):
     """Run a stacked layer module over its leading axis; returns (x, per-layer stats)."""
     call = _layer_fn()
 
-    @nnx.scan(in_axes=(0, nnx.Carry) + (None,) * len(shared), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(0, nnx.Carry) + (None,) * len(shared), out_axes=(nnx.Carry, 0), unroll=_unroll.get())
     def step(layer, x, *shared):
         return call(layer, x, *shared)
 
@@ -130,7 +145,8 @@ def scan_cached(stack, x, cache: LatentCache, slots, *shared):
     """`_scan` with the stack's cache in the carry (written in place, one layer's slots at a
     time); returns (x, per-layer stats, updated cache)."""
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0) + (None,) * (1 + len(shared)), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(0, nnx.Carry, 0) + (None,) * (1 + len(shared)), out_axes=(nnx.Carry, 0),
+              unroll=_unroll.get())
     def step(layer, carry, i, slots, *shared):
         x, cache = carry
         x, stats, cache = layer(x, *shared, cache=CacheView(cache, i, slots))

@@ -50,6 +50,7 @@ class TrainConfig:
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
+    scan_unroll: int = 1  # layers per iteration of the layer scans (>= depth: unrolled; model.scan_unroll)
     param_dtype: str = "float32"
     loss_chunk: int = 1024  # tokens per cross-entropy chunk ([chunk, vocab] fp32 logits at a time)
     mask_documents: bool = True  # attention stays within a packed document (the paper did not)
@@ -59,7 +60,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk"):
+        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk", "scan_unroll"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)}: must be >= 1")
         if self.ramp_start_accum is not None and not 1 <= self.ramp_start_accum <= self.grad_accum:

@@ -20,7 +20,7 @@ from flax import nnx
 from dsv3_jax import fp8, kernels, parallel
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import RouterBias
-from dsv3_jax.model.transformer import remat
+from dsv3_jax.model.transformer import remat, scan_unroll
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy, shifted_targets
@@ -62,7 +62,7 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         tokens, seg = micro["tokens"], micro["segment_ids"]
         B, T = tokens.shape
         with fp8.use(recipe), kernels.use(c.attention_impl, c.grouped_matmul_impl), \
-                parallel.expert_transport(c.expert_transport), remat(c.remat):
+                parallel.expert_transport(c.expert_transport), remat(c.remat), scan_unroll(c.scan_unroll):
             if c.mask_documents:
                 out = model(tokens, positions=micro["positions"], segment_ids=seg)
             else:  # one causal stream per row, padding still excluded

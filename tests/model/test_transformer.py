@@ -9,7 +9,7 @@ from jax._src.ad_checkpoint import saved_residuals
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, RouterBias
-from dsv3_jax.model.transformer import REMATS, remat
+from dsv3_jax.model.transformer import REMATS, remat, scan_unroll
 
 CONFIG = ModelConfig.preset("tiny")
 
@@ -96,4 +96,29 @@ def test_remat_policies_give_the_same_gradients_and_save_less():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, grads[0])
     with pytest.raises(ValueError, match="remat 'some': choose from"):
         with remat("some"):
+            pass
+
+
+def test_unrolled_layer_scans_compute_the_same_loss_and_gradients():
+    config = CONFIG.replace(num_hidden_layers=3)  # one dense layer, a stack of two MoE layers, MTP
+    graphdef, params, rest = nnx.split(_model(config), nnx.Param, ...)
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, config.vocab_size, (2, 16)))
+
+    def loss(p, r):
+        out = nnx.merge(graphdef, p, r)(tokens)
+        return jax.nn.logsumexp(out.logits, -1).mean() + out.balance_loss
+
+    def run(n):
+        with scan_unroll(n):
+            jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(params, rest)
+            value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, rest)
+        unrolls = {e.params["unroll"] for e in jaxpr.eqns if e.primitive.name == "scan" and "unroll" in e.params}
+        return value, grads[0], unrolls
+
+    (v1, g1, u1), (v2, g2, u2) = run(1), run(2)
+    assert u1 == {1} and 2 in u2
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g2, g1)
+    with pytest.raises(ValueError, match="scan_unroll 0"):
+        with scan_unroll(0):
             pass
