@@ -46,6 +46,14 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, *, dtype) -> jax.Array:
+    """Operands cast to `dtype`, accumulated and returned in fp32 (not rounded), for consumers
+    that keep working in fp32 (the loss); no gradient rule of its own."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+    return _dot(spec, a.astype(dtype), b.astype(dtype))
+
+
 def _low_precision_fwd(spec, x, w, dtype):
     xc, wc = x.astype(dtype), w.astype(dtype)
     return _dot(spec, xc, wc).astype(dtype), (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))

@@ -103,12 +103,10 @@ def _take_rows_bwd(res, g):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def inverse_permutation(perm: jax.Array, size: int | None = None) -> jax.Array:
-    """perm [n] (distinct values < size, default n) -> inv [size], inv[perm[i]] = i; n where
-    no i maps there."""
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+    """perm [n], a permutation of 0..n-1 -> inv [n] with inv[perm[i]] = i (an int scatter)."""
     n = perm.shape[0]
-    size = n if size is None else size
-    return jnp.full((size,), n, jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+    return jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
 
 
 def sort_by_expert(x: jax.Array, expert_ids: jax.Array, n_experts: int):
@@ -287,7 +285,7 @@ def _dense(xs, sent, me):
     My rows for device p are the contiguous run xs[first[p] : first[p] + sent[me, p]] (xs is
     sorted by expert, experts by device), so the buffer is a gather of xs, and so is its gradient.
     """
-    R, D = xs.shape
+    R = xs.shape[0]
     P = sent.shape[0]
     send_sizes = sent[me]
     first = _exclusive_cumsum(send_sizes)  # [P]

@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.model.layers import einsum_f32
+
 
 def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, *,
                           chunk: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -35,16 +37,9 @@ def _unchunk(a: jax.Array, n: int) -> jax.Array:
     return a.swapaxes(0, 1).reshape((-1,) + a.shape[2:])[:n]
 
 
-def _logits(h: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """[n,D] x [D,V] -> [n,V]: `dtype` operands, fp32 accumulation and result."""
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    return jnp.einsum("nd,dv->nv", h.astype(dtype), w.astype(dtype), precision=precision,
-                      preferred_element_type=jnp.float32)
-
-
 def _chunk_nll(h, w, targets, dtype):
     """One chunk: logits [n,V] fp32, log-sum-exp [n], -log p(target) [n]."""
-    logits = _logits(h, w, dtype)
+    logits = einsum_f32("nd,dv->nv", h, w, dtype=dtype)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return logits, lse, lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
@@ -66,7 +61,6 @@ def _weighted_nll_fwd(h, w, targets, weight, chunk, dtype):
     """The loss and its gradients dh [N,D], dw [D,V] (fp32) in one pass over the chunks."""
     n_chunks = -(-h.shape[0] // chunk)
     w_c = w.astype(dtype)
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
     def body(carry, xs):
         total, dw = carry
@@ -74,9 +68,8 @@ def _weighted_nll_fwd(h, w, targets, weight, chunk, dtype):
         logits, lse, nll = _chunk_nll(h_c, w_c, t_c, dtype)
         probs = jnp.exp(logits - lse[:, None])
         dlogits = (wt_c[:, None] * (probs - jax.nn.one_hot(t_c, w.shape[1], dtype=jnp.float32))).astype(dtype)
-        dh = jnp.einsum("nv,dv->nd", dlogits, w_c, precision=precision, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("nd,nv->dv", h_c.astype(dtype), dlogits, precision=precision,
-                             preferred_element_type=jnp.float32)
+        dh = einsum_f32("nv,dv->nd", dlogits, w_c, dtype=dtype)
+        dw = dw + einsum_f32("nd,nv->dv", h_c, dlogits, dtype=dtype)
         return (total + (wt_c * nll).sum(), dw), dh.astype(h.dtype)
 
     xs = (_chunks(h, n_chunks), _chunks(targets, n_chunks), _chunks(weight, n_chunks))
