@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense")
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none|selective|full")
     p.add_argument("--scan-unroll", type=int, default=1, help="TrainConfig.scan_unroll: layers per scan iteration")
+    p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk, help="TrainConfig.loss_chunk: tokens")
     p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax")
     p.add_argument("--grouped-matmul", default="auto", 
                    help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
@@ -57,7 +58,7 @@ def main() -> None:
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
                      moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
                      attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul, remat=args.remat,
-                     scan_unroll=args.scan_unroll)
+                     scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
     mesh = parallel.make_mesh(args.mesh)
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
@@ -97,7 +98,8 @@ def main() -> None:
         "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.expert_transport],
-        "remat": tc.remat, "scan_unroll": tc.scan_unroll, "tokens_per_s_per_device": tokens_per_s / n_dev,
+        "remat": tc.remat, "scan_unroll": tc.scan_unroll, "loss_chunk": tc.loss_chunk,
+        "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,
         "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,
