@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
     p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense")
+    p.add_argument("--expert-capacity", type=float, default=0.0,
+                   help="TrainConfig.expert_capacity_factor (dense transport; 0 = full blocks only)")
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none|selective|full")
     p.add_argument("--scan-unroll", type=int, default=1, help="TrainConfig.scan_unroll: layers per scan iteration")
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk, help="TrainConfig.loss_chunk: tokens")
@@ -57,6 +59,7 @@ def main() -> None:
     config = ModelConfig.preset(args.preset)
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
                      moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
+                     expert_capacity_factor=args.expert_capacity,
                      attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul, remat=args.remat,
                      scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
     mesh = parallel.make_mesh(args.mesh)
@@ -98,6 +101,7 @@ def main() -> None:
         "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.expert_transport],
+        "expert_capacity_factor": tc.expert_capacity_factor,
         "remat": tc.remat, "scan_unroll": tc.scan_unroll, "loss_chunk": tc.loss_chunk,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,

@@ -15,8 +15,12 @@
 Two transports move the rows, chosen by backend and expert-axis size (`choose_transport`) and
 overridable with `expert_transport`:
 - "ragged": `jax.lax.ragged_all_to_all`, sending exactly the rows needed (GPU/TPU);
-- "dense": `jax.lax.all_to_all` of a [P, n*K, D] buffer padded so that any routing fits (runs
-  everywhere, CPU included; P times the memory of the ragged one).
+- "dense": `jax.lax.all_to_all` of fixed-size blocks, one per device pair (runs everywhere, CPU
+  included), each big enough for any routing (P times the ragged transport's rows). With a
+  capacity factor c > 0 (`expert_transport(..., capacity_factor=c)`; off by default, not yet
+  measured on a GPU) blocks hold c x the balanced share of rows, and a step whose routing does
+  not fit (every device knows: the counts are all-gathered) takes the other branch of a
+  `lax.cond`, with the full-size blocks.
 Both are dropless and give the single-device result up to summation order.
 """
 
@@ -38,17 +42,20 @@ from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 TRANSPORTS = ("ragged", "dense")
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 DENSE_GPU_MAX_EP = 8  # "auto" on GPU: dense all_to_all up to this many expert devices (choose_transport)
-_transport = contextvars.ContextVar("dsv3_expert_transport", default="auto")
+_transport = contextvars.ContextVar("dsv3_expert_transport", default=("auto", 0.0))
 
 
 @contextlib.contextmanager
-def expert_transport(name: str):
-    """Force "ragged" or "dense" (or "auto") for models traced inside this context.
+def expert_transport(name: str, capacity_factor: float = 0.0):
+    """Force "ragged" or "dense" (or "auto") for models traced inside this context, and the
+    dense transport's capacity factor (0: full-size blocks only; module docstring).
 
     Read at trace time: a function jitted and traced before keeps the transport it was traced with.
     """
     choose_transport(name)
-    token = _transport.set(name)
+    if not capacity_factor >= 0:
+        raise ValueError(f"expert capacity factor {capacity_factor}: must be >= 0 (0 = off)")
+    token = _transport.set((name, float(capacity_factor)))
     try:
         yield
     finally:
@@ -183,15 +190,17 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
     w_out = PartitionSpec(w_in[0], w_in[2], None)
     body = jax.shard_map(
         lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype, varying=tok[0],
-                                 transport=choose_transport(_transport.get(), n_ep=n_ep)),
+                                 transport=choose_transport(_transport.get()[0], n_ep=n_ep),
+                                 capacity_factor=_transport.get()[1]),
         mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
     return body(x.astype(dtype), weights, expert_ids, gate, up, down)[:N]
 
 
-def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport, varying):
+def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport, varying,
+                  capacity_factor):
     """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
     xs, sort, counts = sort_by_expert(x, expert_ids, gate.shape[0] * n_ep)
-    y = _exchange(xs, counts, gate, up, down, n_ep, transport, varying) if n_ep > 1 else expert_ffn(
+    y = _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_factor) if n_ep > 1 else expert_ffn(
         xs, counts, gate, up, down)
     out = combine(y, weights, sort)
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum
@@ -203,7 +212,7 @@ def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(a, axis=axis) - a
 
 
-def _exchange(xs, counts, gate, up, down, n_ep, transport, varying):
+def _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_factor):
     """Sorted rows xs [R,D] with per-expert counts [E] -> expert outputs for those rows [R,D].
 
     sent[q, p] = rows device q sends to device p; mine[q, e] = rows from q for my expert e.
@@ -215,10 +224,29 @@ def _exchange(xs, counts, gate, up, down, n_ep, transport, varying):
     sent = per_dst.sum(-1)  # [P,P]
     mine = jnp.take(per_dst, me, axis=1)  # [P,E_l]
     if transport == "ragged":
-        recv, send_back, starts = _ragged(xs, sent, me, varying)
-    else:
-        recv, send_back, starts = _dense(xs, sent, me)
-    local = _local_expert_ids(starts, mine, recv.shape[0])  # [P*R]
+        return _experts_on_arrival(_ragged(xs, sent, me, varying), mine, gate, up, down)
+    R = xs.shape[0]
+    cap = dense_capacity(R, n_ep, capacity_factor)
+    through = lambda block: lambda xs, gate, up, down: _experts_on_arrival(_dense(xs, sent, me, block), mine,
+                                                                          gate, up, down)
+    if cap == R:
+        return through(R)(xs, gate, up, down)
+    return jax.lax.cond(sent.max() <= cap, through(cap), through(R), xs, gate, up, down)
+
+
+def dense_capacity(rows: int, n_ep: int, factor: float) -> int:
+    """Rows per device-pair block of the dense transport's common branch: `factor` times the
+    balanced share rows / n_ep, rounded up to a multiple of 8; `rows` (no branch) when that is
+    not smaller or the factor is 0."""
+    cap = -(-math.ceil(factor * rows / n_ep) // 8) * 8
+    return rows if factor == 0 or cap >= rows else cap
+
+
+def _experts_on_arrival(moved, mine, gate, up, down):
+    """(received rows [n,D], send_back, block starts) -> expert outputs sent back to their
+    devices: re-sort by local expert, grouped-matmul SwiGLU, undo the sort, send back."""
+    recv, send_back, starts = moved
+    local = _local_expert_ids(starts, mine, recv.shape[0])  # [n]
     order = jnp.argsort(local, stable=True).astype(jnp.int32)
     inverse = inverse_permutation(order)
     y = expert_ffn(take_rows(recv, order, inverse), mine.sum(0), gate, up, down)  # padding rows sort last, come out 0
@@ -279,8 +307,9 @@ def _ragged_move_bwd(rows, varying, plan, g):
 _ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
 
 
-def _dense(xs, sent, me):
-    """all_to_all of a [P*R, D] buffer: block p, row i holds my i-th row for device p.
+def _dense(xs, sent, me, block: int):
+    """all_to_all of a [P*block, D] buffer: block p, row i holds my i-th row for device p
+    (every sent[q, p] <= block: the caller's branch guarantees it).
 
     My rows for device p are the contiguous run xs[first[p] : first[p] + sent[me, p]] (xs is
     sorted by expert, experts by device), so the buffer is a gather of xs, and so is its gradient.
@@ -289,13 +318,15 @@ def _dense(xs, sent, me):
     P = sent.shape[0]
     send_sizes = sent[me]
     first = _exclusive_cumsum(send_sizes)  # [P]
+    j = jnp.arange(block, dtype=jnp.int32)
+    source = jnp.where(j[None, :] < send_sizes[:, None], first[:, None] + j[None, :], R)  # [P,block]; R: zero row
+    source = source.reshape(P * block)
     i = jnp.arange(R, dtype=jnp.int32)
-    source = jnp.where(i[None, :] < send_sizes[:, None], first[:, None] + i[None, :], R).reshape(P * R)  # R = zero row
     dest = jnp.searchsorted(jnp.cumsum(send_sizes), i, side="right")  # [R] device of each of my rows
-    slot = (dest * R + i - first[dest]).astype(jnp.int32)  # [R] its place in the buffer
+    slot = (dest * block + i - first[dest]).astype(jnp.int32)  # [R] its place in the buffer
     recv = jax.lax.all_to_all(take_rows(xs, source, slot), "expert", 0, 0, tiled=True)  # block q: from device q
 
     def send_back(y):
         return take_rows(jax.lax.all_to_all(y, "expert", 0, 0, tiled=True), slot, source)
 
-    return recv, send_back, jnp.arange(P) * R
+    return recv, send_back, jnp.arange(P) * block

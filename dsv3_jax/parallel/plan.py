@@ -269,7 +269,8 @@ def all_to_all_bytes(s: Setup, transport: str = "ragged") -> int:
     """Bytes one device sends over the expert axis per step: per MoE layer and micro-batch,
     dispatch and combine forward and their transposes backward (4 moves) of its b*T*K routed
     rows of D values in the compute dtype. "ragged" sends only rows for other devices
-    ((P-1)/P of them under uniform routing); "dense" sends its whole padded [P, R, D] buffer."""
+    ((P-1)/P of them under uniform routing); "dense" sends P-1 full blocks of R rows (fewer
+    with a capacity factor, `parallel.expert`)."""
     c, P = s.config, s.mesh["expert"]
     if P == 1:
         return 0

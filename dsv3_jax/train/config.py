@@ -49,6 +49,7 @@ class TrainConfig:
     attention_impl: str = "auto"  # kernels: "auto" (by backend), "xla" or "tokamax"
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
+    expert_capacity_factor: float = 0.0  # dense transport blocks: x balanced rows (0: full blocks only)
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     scan_unroll: int = 1  # layers per iteration of the layer scans (>= depth: unrolled; model.scan_unroll)
     param_dtype: str = "float32"
@@ -79,6 +80,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f}: {e}") from None
         if self.remat not in REMATS:
             raise ValueError(f"TrainConfig.remat={self.remat!r}: choose from {REMATS}")
+        if not self.expert_capacity_factor >= 0:
+            raise ValueError(f"TrainConfig.expert_capacity_factor={self.expert_capacity_factor}: must be >= 0")
         if self.expert_transport not in ("auto",) + TRANSPORTS:
             raise ValueError(f"TrainConfig.expert_transport={self.expert_transport!r}: "
                              f"choose from {('auto',) + TRANSPORTS}")

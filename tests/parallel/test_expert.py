@@ -38,15 +38,31 @@ def _grad():  # a fresh jit per use: the transport is chosen when the function i
 MESHES = [f"expert={DEVICES}", "data=2,expert=-1", "fsdp=2,expert=2,tensor=-1"][:3 if DEVICES >= 8 else 2]
 
 
+def test_dense_blocks_fit_balanced_routing_and_not_skewed():
+    """The two branches of the dense transport are both exercised by the problems above: at
+    expert=8 the balanced routing fits the capacity blocks; the skewed one does not, nor the
+    padded one (its padding rows all go to expert 0)."""
+    from dsv3_jax.parallel.expert import dense_capacity
+
+    P, n = 8, 40
+    assert dense_capacity(n // P * K, P, 0.0) == n // P * K  # factor 0: full blocks, no branch
+    for tokens, skew, fits in ((40, False, True), (37, False, False), (40, True, False)):
+        ids = np.asarray(_problem(tokens, skew)[2])
+        ids = np.pad(ids, ((0, n - tokens), (0, 0))).reshape(P, n // P * K)  # [src device, its rows]
+        sent = np.stack([np.bincount(row // (E // P), minlength=P) for row in ids])  # [src,dst]
+        assert (sent.max() <= dense_capacity(n // P * K, P, 1.25)) == fits
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("spec", MESHES)
-@pytest.mark.parametrize("skew", [False, True], ids=["balanced", "all-to-one-device"])
-def test_expert_parallel_equals_local(spec, transport, skew):
-    n = 40 if skew else 37  # 37: not a multiple of the batch shards (padded inside)
-    args = _problem(n, skew)
+@pytest.mark.parametrize("n,skew", [(40, False), (37, False), (40, True)],
+                         ids=["balanced", "padded", "all-to-one-device"])
+@pytest.mark.parametrize("capacity", [0.0, 1.25], ids=["full-blocks", "capacity"])
+def test_expert_parallel_equals_local(spec, transport, n, skew, capacity):
+    args = _problem(n, skew)  # 37: not a multiple of the batch shards (padded inside)
     (ref_loss, ref_y), ref_grads = _grad()(*args)
     mesh = make_mesh(spec)
-    with jax.set_mesh(mesh), expert_transport(transport):
+    with jax.set_mesh(mesh), expert_transport(transport, capacity_factor=capacity):
         (loss, y), grads = _grad()(*args)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
