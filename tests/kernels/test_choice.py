@@ -28,3 +28,7 @@ def test_bad_kernel_names_are_refused():
         TrainConfig(grouped_matmul_impl="megablox")
     with pytest.raises(ValueError, match="TrainConfig.expert_transport"):
         TrainConfig(expert_transport="nccl")
+    with pytest.raises(ValueError, match="TrainConfig.expert_capacity_factor=-1"):
+        TrainConfig(expert_capacity_factor=-1)
+    with pytest.raises(ValueError, match="TrainConfig.scan_unroll=0"):
+        TrainConfig(scan_unroll=0)
