@@ -94,11 +94,8 @@ def remat(policy: str):
     """
     if policy not in REMATS:
         raise ValueError(f"remat {policy!r}: choose from {REMATS}")
-    token = _remat.set(policy)
-    try:
+    with _scoped(_remat, policy):
         yield
-    finally:
-        _remat.reset(token)
 
 
 @contextlib.contextmanager
@@ -108,11 +105,18 @@ def scan_unroll(n: int):
     traced inside."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"scan_unroll {n!r}: a positive number of layers per iteration")
-    token = _unroll.set(n)
+    with _scoped(_unroll, n):
+        yield
+
+
+@contextlib.contextmanager
+def _scoped(var: contextvars.ContextVar, value):
+    """`var` set to `value` inside the block, restored after."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _unroll.reset(token)
+        var.reset(token)
 
 
 def _layer_fn():
