@@ -2,7 +2,7 @@
 
 Compares, on the current backend, every available grouped-matmul implementation against the
 "tiled" one and the attention implementations against "xla", forward and gradients, in bf16 at
-a bench-like shape (run it on a GPU with tokamax installed to check the GPU kernels).
+a bench-like shape (the latent-cache decode attention: forward only, a decode step's shape) (run it on a GPU with tokamax installed to check the GPU kernels).
 """
 
 import json
@@ -15,7 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv3_jax.kernels import attention, grouped_matmul  # noqa: E402
+from dsv3_jax.kernels import attention, grouped_matmul, latent_attention  # noqa: E402
 
 
 def rel(a, b):
@@ -61,7 +61,21 @@ def main():
         return (y, *vjp(jnp.ones_like(y)))
 
     compare(out, "attention", attn, attention.IMPLS, "xla", q, k, v)
-    out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(), "attention": attention.default_impl()}
+
+    L, B, T, H, R, Kr, S = (2, 2, 1, 4, 32, 16, 80) if small else (2, 32, 1, 16, 512, 64, 1152)
+    q_lat = jnp.asarray(rs.randn(B, T, H, R), jnp.bfloat16)
+    q_pe = jnp.asarray(rs.randn(B, T, H, Kr), jnp.bfloat16)
+    latent = jnp.asarray(rs.randn(L, B, S, R), jnp.bfloat16)
+    k_pe = jnp.asarray(rs.randn(L, B, S, Kr), jnp.bfloat16)
+    slots = jnp.asarray(rs.randint(0, S, (B, 1)) + np.arange(T), jnp.int32) % S
+
+    def latent_attn(impl, q_lat, q_pe, latent, k_pe, slots):
+        return (latent_attention.latent_attention(q_lat, q_pe, latent, k_pe, jnp.int32(1), slots, (R + Kr) ** -0.5,
+                                                  impl=impl),)
+
+    compare(out, "latent_attention", latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
+    out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(), "attention": attention.default_impl(),
+                       "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr)}
     print(json.dumps(out))
 
 

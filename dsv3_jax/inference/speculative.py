@@ -21,7 +21,7 @@ from flax import nnx
 
 from dsv3_jax.inference.sampling import sample
 from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.model.mla import CacheView, LatentCache, cache_mask
+from dsv3_jax.model.mla import CacheView, LatentCache
 from dsv3_jax.model.rope import rope_cos_sin
 
 
@@ -32,9 +32,8 @@ def mtp_hidden(model: DeepSeekV3, h: jax.Array, ahead: jax.Array, positions: jax
     graphdef, state = nnx.split(model.mtp)
     block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))  # depth 0 of the stack
     cos, sin = rope_cos_sin(model.config, positions)
-    mask = cache_mask(positions, cache.latent.shape[2])
     with jax.named_scope("mtp_draft"):
-        return block(h, model.embed(ahead), cos, sin, mask, jnp.ones(positions.shape, bool),
+        return block(h, model.embed(ahead), cos, sin, None, jnp.ones(positions.shape, bool),
                      cache=CacheView(cache, jnp.int32(0), positions))
 
 

@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.attention import dot_product_attention
+from dsv3_jax.kernels.latent_attention import latent_attention
 from dsv3_jax.model.layers import Linear, RMSNorm, einsum
 from dsv3_jax.model.rope import apply_rope
 from dsv3_jax.parallel.mesh import constrain
@@ -45,33 +46,6 @@ class CacheView(NamedTuple):
     cache: LatentCache
     layer: jax.Array
     slots: jax.Array
-
-
-def cache_mask(slots: jax.Array, size: int) -> jax.Array:
-    """[B,1,T,S] True where cache slot s is visible from the query at slots[b,t] (s <= slot).
-
-    Rows are filled left to right, so slots past a query hold nothing it may see (padding,
-    rejected drafts) and are masked; they are overwritten when decoding reaches them.
-    """
-    return slots[:, None, :, None] >= jnp.arange(size, dtype=slots.dtype)[None, None, None, :]
-
-
-def latent_attention(q_lat: jax.Array, q_pe: jax.Array, latent: jax.Array, k_pe: jax.Array, mask: jax.Array,
-                     scale: float) -> jax.Array:
-    """Attention against the latent cache: q_lat [B,T,H,R], q_pe [B,T,H,Kr], latent [B,S,R],
-    k_pe [B,S,Kr], mask [B,1,T,S] -> [B,T,H,R] (the latent of the attended values).
-
-    scores = (q_lat . latent + q_pe . k_pe) * scale in fp32, softmax in fp32, probabilities
-    rounded to the compute dtype before the value product (as the training path does).
-    """
-    scores = (jnp.einsum("bthr,bsr->bhts", q_lat, latent, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthk,bsk->bhts", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
-    scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_lat.dtype)
-    # [B,H,T,R] then transposed: a canonical batched matmul (XLA's CPU runtime has no BF16 x BF16
-    # -> F32 kernel for the transposed layout that "bhts,bsr->bthr" lowers to at batch > 1)
-    out = jnp.einsum("bhts,bsr->bhtr", probs, latent, preferred_element_type=jnp.float32)
-    return out.transpose(0, 2, 1, 3).astype(q_lat.dtype)
 
 
 class MLA(nnx.Module):
@@ -129,14 +103,14 @@ class MLA(nnx.Module):
             o = checkpoint_name(o, "attention_out")  # kept under remat "selective"
         return self.o_proj(o.reshape(B, T, H * Kv))
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, view: CacheView
-               ) -> tuple[jax.Array, LatentCache]:
-        """Absorbed attention over the latent cache: x [B,T,D] new tokens, cos/sin [B,T,Kr/2],
-        mask [B,1,T,S] (`cache_mask`) -> ([B,T,D], the cache with this layer's slots written).
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, view: CacheView) -> tuple[jax.Array, LatentCache]:
+        """Absorbed attention over the latent cache: x [B,T,D] new tokens at slots `view.slots`,
+        cos/sin [B,T,Kr/2] -> ([B,T,D], the cache with this layer's slots written).
 
         1. Write the new tokens' latent and k_pe into slots `view.slots` of layer `view.layer`.
         2. q_lat = q_nope . W_UK per head ([B,T,H,R]): keys are never expanded per head.
-        3. Attend over the layer's whole cache (`latent_attention`), giving latent values [B,T,H,R].
+        3. Attend over the layer's cache up to each query's slot (`kernels.latent_attention`),
+           giving latent values [B,T,H,R].
         4. Values per head = that . W_UV ([B,T,H,Kv]), then o_proj.
         """
         c = self.config
@@ -149,13 +123,12 @@ class MLA(nnx.Module):
             cache = LatentCache(
                 cache.latent.at[view.layer, rows, view.slots].set(latent.astype(cache.latent.dtype), mode="drop"),
                 cache.k_pe.at[view.layer, rows, view.slots].set(k_pe.astype(cache.k_pe.dtype), mode="drop"))
-            layer_latent = constrain(cache.latent[view.layer].astype(x.dtype), "batch", None, None)  # [B,S,R]
-            layer_k_pe = constrain(cache.k_pe[view.layer].astype(x.dtype), "batch", None, None)  # [B,S,Kr]
         w_kv_b = self.kv_b_proj.kernel[...].reshape(R, H, Kn + Kv)  # [R,H*(Kn+Kv)] -> [R,H,Kn+Kv]
         with jax.named_scope("absorb_q"):
             q_lat = einsum("bthk,rhk->bthr", q_nope, w_kv_b[..., :Kn], dtype=x.dtype)  # W_UK
         with jax.named_scope("core"):
-            o_lat = latent_attention(q_lat, q_pe.astype(x.dtype), layer_latent, layer_k_pe, mask, c.softmax_scale)
+            o_lat = latent_attention(q_lat, q_pe.astype(x.dtype), cache.latent, cache.k_pe, view.layer, view.slots,
+                                     c.softmax_scale)
         with jax.named_scope("absorb_o"):
             o = einsum("bthr,rhk->bthk", o_lat, w_kv_b[..., Kn:], dtype=x.dtype)  # W_UV
         return self.o_proj(o.reshape(B, T, H * Kv)), cache

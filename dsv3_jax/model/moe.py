@@ -12,9 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import SwiGLU, init_normal
-from dsv3_jax.parallel.expert import routed_experts
+from dsv3_jax.model.layers import SwiGLU, einsum, init_normal
+from dsv3_jax.parallel.expert import expert_parallel, routed_experts
+
+EVERY_EXPERT_MAX_TOKENS = 128  # RoutedExperts: up to this many tokens, every expert runs on every token
 
 
 class RouterBias(nnx.Variable):
@@ -75,10 +78,32 @@ class RoutedExperts(nnx.Module):
         The N*K (token, expert) assignments are sorted by expert so each expert's rows are
         contiguous, run through one grouped matmul per projection, weighted in fp32 and summed
         back per token in fp32. Under a mesh, `parallel.expert` does this expert-parallel.
+        A few tokens that touch most experts anyway (a decode step) take `_every_expert`.
         """
-        y = routed_experts(x, weights, expert_ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
-                           dtype=self.dtype)
+        N, K = expert_ids.shape
+        E = self.gate_proj.shape[0]
+        if N <= EVERY_EXPERT_MAX_TOKENS and N * K >= E and fp8.active() is None and not expert_parallel():
+            y = self._every_expert(x, weights, expert_ids)
+        else:
+            y = routed_experts(x, weights, expert_ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
+                               dtype=self.dtype)
         return checkpoint_name(y, "experts_out")  # kept under remat "selective"
+
+    def _every_expert(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
+        """Every expert on every token as batched matmuls, weighted by the dense routing weights
+        (zero for experts a token did not pick): no sort, no gathers, each expert's weights read
+        once. E/K times the routed FLOPs, which a step of a few tokens never notices: it is bound
+        by reading the weights, and N*K >= E assignments read nearly all of them anyway.
+        Same roundings as the routed path: expert outputs in the compute dtype, fp32 combine.
+        """
+        N, D = x.shape
+        E = self.gate_proj.shape[0]
+        xs = jnp.broadcast_to(x.astype(self.dtype), (E, N, D))
+        h = (jax.nn.silu(einsum("end,edf->enf", xs, self.gate_proj[...], dtype=self.dtype))
+             * einsum("end,edf->enf", xs, self.up_proj[...], dtype=self.dtype))  # [E,N,F]
+        y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
+        dense_w = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], expert_ids].add(weights)  # [N,E]
+        return (y.astype(jnp.float32) * dense_w.T[:, :, None]).sum(0).astype(self.dtype)
 
 
 class MoE(nnx.Module):

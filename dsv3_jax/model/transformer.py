@@ -12,7 +12,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
-from dsv3_jax.model.mla import MLA, CacheView, LatentCache, cache_mask
+from dsv3_jax.model.mla import MLA, CacheView, LatentCache
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.mtp import MTPBlock
 from dsv3_jax.model.rope import rope_cos_sin
@@ -57,7 +57,7 @@ class DecoderLayer(nnx.Module):
             if cache is None:
                 a = self.attn(self.attn_norm(x), cos, sin, mask)
             else:
-                a, updated = self.attn.decode(self.attn_norm(x), cos, sin, mask, cache)
+                a, updated = self.attn.decode(self.attn_norm(x), cos, sin, cache)
             x = constrain(x + a, "batch", None, None)
         with jax.named_scope("moe" if self.moe else "mlp"):
             if self.moe:
@@ -206,8 +206,7 @@ class DeepSeekV3(nnx.Module):
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
-            size = (cache.dense or cache.moe).latent.shape[2]
-            mask, token_mask = cache_mask(positions, size), jnp.ones((B, T), bool)
+            mask, token_mask = None, jnp.ones((B, T), bool)  # each query sees the slots up to its own
         elif segment_ids is None:  # plain causal: the attention kernel builds (or skips) the mask
             mask, token_mask = None, jnp.ones((B, T), bool)
         else:

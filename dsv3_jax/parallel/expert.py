@@ -165,6 +165,11 @@ def _mesh():
     return mesh
 
 
+def expert_parallel() -> bool:
+    """Whether `routed_experts` traced here runs expert-parallel (a mesh of more than one device)."""
+    return _mesh() is not None
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array, *, dtype) -> jax.Array:
     """x [N,D], weights/expert_ids [N,K], gate/up [E,D,F], down [E,F,D] ->

@@ -81,19 +81,20 @@ def dense_reference(ours: MoE, x: np.ndarray) -> np.ndarray:
     return np.einsum("nef,efd,ne->nd", h, d, dense_w)
 
 
+@pytest.mark.parametrize("T", [24, 96])  # 48 tokens: every expert on every token; 192: sorted + grouped
 @pytest.mark.parametrize("name", list(CASES))
-def test_moe_block_matches_hf_and_dense_all_experts_reference(name):
+def test_moe_block_matches_hf_and_dense_all_experts_reference(name, T):
     config = CASES[name]
     ours, ref = build(config, seed=3)
-    x = np.random.RandomState(4).randn(2, 24, config.hidden_size).astype(np.float32)
-    y, stats = ours(jnp.asarray(x), jnp.ones((2, 24), bool))
+    x = np.random.RandomState(4).randn(2, T, config.hidden_size).astype(np.float32)
+    y, stats = ours(jnp.asarray(x), jnp.ones((2, T), bool))
     expected = t2n(ref(torch.tensor(x)))
     atol = 1e-6 * np.abs(expected).max()  # fp32 rounding at the outputs' scale
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=atol)
-    routed = dense_reference(ours, x.reshape(48, -1))
-    np.testing.assert_allclose(y.reshape(48, -1) - ours.shared(jnp.asarray(x)).reshape(48, -1), routed,
+    routed = dense_reference(ours, x.reshape(2 * T, -1))
+    np.testing.assert_allclose(y.reshape(2 * T, -1) - ours.shared(jnp.asarray(x)).reshape(2 * T, -1), routed,
                                rtol=1e-5, atol=atol)
-    assert stats["load"].sum() == 48 * config.num_experts_per_tok
+    assert stats["load"].sum() == 2 * T * config.num_experts_per_tok
 
 
 def test_moe_bf16_within_tolerance_of_fp32():

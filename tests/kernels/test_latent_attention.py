@@ -1,0 +1,73 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import parallel
+from dsv3_jax.kernels import latent_attention as la
+
+
+def reference(q_lat, q_pe, latent, k_pe, layer, slots, scale):
+    """float64 NumPy: per query (b, t, h), softmax over slots s <= slots[b, t] of the layer's cache."""
+    q_lat, q_pe, latent, k_pe = (np.asarray(a, np.float64) for a in (q_lat, q_pe, latent, k_pe))
+    lat, kpe = latent[layer], k_pe[layer]  # [B,S,R], [B,S,Kr]
+    s = (np.einsum("bthr,bsr->bths", q_lat, lat) + np.einsum("bthk,bsk->bths", q_pe, kpe)) * scale
+    visible = np.arange(lat.shape[1])[None, None, None, :] <= np.asarray(slots)[:, :, None, None]
+    s = np.where(visible, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bths,bsr->bthr", p / p.sum(-1, keepdims=True), lat)
+
+
+def problem(T, H, S=200, L=3, B=3, R=32, Kr=16, seed=0):
+    rs = np.random.RandomState(seed)
+    q_lat, q_pe = (jnp.asarray(rs.randn(B, T, H, d), jnp.float32) for d in (R, Kr))
+    latent, k_pe = (jnp.asarray(rs.randn(L, B, S, d), jnp.float32) for d in (R, Kr))
+    # a row that sees a few slots (later chunks see nothing), one that sees into the last
+    # partial block, one in the middle
+    slots = jnp.asarray(np.array([2, S - T, 97])[:B, None] + np.arange(T), jnp.int32)
+    return q_lat, q_pe, latent, k_pe, jnp.int32(1), slots
+
+
+@pytest.mark.parametrize("T,H", [(1, 4), (2, 36)])  # 4 query rows (padded to 16); 72 rows (two blocks of 64)
+def test_kernel_and_xla_match_numpy(T, H):
+    """The Pallas kernel (interpret mode) and the XLA form: slots past a query masked, cache
+    read at the given layer, chunks of 64 slots merged; S = 200 is no multiple of the block."""
+    args = problem(T, H)
+    want = reference(*args, 0.3)
+    xla = la.latent_attention(*args, 0.3, impl="xla")
+    kernel = la._pallas(*args, 0.3, interpret=True)
+    np.testing.assert_allclose(np.asarray(xla), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(kernel), want, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_in_bf16_stays_near_fp32():
+    """bf16 operands (what decode runs): within bf16 rounding of the exact result."""
+    args = problem(1, 16)
+    want = reference(*args, 0.3)
+    low = [a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args]
+    got = np.asarray(la._pallas(*low, 0.3, interpret=True), np.float32)
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_kernel_under_a_mesh(monkeypatch):
+    """Rows over data x expert, heads over tensor: the kernel runs per device on its slice."""
+    monkeypatch.setattr(la, "_pallas", functools.partial(la._pallas, interpret=True))
+    q_lat, q_pe, latent, k_pe, layer, slots = problem(1, 4, B=4, seed=1)
+    slots = jnp.asarray([[2], [150], [97], [199]], jnp.int32)
+    want = reference(q_lat, q_pe, latent, k_pe, 1, slots, 0.3)
+    with jax.set_mesh(parallel.make_mesh("data=2,expert=2,tensor=2")):
+        f = jax.jit(lambda *a: la.latent_attention(*a, 0.3, impl="pallas"))
+        got = f(q_lat, q_pe, latent, k_pe, layer, slots)
+        assert "shard_map" in str(jax.make_jaxpr(f)(q_lat, q_pe, latent, k_pe, layer, slots))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_impl_and_dims():
+    args = problem(1, 4, R=24)
+    with pytest.raises(ValueError, match="powers of two"):
+        la.latent_attention(*args, 0.3, impl="pallas")
+    with pytest.raises(ValueError, match="choose from"):
+        la.latent_attention(*args, 0.3, impl="flash")
+    assert la.default_impl(1, 24, 16) == "xla"
