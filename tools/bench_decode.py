@@ -93,7 +93,8 @@ def main() -> None:
     roofline_s = (weight_bytes_per_step(model, dtype.itemsize) + cache_step) / HBM_BYTES_PER_S
     step_ms = 1e3 * decode_s / max(result.steps, 1)
     out = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-           "scan_unroll": args.scan_unroll, "device": str(jax.devices()[0].device_kind), "decode_tokens_per_s": new / decode_s,
+           "scan_unroll": args.scan_unroll, "device": str(jax.devices()[0].device_kind),
+           "decode_tokens_per_s": new / decode_s,
            "prefill_s": prefill_s, "ms_per_step": step_ms, "roofline_ms_per_step": 1e3 * roofline_s,
            "roofline_tokens_per_s": args.batch / roofline_s, "pct_of_roofline": 100 * 1e3 * roofline_s / step_ms,
            "weight_bytes_per_step": weight_bytes_per_step(model, dtype.itemsize), "cache_bytes_per_step": cache_step,

@@ -2,7 +2,8 @@
 
 Compares, on the current backend, every available grouped-matmul implementation against the
 "tiled" one and the attention implementations against "xla", forward and gradients, in bf16 at
-a bench-like shape (the latent-cache decode attention: forward only, a decode step's shape) (run it on a GPU with tokamax installed to check the GPU kernels).
+a bench-like shape (the latent-cache decode attention: forward only, at a decode step's
+shape) (run it on a GPU with tokamax installed to check the GPU kernels).
 """
 
 import json

@@ -124,7 +124,7 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
     q_slot = jnp.pad(jnp.repeat(slots.astype(jnp.int32), H, axis=1), ((0, 0), (0, rows - M)), constant_values=-1)
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
 
-    def kernel(layer_ref, slot_ref, ql_ref, qp_ref, lat_ref, kpe_ref, acc_ref, m_ref, l_ref):
+    def kernel(layer_ref, slot_ref, ql_ref, qp_ref, lat_ref, kpe_ref, acc_ref, m_ref, den_ref):
         b, j = pl.program_id(0), pl.program_id(2)
         li = layer_ref[0]
         q_slot = slot_ref[...]  # [bm]
@@ -133,7 +133,7 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
         end = jnp.minimum(start + chunk, jnp.minimum(S, jnp.max(q_slot) + 1))  # nothing past the last seen slot
 
         def step(i, carry):
-            acc, m, l = carry
+            acc, m, den = carry
             s0 = start + i * BLOCK_S
             pos = s0 + jnp.arange(BLOCK_S)
             ok = (pos < S)[:, None]
@@ -146,17 +146,17 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
             p = jnp.exp(s - m_new[:, None])
             alpha = jnp.exp(m - m_new)
             acc = acc * alpha[:, None] + plt.dot(p.astype(dtype), lat, precision=precision)
-            return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+            return acc, m_new, den * alpha + jnp.sum(p, axis=1)
 
         init = (jnp.zeros((bm, R), jnp.float32), jnp.full((bm,), _NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
-        acc, m, l = jax.lax.fori_loop(0, jnp.maximum(end - start, 0) // BLOCK_S + ((end - start) % BLOCK_S > 0),
+        acc, m, den = jax.lax.fori_loop(0, jnp.maximum(end - start, 0) // BLOCK_S + ((end - start) % BLOCK_S > 0),
                                       step, init)
-        acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+        acc_ref[...], m_ref[...], den_ref[...] = acc, m, den
 
     full = lambda *shape: pl.BlockSpec(shape, lambda b, i, j: (0,) * len(shape))  # noqa: E731
     q_block = lambda x: pl.BlockSpec((None, bm, x), lambda b, i, j: (b, i, 0))  # noqa: E731
     whole = pl.BlockSpec()  # the stacked cache, indexed in the kernel
-    acc, m, l = pl.pallas_call(
+    acc, m, den = pl.pallas_call(
         kernel, grid=(B, n_m, n_chunks),
         in_specs=[full(1), pl.BlockSpec((None, bm), lambda b, i, j: (b, i)), q_block(R), q_block(Kr),
                   whole, whole],
@@ -170,5 +170,5 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
         compiler_params=None if interpret else plt.CompilerParams(num_warps=4 if bm <= 32 else 8, num_stages=2),
     )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent.astype(dtype), k_pe.astype(dtype))
     w = jnp.exp(m - m.max(1, keepdims=True))  # [B,C,rows]: each chunk's share
-    out = (acc * w[..., None]).sum(1) / jnp.maximum((l * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
+    out = (acc * w[..., None]).sum(1) / jnp.maximum((den * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
     return out[:, :M].reshape(B, T, H, R).astype(dtype)
