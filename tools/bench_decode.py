@@ -29,7 +29,6 @@ from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.inference import cache_bytes_per_token, generate, load_model  # noqa: E402
 from dsv3_jax.inference.decode import bucket, cache_size  # noqa: E402
 from dsv3_jax.model import DeepSeekV3  # noqa: E402
-from dsv3_jax.model.transformer import scan_unroll  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
 
@@ -62,8 +61,6 @@ def main() -> None:
                    "(`tools/profile_summary.py DIR --steps 1`)")
     p.add_argument("--ckpt", help="a trained checkpoint instead of random weights (random MTP drafts are "
                                   "almost never accepted, so acceptance and speed-up need one)")
-    p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer scans "
-                   "(>= the stack's depth: straight-line code)")
     p.add_argument("--dtype", help="params and compute (default bfloat16; float32 on CPU, whose runtime "
                                     "lacks some bf16 x bf16 -> f32 dots)")
     args = p.parse_args()
@@ -78,9 +75,8 @@ def main() -> None:
 
     def run(new_tokens: int, speculative: bool = False):
         # stop tokens none: every row decodes all new tokens; max_len fixed so prefill-only and full runs share
-        with scan_unroll(args.scan_unroll):  # read when the first call traces
-            return generate(model, prompts, new_tokens, speculative=speculative,
-                            max_len=cache_size(bucket(args.prompt_len), args.new_tokens))
+        return generate(model, prompts, new_tokens, speculative=speculative,
+                        max_len=cache_size(bucket(args.prompt_len), args.new_tokens))
 
     run(1), run(args.new_tokens)  # compile (and warm) prefill and step
     _, prefill_s = timed(lambda: run(1))
@@ -93,8 +89,7 @@ def main() -> None:
     roofline_s = (weight_bytes_per_step(model, dtype.itemsize) + cache_step) / HBM_BYTES_PER_S
     step_ms = 1e3 * decode_s / max(result.steps, 1)
     out = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-           "scan_unroll": args.scan_unroll, "device": str(jax.devices()[0].device_kind),
-           "decode_tokens_per_s": new / decode_s,
+           "device": str(jax.devices()[0].device_kind), "decode_tokens_per_s": new / decode_s,
            "prefill_s": prefill_s, "ms_per_step": step_ms, "roofline_ms_per_step": 1e3 * roofline_s,
            "roofline_tokens_per_s": args.batch / roofline_s, "pct_of_roofline": 100 * 1e3 * roofline_s / step_ms,
            "weight_bytes_per_step": weight_bytes_per_step(model, dtype.itemsize), "cache_bytes_per_step": cache_step,

@@ -33,6 +33,8 @@ IMPLS = ("xla", "pallas")
 MAX_PALLAS_TOKENS = 8  # query tokens per row up to which "auto" picks the kernel (decode, not prefill)
 BLOCK_S = 64  # cache slots per kernel step
 MIN_PROGRAMS = 264  # chunks per row are chosen to give at least this many programs (2 per H200 SM)
+NUM_STAGES = 2  # Triton's software pipelining depth over the slot blocks
+NUM_WARPS = 4  # per 32 query rows of a program
 _NEG = -1e30  # the running max's start: finite, so a chunk a query sees nothing of adds exp(-inf) = 0
 
 
@@ -167,7 +169,7 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
                    jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32),
                    jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32)],
         interpret=interpret,
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=4 if bm <= 32 else 8, num_stages=2),
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS * max(1, bm // 32), num_stages=NUM_STAGES),
     )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent.astype(dtype), k_pe.astype(dtype))
     w = jnp.exp(m - m.max(1, keepdims=True))  # [B,C,rows]: each chunk's share
     out = (acc * w[..., None]).sum(1) / jnp.maximum((den * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
