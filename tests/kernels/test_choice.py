@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import pytest
 
 from dsv3_jax import kernels
-from dsv3_jax.kernels import attention, grouped_matmul
+from dsv3_jax.kernels import attention, grouped_matmul, latent_attention
 from dsv3_jax.train.config import TrainConfig
 
 
@@ -20,9 +20,24 @@ def test_use_forces_kernels_while_tracing_and_restores():
     assert (attention.default_impl(), grouped_matmul.default_impl()) == before
 
 
+def test_latent_attention_auto_is_the_kernel_for_decode_steps_on_gpu_only(monkeypatch):
+    """"auto": the Pallas kernel for a few query tokens on a GPU; the prefill (many tokens) and
+    other backends take the XLA form; `kernels.use` overrides."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert latent_attention.default_impl(1, 512, 64) == "pallas"
+    assert latent_attention.default_impl(latent_attention.MAX_PALLAS_TOKENS + 1, 512, 64) == "xla"
+    with kernels.use(latent_attention="xla"):
+        assert latent_attention.default_impl(1, 512, 64) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert latent_attention.default_impl(1, 512, 64) == "xla"
+
+
 def test_bad_kernel_names_are_refused():
     with pytest.raises(ValueError, match="attention impl 'cudnn': choose from"):
         with kernels.use(attention="cudnn"):
+            pass
+    with pytest.raises(ValueError, match="latent_attention impl 'flashmla': choose from"):
+        with kernels.use(latent_attention="flashmla"):
             pass
     with pytest.raises(ValueError, match="TrainConfig.grouped_matmul_impl"):
         TrainConfig(grouped_matmul_impl="megablox")
