@@ -169,7 +169,8 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
                    jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32),
                    jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32)],
         interpret=interpret,
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS * max(1, bm // 32), num_stages=NUM_STAGES),
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS * max(1, bm // 32),
+                                                                  num_stages=NUM_STAGES),
     )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent.astype(dtype), k_pe.astype(dtype))
     w = jnp.exp(m - m.max(1, keepdims=True))  # [B,C,rows]: each chunk's share
     out = (acc * w[..., None]).sum(1) / jnp.maximum((den * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
