@@ -17,7 +17,8 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import SwiGLU, einsum, init_normal
 from dsv3_jax.parallel.expert import expert_parallel, routed_experts
 
-EVERY_EXPERT_MAX_TOKENS = 128  # RoutedExperts: up to this many tokens, every expert runs on every token
+EVERY_EXPERT_MAX_TOKENS = 128  # RoutedExperts: up to this many tokens every expert runs on every token
+# (bench shape on an H200 at 128 tokens a step: 3.65 ms against 3.98 ms sorted + grouped)
 
 
 class RouterBias(nnx.Variable):
