@@ -3,8 +3,8 @@ per speculative round), every shape fixed by the bucket so each bucket compiles 
 
 Prompts are right-padded to a power-of-two bucket; row b's prompt fills cache slots
 0..len_b-1 and each new token the next slot, rotary position = slot. A query sees every slot
-up to its own (`kernels.latent_attention.cache_mask`), so padding and rejected drafts past a row's length are never
-read before they are overwritten.
+up to its own (`kernels.latent_attention.cache_mask`), so padding and rejected drafts past a
+row's length are never read before they are overwritten.
 """
 
 from __future__ import annotations

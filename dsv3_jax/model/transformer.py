@@ -203,11 +203,11 @@ class DeepSeekV3(nnx.Module):
         E, N = c.n_routed_experts, c.num_nextn_predict_layers
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is not None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
-            mask, token_mask = None, jnp.ones((B, T), bool)  # each query sees the slots up to its own
-        elif segment_ids is None:  # plain causal: the attention kernel builds (or skips) the mask
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
+        # no segments: causal (the attention kernel builds or skips the mask), or with a cache
+        # each query sees the slots up to its own (MLA.decode)
+        if segment_ids is None:
             mask, token_mask = None, jnp.ones((B, T), bool)
         else:
             causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1,1,T,T]
