@@ -18,9 +18,9 @@ overridable with `expert_transport`:
 - "dense": `jax.lax.all_to_all` of fixed-size blocks, one per device pair (runs everywhere, CPU
   included), each big enough for any routing (P times the ragged transport's rows). With a
   capacity factor c > 0 (`expert_transport(..., capacity_factor=c)`; off by default: c = 1.25
-  measured +2.4% at expert=2 on 2 H200s, docs/benchmarks.md) blocks hold c x the balanced share of rows, and a step whose routing does
-  not fit (every device knows: the counts are all-gathered) takes the other branch of a
-  `lax.cond`, with the full-size blocks.
+  measured +2.4% at expert=2 on 2 H200s, docs/benchmarks.md) blocks hold c x the balanced
+  share of rows, and a step whose routing does not fit (every device knows: the counts are
+  all-gathered) takes the other branch of a `lax.cond`, with the full-size blocks.
 Both are dropless and give the single-device result up to summation order.
 """
 
