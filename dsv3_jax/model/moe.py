@@ -52,7 +52,7 @@ class Router(nnx.Module):
         grouped = biased.reshape(N, G, E // G)  # [N,E] -> [N,G,E/G]
         group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N,G]
         _, top_groups = jax.lax.top_k(group_score, c.topk_group)  # [N,topk_group]
-        keep = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
+        keep = (top_groups[:, :, None] == jnp.arange(G)).any(1)  # [N,topk_group,G] -> [N,G]
         keep = jnp.repeat(keep, E // G, axis=1)  # [N,G] -> [N,E]
         _, expert_ids = jax.lax.top_k(jnp.where(keep, biased, -jnp.inf), K)  # [N,K]
         weights = jnp.take_along_axis(scores, expert_ids, axis=1)
@@ -103,7 +103,7 @@ class RoutedExperts(nnx.Module):
         h = (jax.nn.silu(einsum("end,edf->enf", xs, self.gate_proj[...], dtype=self.dtype))
              * einsum("end,edf->enf", xs, self.up_proj[...], dtype=self.dtype))  # [E,N,F]
         y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
-        dense_w = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], expert_ids].add(weights)  # [N,E]
+        dense_w = (weights[:, :, None] * (expert_ids[:, :, None] == jnp.arange(E))).sum(1)  # [N,K,E] -> [N,E]
         return (y.astype(jnp.float32) * dense_w.T[:, :, None]).sum(0).astype(self.dtype)
 
 
