@@ -14,7 +14,8 @@ instead: each `mma_k`-wide partial sum is added to an accumulator truncated to t
 mantissa bits, which is promoted to FP32 every `promotion_interval` elements.
 
 `Recipe(native=True)` runs the same chunked product with real FP8 `dot_general`s (cuBLASLt FP8
-GEMMs on Hopper) on the same grid. Linear inputs are cached for the backward pass in FP8.
+GEMMs on Hopper) on the same grid, or as one Pallas kernel (`kernels.scaled_matmul`, opt-in).
+Linear inputs are cached for the backward pass in FP8.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.kernels import scaled_matmul
 from dsv3_jax.kernels.grouped_matmul import grouped_matmul as _grouped_matmul
 
 E4M3 = jnp.float8_e4m3fn
@@ -149,7 +151,10 @@ def scaled_dot(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, rec
     """sum over 128-chunks c of a_s[m,c] * b_s[c,n] * (aq[m,c] . bq[c,n]), fp32.
 
     aq [M,K] / bq [K,N] E4M3 (K a multiple of 128), a_s [M,K/128], b_s [K/128,N] -> [M,N].
+    Native without accumulator modelling: the impl `kernels.scaled_matmul` picks.
     """
+    if recipe.native and recipe.accumulation_bits is None and scaled_matmul.default_impl() == "pallas":
+        return scaled_matmul.pallas(aq, a_s, bq, b_s)
     (M, K), N = aq.shape, bq.shape[1]
     g = recipe.mma_k if recipe.accumulation_bits is not None else TILE  # K elements per partial sum
     G = K // g

@@ -52,15 +52,18 @@ def main() -> None:
     p.add_argument("--scan-unroll", type=int, default=1, help="TrainConfig.scan_unroll: layers per scan iteration")
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk, help="TrainConfig.loss_chunk: tokens")
     p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax")
-    p.add_argument("--grouped-matmul", default="auto", 
+    p.add_argument("--grouped-matmul", default="auto",
                    help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
+    p.add_argument("--scaled-matmul", default="auto", help="TrainConfig.scaled_matmul_impl: auto|xla|pallas "
+                   "(fp8_native's GEMMs)")
     args = p.parse_args()
 
     config = ModelConfig.preset(args.preset)
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
                      moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
                      expert_capacity_factor=args.expert_capacity,
-                     attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul, remat=args.remat,
+                     attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul,
+                     scaled_matmul_impl=args.scaled_matmul, remat=args.remat,
                      scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
     mesh = parallel.make_mesh(args.mesh)
     B, T = args.batch, args.seq
@@ -100,7 +103,8 @@ def main() -> None:
     print(json.dumps({
         "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
-        "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.expert_transport],
+        "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
+                                                  tc.expert_transport],
         "expert_capacity_factor": tc.expert_capacity_factor,
         "remat": tc.remat, "scan_unroll": tc.scan_unroll, "loss_chunk": tc.loss_chunk,
         "tokens_per_s_per_device": tokens_per_s / n_dev,

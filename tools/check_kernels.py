@@ -1,9 +1,10 @@
 """Do the backend kernels agree with the portable path? Prints one JSON line.
 
 Compares, on the current backend, every available grouped-matmul implementation against the
-"tiled" one and the attention implementations against "xla", forward and gradients, in bf16 at
-a bench-like shape (the latent-cache decode attention: forward only, at a decode step's
-shape) (run it on a GPU with tokamax installed to check the GPU kernels).
+"tiled" one and the other ops' implementations against "xla" (attention; the block-scaled FP8
+matmul, through fp8_native's linear), forward and gradients, in bf16 at a bench-like shape, and
+the latent-cache decode attention's forward at a decode step's shape. Run it on a GPU with
+tokamax installed to check the GPU kernels.
 """
 
 import json
@@ -16,7 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv3_jax.kernels import attention, grouped_matmul, latent_attention  # noqa: E402
+from dsv3_jax import fp8, kernels  # noqa: E402
+from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, scaled_matmul  # noqa: E402
 
 
 def rel(a, b):
@@ -51,6 +53,13 @@ def main():
 
     compare(out, "grouped_matmul", gmm, grouped_matmul.IMPLS, "tiled", x, w, sizes)
 
+    def fp8_linear(impl, x, w):  # fp8_native's linear: its three GEMMs through the impl
+        with kernels.use(scaled_matmul=impl):
+            y, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, fp8.Recipe(native=True), jnp.bfloat16), x, w[0])
+            return (y, *vjp(jnp.ones_like(y)))
+
+    compare(out, "scaled_matmul", fp8_linear, scaled_matmul.IMPLS, "xla", x, w)
+
     B, T, H = (1, 128, 2) if small else (2, 1024, 16)
     q = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
     k = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
@@ -76,7 +85,8 @@ def main():
 
     compare(out, "latent_attention", latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(), "attention": attention.default_impl(),
-                       "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr)}
+                       "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
+                       "scaled_matmul": scaled_matmul.default_impl()}
     print(json.dumps(out))
 
 

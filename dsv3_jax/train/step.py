@@ -61,7 +61,8 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         model = nnx.merge(graphdef, params, bias)
         tokens, seg = micro["tokens"], micro["segment_ids"]
         B, T = tokens.shape
-        with fp8.use(recipe), kernels.use(c.attention_impl, c.grouped_matmul_impl), \
+        with fp8.use(recipe), kernels.use(c.attention_impl, c.grouped_matmul_impl,
+                                          scaled_matmul=c.scaled_matmul_impl), \
                 parallel.expert_transport(c.expert_transport, c.expert_capacity_factor), \
                 remat(c.remat), scan_unroll(c.scan_unroll):
             if c.mask_documents:

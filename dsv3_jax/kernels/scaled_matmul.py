@@ -1,0 +1,58 @@
+"""Block-scaled FP8 matmul, the native GEMM of DeepSeek's FP8 recipe (`dsv3_jax.fp8`, SPEC F):
+out[m,n] = sum over 128-wide K chunks c of a_s[m,c] * b_s[c,n] * (aq[m,c] . bq[c,n]), in fp32.
+
+Two implementations of the same product:
+- "xla": `fp8.scaled_dot`'s own form, one FP8 `dot_general` batched over the chunks, whose
+  [K/128, M, N] fp32 partial products are scaled and summed (every backend; the default).
+- "pallas": one Pallas (Triton) kernel. Program (i, j) owns a [128, 128] output block and walks
+  K one chunk at a time: the chunk's FP8 product goes to fp32 registers, is multiplied by its
+  row and column scales there and added (the promotion DeepSeek's recipe prescribes, as their
+  DeepGEMM does); only the output is written. Not measured on a GPU yet, so opt-in:
+  `kernels.use(scaled_matmul="pallas")`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from dsv3_jax.kernels.choice import forced
+
+IMPLS = ("xla", "pallas")
+BLOCK = (128, 128, 128)  # output rows, output columns, K per chunk (the recipe's 128)
+
+
+def default_impl() -> str:
+    """The impl `kernels.use` forces, else xla (module docstring)."""
+    return forced("scaled_matmul") or "xla"
+
+
+def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpret: bool = False) -> jax.Array:
+    """aq [M,K], bq [K,N] (FP8, K a multiple of 128), a_s [M,K/128], b_s [K/128,N] -> [M,N] fp32."""
+    (M, K), N = aq.shape, bq.shape[1]
+    bm, bn, bk = BLOCK
+    if K % bk:
+        raise ValueError(f"scaled matmul: K={K} must be a multiple of {bk} (pad it, as fp8.quantize's callers do)")
+
+    def kernel(a_ref, as_ref, bt_ref, bs_ref, out_ref):
+        i, j = pl.program_id(0), pl.program_id(1)
+        rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
+        row_ok, col_ok = rows < M, cols < N
+
+        def chunk(c, acc):
+            a = plt.load(a_ref.at[pl.ds(i * bm, bm), pl.ds(c * bk, bk)], mask=row_ok[:, None], other=0)
+            bt = plt.load(bt_ref.at[pl.ds(j * bn, bn), pl.ds(c * bk, bk)], mask=col_ok[:, None], other=0)
+            sa = plt.load(as_ref.at[pl.ds(i * bm, bm), c], mask=row_ok, other=0)  # [bm]
+            sb = plt.load(bs_ref.at[c, pl.ds(j * bn, bn)], mask=col_ok, other=0)  # [bn]
+            return acc + plt.dot(a, bt, trans_b=True) * sa[:, None] * sb[None, :]
+
+        acc = jax.lax.fori_loop(0, K // bk, chunk, jnp.zeros((bm, bn), jnp.float32))
+        plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((M, N), jnp.float32), grid=(pl.cdiv(M, bm), pl.cdiv(N, bn)),
+        interpret=interpret,
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=3),
+    )(aq, a_s.astype(jnp.float32), bq.T, b_s.astype(jnp.float32))  # B as [N,K]: K-major, as Hopper's FP8 MMA reads it
