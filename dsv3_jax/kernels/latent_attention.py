@@ -139,8 +139,8 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
             s0 = start + i * BLOCK_S
             pos = s0 + jnp.arange(BLOCK_S)
             ok = (pos < S)[:, None]
-            lat = plt.load(lat_ref.at[li, b, pl.ds(s0, BLOCK_S), :], mask=ok, other=0)  # [bs,R]
-            kpe = plt.load(kpe_ref.at[li, b, pl.ds(s0, BLOCK_S), :], mask=ok, other=0)  # [bs,Kr]
+            lat = plt.load(lat_ref.at[li, b, pl.ds(s0, BLOCK_S), :], mask=ok, other=0).astype(dtype)  # [bs,R]
+            kpe = plt.load(kpe_ref.at[li, b, pl.ds(s0, BLOCK_S), :], mask=ok, other=0).astype(dtype)  # [bs,Kr]
             s = (plt.dot(ql, lat, trans_b=True, precision=precision)
                  + plt.dot(qp, kpe, trans_b=True, precision=precision)) * scale  # [bm,bs] fp32
             s = jnp.where(pos[None, :] <= q_slot[:, None], s, -jnp.inf)
@@ -171,7 +171,7 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
         interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS * max(1, bm // 32),
                                                                   num_stages=NUM_STAGES),
-    )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent.astype(dtype), k_pe.astype(dtype))
+    )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent, k_pe)  # the cache's blocks cast as they load
     w = jnp.exp(m - m.max(1, keepdims=True))  # [B,C,rows]: each chunk's share
     out = (acc * w[..., None]).sum(1) / jnp.maximum((den * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
     return out[:, :M].reshape(B, T, H, R).astype(dtype)

@@ -71,3 +71,13 @@ def test_bad_impl_and_dims():
     with pytest.raises(ValueError, match="choose from"):
         la.latent_attention(*args, 0.3, impl="flash")
     assert la.default_impl(1, 24, 16) == "xla"
+
+
+def test_kernel_reads_a_cache_stored_in_another_dtype():
+    """A bf16 cache with fp32 queries: blocks are cast as they load (the stack is never converted whole)."""
+    q_lat, q_pe, latent, k_pe, layer, slots = problem(1, 4)
+    latent, k_pe = latent.astype(jnp.bfloat16), k_pe.astype(jnp.bfloat16)
+    want = reference(q_lat, q_pe, latent.astype(jnp.float32), k_pe.astype(jnp.float32), 1, slots, 0.3)
+    got = la._pallas(q_lat, q_pe, latent, k_pe, layer, slots, 0.3, interpret=True)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
