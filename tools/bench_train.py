@@ -28,7 +28,7 @@ from dsv3_jax import parallel  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.fp8 import PRECISIONS  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
-from dsv3_jax.train.step import init_state, jit_train_step  # noqa: E402
+from dsv3_jax.train.step import init_state, jit_train_step, layers_per_scan  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12
 
@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--expert-capacity", type=float, default=0.0,
                    help="TrainConfig.expert_capacity_factor (dense transport; 0 = full blocks only)")
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none|selective|full")
-    p.add_argument("--scan-unroll", type=int, default=1, help="TrainConfig.scan_unroll: layers per scan iteration")
+    p.add_argument("--scan-unroll", type=int, default=0, help="TrainConfig.scan_unroll: layers per scan iteration "
+                   "(0: by backend)")
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk, help="TrainConfig.loss_chunk: tokens")
     p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax")
     p.add_argument("--grouped-matmul", default="auto",
@@ -106,7 +107,7 @@ def main() -> None:
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
                                                   tc.expert_transport],
         "expert_capacity_factor": tc.expert_capacity_factor,
-        "remat": tc.remat, "scan_unroll": tc.scan_unroll, "loss_chunk": tc.loss_chunk,
+        "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc), "loss_chunk": tc.loss_chunk,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,

@@ -27,7 +27,7 @@ from dsv3_jax.inference.cache import init_cache, init_mtp_cache
 from dsv3_jax.inference.sampling import Sampling, probabilities, sample
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.model.mla import LatentCache
-from dsv3_jax.model.transformer import Cache, scan_unroll
+from dsv3_jax.model.transformer import Cache, full_depth, scan_unroll
 from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding
 
 MIN_BUCKET = 16
@@ -125,8 +125,7 @@ def _unrolled(model: DeepSeekV3):
     slice at a traced index, which XLA's GPU matmuls do not read in place: every weight was
     copied every step (bench shape on an H200: 5.2 ms a step looped, 2.4 ms unrolled). The
     prefill, run once per call, keeps the loop (and its shorter compile)."""
-    c = model.config
-    return scan_unroll(max(c.num_dense_layers, c.num_moe_layers, 1))
+    return scan_unroll(full_depth(model.config))
 
 
 def step(graphdef, state, s: DecodeState, *, sampling: Sampling, stops: tuple[int, ...], max_new: int

@@ -42,8 +42,8 @@ def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpr
         row_ok, col_ok = rows < M, cols < N
 
         def chunk(c, acc):
-            a = plt.load(a_ref.at[pl.ds(i * bm, bm), pl.ds(c * bk, bk)], mask=row_ok[:, None], other=0)
-            bt = plt.load(bt_ref.at[pl.ds(j * bn, bn), pl.ds(c * bk, bk)], mask=col_ok[:, None], other=0)
+            a = plt.load(a_ref.at[pl.ds(i * bm, bm), pl.ds(c * bk, bk)], mask=row_ok[:, None])
+            bt = plt.load(bt_ref.at[pl.ds(j * bn, bn), pl.ds(c * bk, bk)], mask=col_ok[:, None])
             sa = plt.load(as_ref.at[pl.ds(i * bm, bm), c], mask=row_ok, other=0)  # [bm]
             sb = plt.load(bs_ref.at[c, pl.ds(j * bn, bn)], mask=col_ok, other=0)  # [bn]
             return acc + plt.dot(a, bt, trans_b=True) * sa[:, None] * sb[None, :]

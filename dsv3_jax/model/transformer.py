@@ -109,6 +109,11 @@ def scan_unroll(n: int):
         yield
 
 
+def full_depth(config: ModelConfig) -> int:
+    """Layers in the deepest stack: `scan_unroll(full_depth(c))` runs every stack unrolled."""
+    return max(config.num_dense_layers, config.num_moe_layers, 1)
+
+
 @contextlib.contextmanager
 def _scoped(var: contextvars.ContextVar, value):
     """`var` set to `value` inside the block, restored after."""

@@ -52,7 +52,7 @@ class TrainConfig:
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
     expert_capacity_factor: float = 0.0  # dense transport blocks: x balanced rows (0: full blocks only)
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
-    scan_unroll: int = 1  # layers per iteration of the layer scans (>= depth: unrolled; model.scan_unroll)
+    scan_unroll: int = 0  # layers per layer-scan iteration; 0: by backend (train.step.layers_per_scan)
     param_dtype: str = "float32"
     loss_chunk: int = 1024  # tokens per cross-entropy chunk ([chunk, vocab] fp32 logits at a time)
     mask_documents: bool = True  # attention stays within a packed document (the paper did not)
@@ -62,9 +62,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk", "scan_unroll"):
+        for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)}: must be >= 1")
+        if self.scan_unroll < 0:
+            raise ValueError(f"TrainConfig.scan_unroll={self.scan_unroll}: must be >= 0 (0: by backend)")
         if self.ramp_start_accum is not None and not 1 <= self.ramp_start_accum <= self.grad_accum:
             raise ValueError(f"TrainConfig.ramp_start_accum={self.ramp_start_accum}: must be in [1, grad_accum]")
         if self.moments_dtype not in ("float32", "bfloat16"):

@@ -45,5 +45,5 @@ def test_bad_kernel_names_are_refused():
         TrainConfig(expert_transport="nccl")
     with pytest.raises(ValueError, match="TrainConfig.expert_capacity_factor=-1"):
         TrainConfig(expert_capacity_factor=-1)
-    with pytest.raises(ValueError, match="TrainConfig.scan_unroll=0"):
-        TrainConfig(scan_unroll=0)
+    with pytest.raises(ValueError, match="TrainConfig.scan_unroll=-1"):
+        TrainConfig(scan_unroll=-1)

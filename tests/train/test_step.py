@@ -7,7 +7,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, RouterBias
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.optimizer import make_optimizer
-from dsv3_jax.train.step import TrainState, make_train_step, max_violation, update_bias
+from dsv3_jax.train.step import TrainState, layers_per_scan, make_train_step, max_violation, update_bias
 
 CONFIG = ModelConfig.preset("tiny", num_hidden_layers=2)
 
@@ -26,6 +26,15 @@ def _batch(seed, A=1, B=2, T=24):
     return {"tokens": jnp.asarray(rs.randint(0, CONFIG.vocab_size, (A, B, T)), jnp.int32),
             "segment_ids": jnp.ones((A, B, T), jnp.int32),
             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (A, B, T))}
+
+
+def test_layers_per_scan_unrolls_every_layer_on_gpu_only_by_default(monkeypatch):
+    config = ModelConfig.preset("bench")  # 1 dense layer, 11 MoE layers
+    assert layers_per_scan(config, TrainConfig()) == 1  # this CPU
+    assert layers_per_scan(config, TrainConfig(scan_unroll=3)) == 3
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers_per_scan(config, TrainConfig()) == 11
+    assert layers_per_scan(config, TrainConfig(scan_unroll=2)) == 2
 
 
 def test_max_violation_by_hand():
