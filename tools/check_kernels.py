@@ -65,12 +65,14 @@ def main():
     k = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
     v = jnp.asarray(rs.randn(B, T, H, 128), jnp.bfloat16)
 
-    def attn(impl, q, k, v):
-        f = lambda q, k, v: attention.dot_product_attention(q, k, v, None, 192 ** -0.5, impl=impl)
+    def attn(impl, q, k, v, starts=None):
+        f = lambda q, k, v: attention.dot_product_attention(q, k, v, starts, 192 ** -0.5, impl=impl)
         y, vjp = jax.vjp(f, q, k, v)
         return (y, *vjp(jnp.ones_like(y)))
 
     compare(out, "attention", attn, attention.IMPLS, "xla", q, k, v)
+    seg = jnp.asarray(np.sort(rs.randint(0, 5, (B, T)), axis=1))  # packed documents
+    compare(out, "attention_documents", attn, attention.IMPLS, "xla", q, k, v, attention.document_starts(seg))
 
     L, B, T, H, R, Kr, S = (2, 2, 1, 4, 32, 16, 80) if small else (2, 32, 1, 16, 512, 64, 1152)
     q_lat = jnp.asarray(rs.randn(B, T, H, R), jnp.bfloat16)

@@ -1,4 +1,9 @@
-"""Attention core softmax(q k^T * scale + mask) v, with q/k head dim != v head dim (MLA: 192/128).
+"""Causal self-attention core softmax(q k^T * scale + mask) v, with q/k head dim != v head dim
+(MLA: 192/128), optionally within packed documents.
+
+The mask is never an input array: query t attends keys s with starts[t] <= s <= t, where
+starts[t] is the first token of t's document (`document_starts`), so a kernel forms it from
+indices and skips the key blocks before a document instead of reading a [B,T,T] mask.
 
 Two implementations of the same op: "xla" (plain einsums, fp32 softmax; every backend) and
 "tokamax" (tokamax's flash attention, which takes v's head dim as it is: GPU default when
@@ -32,10 +37,18 @@ def default_impl() -> str:
     return "tokamax" if gpu and importlib.util.find_spec("tokamax") is not None else "xla"
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids [B,T] -> [B,T] int32: the index of the first token of each token's segment, a
+    contiguous run of equal ids (how packing lays documents out)."""
+    B, T = segment_ids.shape
+    new = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return jax.lax.cummax(jnp.where(new, jnp.arange(T, dtype=jnp.int32), 0), axis=1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array | None, scale: float,
                           impl: str | None = None) -> jax.Array:
-    """q [B,T,H,K], k [B,S,H,K], v [B,S,H,Kv], mask [B|1,1,T,S] (True = attend; None = causal,
-    T == S) -> [B,T,H,Kv].
+    """q [B,T,H,K], k [B,T,H,K], v [B,T,H,Kv], starts [B,T] int (`document_starts`; None: every
+    query's document starts at 0) -> [B,T,H,Kv].
 
     Scores accumulate in fp32 and the softmax runs in fp32; the probabilities are rounded to
     the compute dtype before the value product (as HF and the official code do).
@@ -46,13 +59,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     fn = functools.partial(_tokamax if impl == "tokamax" else _xla, scale=scale)
     heads = activation_spec("batch", None, "act_heads", None, shape=q.shape)
     if heads is None or _split_axes(heads) != _split_axes(jax.sharding.get_abstract_mesh()):
-        return fn(q, k, v, mask)  # no mesh, or not split over every axis: left to the partitioner
-    mask_spec = None if mask is None else activation_spec(
-        "batch" if mask.shape[0] == q.shape[0] else None, None, None, None, shape=mask.shape)
+        return fn(q, k, v, starts)  # no mesh, or not split over every axis: left to the partitioner
+    starts_spec = None if starts is None else activation_spec("batch", None, shape=starts.shape)
     # every device computes only its own slice (no collectives, nothing replicated), so the
     # varying-axes check, which tokamax's Mosaic kernels do not support, is not needed
-    return jax.shard_map(fn, in_specs=(heads, heads, heads, mask_spec), out_specs=heads,
-                         check_vma=False)(q, k, v, mask)
+    return jax.shard_map(fn, in_specs=(heads, heads, heads, starts_spec), out_specs=heads,
+                         check_vma=False)(q, k, v, starts)
 
 
 def _split_axes(x) -> set[str]:
@@ -62,15 +74,22 @@ def _split_axes(x) -> set[str]:
     return {a for a, n in x.shape.items() if n > 1}
 
 
-def _tokamax(q, k, v, mask, scale):
-    import tokamax
+def _tokamax(q, k, v, starts, scale):
+    """tokamax's Mosaic GPU flash attention, document starts as its per-query k_start (a mask
+    form its public function does not take yet)."""
+    from tokamax._src.ops.attention.base import Mask
+    from tokamax.ops.gpu import PallasMosaicFlashAttention
 
-    return tokamax.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None)
+    mask = Mask(is_causal=True, k_start=None if starts is None else starts[:, None, :])  # [B,1,T]
+    return PallasMosaicFlashAttention()(q, k, v, mask=mask, logits_scale=scale)
 
 
-def _xla(q, k, v, mask, scale):
-    if mask is None:
-        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+def _xla(q, k, v, starts, scale):
+    t = jnp.arange(q.shape[1])
+    mask = (t[:, None] >= t[None, :])[None]  # [1,T,S]
+    if starts is not None:
+        mask = mask & (t[None, None, :] >= starts[:, :, None])  # [B,T,S]
+    mask = mask[:, None]  # [B|1,1,T,S]
     scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)

@@ -83,8 +83,9 @@ class MLA(nnx.Module):
             kv_a = self.kv_a_proj(x)  # [B,T,R+Kr]
             return self.kv_a_norm(kv_a[..., :R]), apply_rope(kv_a[..., R:], cos, sin)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B,T,D], cos/sin [B,T,Kr/2], mask [B|1,1,T,T] or None (causal) -> [B,T,D]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, starts: jax.Array | None) -> jax.Array:
+        """x [B,T,D], cos/sin [B,T,Kr/2], starts [B,T] (causal within documents starting there,
+        `kernels.attention.document_starts`; None: one document a row) -> [B,T,D]."""
         c = self.config
         B, T, _ = x.shape
         H, Kn, Kr, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
@@ -99,7 +100,7 @@ class MLA(nnx.Module):
                       *heads)
         v = constrain(v, *heads)
         with jax.named_scope("core"):
-            o = constrain(dot_product_attention(q, k, v, mask, c.softmax_scale), *heads)  # [B,T,H,Kv]
+            o = constrain(dot_product_attention(q, k, v, starts, c.softmax_scale), *heads)  # [B,T,H,Kv]
             o = checkpoint_name(o, "attention_out")  # kept under remat "selective"
         return self.o_proj(o.reshape(B, T, H * Kv))
 

@@ -30,13 +30,13 @@ class MTPBlock(nnx.Module):
         self.layer = DecoderLayer(config, moe=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.head_norm = RMSNorm(D, **norm)
 
-    def __call__(self, h: jax.Array, emb_ahead: jax.Array, cos, sin, mask, token_mask, cache=None):
+    def __call__(self, h: jax.Array, emb_ahead: jax.Array, cos, sin, starts, token_mask, cache=None):
         """h [B,T,D] (h^{k-1}), emb_ahead [B,T,D] (Emb(t_{i+k})) -> h^k, (h^k, stats); with a
         cache (`mla.CacheView`, the decode path) -> h^k, the updated cache."""
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h)], axis=-1))  # [B,T,2D] -> [B,T,D]
         if cache is not None:
-            h, _, cache = self.layer(x, cos, sin, mask, token_mask, cache=cache)
+            h, _, cache = self.layer(x, cos, sin, starts, token_mask, cache=cache)
             return self.head_norm(h), cache
-        h, stats = self.layer(x, cos, sin, mask, token_mask)
+        h, stats = self.layer(x, cos, sin, starts, token_mask)
         h = self.head_norm(h)
         return h, (h, stats)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels.attention import document_starts
 from dsv3_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from dsv3_jax.model.mla import MLA, CacheView, LatentCache
 from dsv3_jax.model.moe import MoE
@@ -51,11 +52,11 @@ class DecoderLayer(nnx.Module):
                               rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.moe = moe
 
-    def __call__(self, x, cos, sin, mask, token_mask, cache: CacheView | None = None):
+    def __call__(self, x, cos, sin, starts, token_mask, cache: CacheView | None = None):
         """-> (x, stats), or (x, stats, updated LatentCache) when given a cache (`MLA.decode`)."""
         with jax.named_scope("attention"):
             if cache is None:
-                a = self.attn(self.attn_norm(x), cos, sin, mask)
+                a = self.attn(self.attn_norm(x), cos, sin, starts)
             else:
                 a, updated = self.attn.decode(self.attn_norm(x), cos, sin, cache)
             x = constrain(x + a, "batch", None, None)
@@ -193,10 +194,10 @@ class DeepSeekV3(nnx.Module):
         """tokens [B,T] int -> ModelOutput.
 
         positions [B,T] default 0..T-1 (rotary angles). segment_ids [B,T]: tokens attend only
-        within their own segment (packed documents); segment 0 marks padding, left out of the
-        expert load and balance loss. Attention is causal by index. Traced inside
-        `jax.set_mesh(mesh)`, activations are constrained by `parallel.RULES` and the MoE runs
-        expert-parallel.
+        within their own segment, a contiguous run of equal ids (packed documents); segment 0
+        marks padding, left out of the expert load and balance loss. Attention is causal by
+        index. Traced inside `jax.set_mesh(mesh)`, activations are constrained by
+        `parallel.RULES` and the MoE runs expert-parallel.
 
         With a `cache` the tokens are written to cache slots `positions` (default 0..T-1: a
         prefill) and attend to every earlier slot of their row (absorbed MLA, `MLA.decode`);
@@ -210,16 +211,14 @@ class DeepSeekV3(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
-        # no segments: causal (the attention kernel builds or skips the mask), or with a cache
-        # each query sees the slots up to its own (MLA.decode)
+        # no segments: causal over the row, or with a cache each query sees the slots up to its
+        # own (MLA.decode)
         if segment_ids is None:
-            mask, token_mask = None, jnp.ones((B, T), bool)
+            starts, token_mask = None, jnp.ones((B, T), bool)
         else:
-            causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1,1,T,T]
-            mask = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-            token_mask = segment_ids != 0
+            starts, token_mask = document_starts(segment_ids), segment_ids != 0
         cos, sin = rope_cos_sin(c, positions)
-        shared = (cos, sin, mask, token_mask)
+        shared = (cos, sin, starts, token_mask)
 
         x = constrain(self.embed(tokens), "batch", None, None)  # [B,T,D]
         loads, balance = [], jnp.zeros((), jnp.float32)
@@ -256,7 +255,7 @@ class DeepSeekV3(nnx.Module):
 
                 def depth(block, h_prev, x):
                     emb, tok_mask = x
-                    return block(h_prev, emb, cos, sin, mask, tok_mask)
+                    return block(h_prev, emb, cos, sin, starts, tok_mask)
 
                 _, (mtp_h, stats) = nnx.scan(depth, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
                     self.mtp, h, xs)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import parallel
-from dsv3_jax.kernels.attention import dot_product_attention
+from dsv3_jax.kernels.attention import document_starts, dot_product_attention
 
 
 def reference(q, k, v, mask, scale):
@@ -14,6 +14,12 @@ def reference(q, k, v, mask, scale):
     s = np.where(mask, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return np.einsum("bhts,bshk->bthk", p / p.sum(-1, keepdims=True), v)
+
+
+def test_document_starts_mark_each_runs_first_token():
+    seg = np.array([[1, 1, 2, 2, 2, 3, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 1, 1, 2, 2, 2, 0]])
+    want = [[0, 0, 2, 2, 2, 5, 6, 6], [0] * 8, [0, 1, 2, 2, 4, 4, 4, 7]]
+    np.testing.assert_array_equal(document_starts(jnp.asarray(seg)), want)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -27,14 +33,15 @@ def test_attention_under_a_mesh_matches_numpy(masked, H):
     q, k = (jnp.asarray(rs.randn(B, T, H, K), jnp.float32) for _ in range(2))
     v = jnp.asarray(rs.randn(B, T, H, Kv), jnp.float32)
     causal = np.tril(np.ones((T, T), bool))[None, None]
-    mask = jnp.asarray(causal & (rs.rand(B, 1, T, T) > 0.3) | np.eye(T, dtype=bool)) if masked else None
-    loss = lambda q, k, v: (dot_product_attention(q, k, v, mask, 0.5, impl="xla") ** 2).sum()
-    want_out = reference(q, k, v, causal if mask is None else mask, 0.5)
+    seg = np.cumsum(rs.rand(B, T) < 0.3, axis=1)  # packed documents of random lengths
+    starts = document_starts(jnp.asarray(seg)) if masked else None
+    loss = lambda q, k, v: (dot_product_attention(q, k, v, starts, 0.5, impl="xla") ** 2).sum()
+    want_out = reference(q, k, v, causal & (seg[:, None, :, None] == seg[:, None, None, :]) if masked else causal, 0.5)
     want_grads = jax.grad(loss, (0, 1, 2))(q, k, v)  # no mesh
 
     mesh = parallel.make_mesh("data=2,expert=2,tensor=2")
     with jax.set_mesh(mesh):
-        f = jax.jit(lambda q, k, v: (dot_product_attention(q, k, v, mask, 0.5, impl="xla"),
+        f = jax.jit(lambda q, k, v: (dot_product_attention(q, k, v, starts, 0.5, impl="xla"),
                                      jax.grad(loss, (0, 1, 2))(q, k, v)))
         out, grads = f(q, k, v)
         jaxpr = str(jax.make_jaxpr(f)(q, k, v))

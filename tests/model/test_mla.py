@@ -6,6 +6,7 @@ from flax import nnx
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels.attention import document_starts
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.rope import rope_cos_sin
 from tests.hf_reference import hf_config, randomize_, t2n
@@ -41,7 +42,7 @@ def run_both(config, x, positions):
     cos_t, sin_t = hf.DeepseekV3RotaryEmbedding(hfc)(torch.tensor(x), torch.tensor(positions))
     expected, _ = ref(torch.tensor(x), (cos_t, sin_t), causal)
     cos, sin = rope_cos_sin(config, jnp.asarray(positions))
-    got = ours(jnp.asarray(x), cos, sin, jnp.tril(jnp.ones((T, T), bool))[None, None])
+    got = ours(jnp.asarray(x), cos, sin, None)
     return ours, got, t2n(expected)
 
 
@@ -64,10 +65,8 @@ def test_segments_attend_only_within_themselves():
     seg = np.array([[1] * 7 + [2] * 9])
     positions = np.concatenate([np.arange(7), np.arange(9)])[None]
     ours, _, _ = run_both(config, x, positions)
-    mask = jnp.tril(jnp.ones((16, 16), bool))[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
-    packed = ours(jnp.asarray(x), *rope_cos_sin(config, jnp.asarray(positions)), mask)
+    packed = ours(jnp.asarray(x), *rope_cos_sin(config, jnp.asarray(positions)), document_starts(jnp.asarray(seg)))
     for part, sl in ((a, slice(0, 7)), (b, slice(7, 16))):
         T = part.shape[1]
-        alone = ours(jnp.asarray(part, jnp.float32), *rope_cos_sin(config, jnp.arange(T)[None]),
-                     jnp.tril(jnp.ones((T, T), bool))[None, None])
+        alone = ours(jnp.asarray(part, jnp.float32), *rope_cos_sin(config, jnp.arange(T)[None]), None)
         np.testing.assert_allclose(packed[:, sl], alone, rtol=1e-5, atol=1e-6)
