@@ -75,13 +75,14 @@ def _split_axes(x) -> set[str]:
 
 
 def _tokamax(q, k, v, starts, scale):
-    """tokamax's Mosaic GPU flash attention, document starts as its per-query k_start (a mask
-    form its public function does not take yet)."""
+    """tokamax's Mosaic GPU flash attention, document starts as its per-query k_start: a mask
+    form its public function does not take yet, hence the private modules (tokamax.ops.gpu
+    would also import its Triton kernels, which need jax_triton)."""
     from tokamax._src.ops.attention.base import Mask
-    from tokamax.ops.gpu import PallasMosaicFlashAttention
+    from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
 
     mask = Mask(is_causal=True, k_start=None if starts is None else starts[:, None, :])  # [B,1,T]
-    return PallasMosaicFlashAttention()(q, k, v, mask=mask, logits_scale=scale)
+    return PallasMosaicGpuFlashAttention()(q, k, v, mask=mask, logits_scale=scale)
 
 
 def _xla(q, k, v, starts, scale):
