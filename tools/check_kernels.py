@@ -56,7 +56,7 @@ def main():
     def fp8_linear(impl, x, w):  # fp8_native's linear: its three GEMMs through the impl
         with kernels.use(scaled_matmul=impl):
             y, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, fp8.Recipe(native=True), jnp.bfloat16), x, w[0])
-            return (y, *vjp(jnp.ones_like(y)))
+            return (y, *vjp(y))  # not a constant cotangent: XLA's CPU constant folding of FP8 gives NaN
 
     compare(out, "scaled_matmul", fp8_linear, scaled_matmul.IMPLS, "xla", x, w)
 
