@@ -1,7 +1,5 @@
-"""Batched generation over the latent cache: one prefill, then jitted steps, one token per row
-(or one speculative round) each, every shape fixed by the bucket so each bucket compiles once.
-Without streaming every step runs in one dispatch (no host round trip between steps); with
-it, one step a dispatch.
+"""Batched generation over the latent cache: one prefill, then one jitted step per token (or
+per speculative round), every shape fixed by the bucket so each bucket compiles once.
 
 Prompts are right-padded to a power-of-two bucket; row b's prompt fills cache slots
 0..len_b-1 and each new token the next slot, rotary position = slot. A query sees every slot
@@ -165,22 +163,6 @@ def speculative_step(graphdef, state, s: DecodeState, *, sampling: Sampling, sto
                       accepted=s.accepted + (live & accepted).sum()), done.all()
 
 
-def steps(graphdef, state, s: DecodeState, limit: jax.Array, *, speculative: bool, sampling: Sampling,
-          stops: tuple[int, ...], max_new: int) -> tuple[DecodeState, jax.Array, jax.Array]:
-    """Up to `limit` steps (rounds), stopping once every row is done -> (state, all rows done,
-    steps run). `limit` is traced: one compile for any count."""
-    one = functools.partial(speculative_step if speculative else step, graphdef, sampling=sampling, stops=stops,
-                            max_new=max_new)
-
-    def body(carry):  # the weights ride in the carry: nnx merges them at the loop's trace level
-        state, s, _, n = carry
-        return state, *one(state, s), n + 1
-
-    _, s, done, n = jax.lax.while_loop(lambda c: ~c[2] & (c[3] < limit), body,
-                                       (state, s, s.done.all(), jnp.zeros((), jnp.int32)))
-    return s, done, n
-
-
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
     """ValueError naming the first empty prompt or out-of-vocabulary token id."""
     if len(prompts) == 0:
@@ -252,15 +234,19 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
         s, finished = _jitted(model, prefill, (3, 4), **static)(
             state, tokens, lengths, init_cache(config, B, size, dtype, mesh),
             init_mtp_cache(config, B, size, dtype, mesh) if speculative else None, jax.random.key(seed))
-        run = _jitted(model, steps, (1,), speculative=speculative, **static)
-        per_call = 1 if stream is not None else max_new_tokens
-        taken = 0
-        while taken < max_new_tokens - 1 and not bool(finished):
+        one_step = _jitted(model, speculative_step if speculative else step, (1,), **static)
+        steps, before = 0, None  # `before`: whether the state before the newest one had finished
+        while steps < max_new_tokens - 1:
             if stream is not None:
-                flush(s)
-            s, finished, n = run(state, s, jnp.int32(min(per_call, max_new_tokens - 1 - taken)))
-            taken += int(n)
+                flush(s)  # waits for the newest step anyway
+                if bool(finished):
+                    break
+            elif before is not None and bool(before):  # the newest step had nothing to do
+                break  # (checking one step behind keeps a step queued on the device)
+            before = finished
+            s, finished = one_step(state, s)
+            steps += 1
         if stream is not None:
             flush(s)
         out, count, drafted, accepted = jax.device_get((s.out, s.count, s.drafted, s.accepted))
-    return GenerateResult([out[r, : count[r]].tolist() for r in range(rows)], taken, int(drafted), int(accepted))
+    return GenerateResult([out[r, : count[r]].tolist() for r in range(rows)], steps, int(drafted), int(accepted))
