@@ -9,7 +9,6 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference import cache_bytes_per_token, generate, init_cache
-from dsv3_jax.kernels.attention import dot_product_attention
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.model.mla import MLA, CacheView, LatentCache
 from dsv3_jax.model.rope import rope_cos_sin
@@ -71,8 +70,10 @@ def naive_decode(attn: MLA, x, cos, sin, k_cache, v_cache, slots):
     k = jnp.concatenate([kv[..., :Kn], jnp.broadcast_to(k_pe[:, :, None], (B, T, H, Kr))], -1)
     rows = jnp.arange(B)[:, None]
     k_cache, v_cache = k_cache.at[rows, slots].set(k), v_cache.at[rows, slots].set(kv[..., Kn:])
-    o = dot_product_attention(jnp.concatenate([q_nope, q_pe], -1), k_cache, v_cache,
-                              slots[:, None, :, None] >= jnp.arange(k_cache.shape[1]), c.softmax_scale)
+    q = jnp.concatenate([q_nope, q_pe], -1)
+    scores = jnp.einsum("bthk,bshk->bhts", q, k_cache) * c.softmax_scale
+    scores = jnp.where(slots[:, None, :, None] >= jnp.arange(k_cache.shape[1]), scores, -jnp.inf)
+    o = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores, -1), v_cache)
     return attn.o_proj(o.reshape(B, T, H * Kv)), k_cache, v_cache
 
 
