@@ -1,13 +1,14 @@
-"""Benchmarks that print one JSON line: `python tools/bench.py train ...` or `python tools/bench.py decode ...`.
+"""Benchmarks that print JSON lines: `python tools/bench.py train|decode|attention ...`.
 
-Each subcommand lives in its own module beside this file (bench_train.py, bench_decode.py).
+Each subcommand lives in its own module beside this file (bench_train.py, bench_decode.py,
+bench_attention.py).
 """
 
 import os
 import runpy
 import sys
 
-SUBCOMMANDS = {"train": "bench_train.py", "decode": "bench_decode.py"}
+SUBCOMMANDS = {"train": "bench_train.py", "decode": "bench_decode.py", "attention": "bench_attention.py"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
