@@ -30,11 +30,15 @@ IMPLS = ("xla", "tokamax")
 
 
 def default_impl() -> str:
-    """The impl `kernels.use` forces, else tokamax on GPU where installed, else xla."""
+    """The impl `kernels.use` forces, else tokamax on a GPU its Mosaic kernels run on (Ampere
+    and newer) where installed, else xla."""
     if forced("attention"):
         return forced("attention")
-    gpu = jax.default_backend() == "gpu"
-    return "tokamax" if gpu and importlib.util.find_spec("tokamax") is not None else "xla"
+    if jax.default_backend() != "gpu" or importlib.util.find_spec("tokamax") is None:
+        return "xla"
+    from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
+
+    return "tokamax" if PallasMosaicGpuFlashAttention().supported_on(jax.devices()[0]) else "xla"
 
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
