@@ -193,10 +193,10 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
     tok = logical_to_spec(("batch", None), x.shape, shape)
     w_in = logical_to_spec(("expert", None, "expert_mlp"), gate.shape, shape)
     w_out = PartitionSpec(w_in[0], w_in[2], None)
+    transport, capacity_factor = _transport.get()
     body = jax.shard_map(
         lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype, varying=tok[0],
-                                 transport=choose_transport(_transport.get()[0], n_ep=n_ep),
-                                 capacity_factor=_transport.get()[1]),
+                                 transport=choose_transport(transport, n_ep=n_ep), capacity_factor=capacity_factor),
         mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
     return body(x.astype(dtype), weights, expert_ids, gate, up, down)[:N]
 
