@@ -28,6 +28,20 @@ def test_chunked_cross_entropy_equals_full_softmax_in_value_and_gradient():
     assert int(chunked_cross_entropy(h, w, targets, mask, chunk=16, dtype=jnp.float32)[1]) == int(mask.sum())
 
 
+def test_cross_entropy_of_huge_logits_matches_float64_numpy():
+    """Logits in the thousands: the one-pass log-sum-exp neither overflows nor loses the max."""
+    rs = np.random.RandomState(2)
+    N, D, V = 20, 8, 50
+    h, w = rs.randn(N, D), rs.randn(D, V) * 300
+    targets = rs.randint(0, V, N)
+    logits = h @ w
+    top = logits.max(-1)
+    expected = np.mean(top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(N), targets])
+    loss, _ = chunked_cross_entropy(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(targets),
+                                    jnp.ones((N,), bool), chunk=8, dtype=jnp.float32)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
 def test_bf16_cross_entropy_stays_near_float32():
     """bf16 operands with fp32 accumulation: loss and gradients within bf16 rounding of fp32."""
     rs = np.random.RandomState(1)
