@@ -1,6 +1,6 @@
 """Where the time goes: device kernels of a jax.profiler trace, summed by name and by op class.
 
-    python tools/profile_summary.py TRACE_DIR [--steps 2] [--top 25]
+    python tools/profile_summary.py TRACE_DIR [--steps 2] [--top 25] [--program step]
 
 Reads the largest trace file (`*trace.json.gz`, written by `jax.profiler.trace(...,
 create_perfetto_trace=True)`, as `tools/bench.py train --profile DIR` does), keeps the
@@ -11,9 +11,13 @@ library names), so they are a guide, not an exact attribution.
 Where the directory also holds compiled programs' HLO text (`*.hlo.txt`, which `bench.py
 train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text` dumps),
 each kernel is traced back to the HLO op it ran for and that op's `op_name` metadata, and
-time is also summed by program and model scope (the `jax.named_scope` path, e.g.
-`train_step: moe_layers/moe/experts bwd`, "bwd" marking the backward pass). GPU command buffers hide the op
-behind each kernel; profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them all.
+time (and the kernel count) is also summed by program and model scope (the `jax.named_scope`
+path, e.g. `train_step: moe_layers/moe/experts bwd`, "bwd" marking the backward pass). A fusion
+counts for the deepest scope among its fused instructions, not its root's: the optimizer's
+update, fused under the non-finite guard's select, is "optimizer", not the select's top level.
+`--program` keeps one jitted program's kernels (e.g. a decode `step` without its prefill). GPU
+command buffers hide the op behind each kernel; profile with
+`XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them all.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def device_events(path: str) -> list[dict]:
 
 HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
 HLO_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)", re.M)
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\{\s*$")
+HLO_CALLS = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?\bcalls=%?([\w.\-]+)', re.M)
 NOT_SCOPES = {"while", "body", "cond", "checkpoint", "remat", "rematted_computation", "closed_call", "pjit",
               "shard_map", "main", "eval_jaxpr"}
 
@@ -60,7 +66,8 @@ def _key(name: str) -> str:
 
 def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
     """(HLO module, instruction name with '.'/'-' written '_' as in kernel names) -> op_name
-    metadata; module "" holds every instruction too, for traces that do not name the module."""
+    metadata (for a fusion, that of its fused instructions' deepest scope); module "" holds
+    every instruction too, for traces that do not name the module."""
     out = {}
     paths = [p for pattern in ("*.hlo.txt", "*after_optimizations.txt")
              for p in glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True)]
@@ -68,10 +75,36 @@ def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
         with open(path) as f:
             text = f.read()
         module = HLO_MODULE.search(text)
+        bodies = fused_op_names(text)
         for name, op in HLO_OP.findall(text):
             out[("", _key(name))] = op
             if module:
                 out[(module.group(1), _key(name))] = op
+        for name, callee in HLO_CALLS.findall(text):
+            ops = bodies.get(callee)
+            if ops:
+                by_scope = collections.Counter(scope(op) for op in ops)
+                top = max(by_scope, key=lambda sc: (sc.count("/"), by_scope[sc]))
+                op = next(op for op in ops if scope(op) == top)
+                out[("", _key(name))] = op
+                if module:
+                    out[(module.group(1), _key(name))] = op
+    return out
+
+
+def fused_op_names(text: str) -> dict[str, list[str]]:
+    """HLO computation name -> the op_name metadata of its instructions."""
+    out, current = {}, None
+    for line in text.splitlines():
+        header = HLO_COMPUTATION.match(line)
+        if header:
+            current = out.setdefault(header.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            op = HLO_OP.match(line)
+            if op:
+                current.append(op.group(2))
     return out
 
 
@@ -98,31 +131,44 @@ def classify(name: str) -> str:
     return next((c for c, pattern in CLASSES if re.search(pattern, low)), "other")
 
 
-def summarize(trace_dir: str, steps: int, top: int) -> dict:
+def in_program(module: str, program: str | None) -> bool:
+    """Whether an event of HLO module `module` (e.g. "jit_step.3") belongs to jitted `program`."""
+    return program is None or re.sub(r"\.\d+$", "", module) in (program, f"jit_{program}")
+
+
+def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) -> dict:
     paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"no *trace.json.gz under {trace_dir}: trace with create_perfetto_trace=True")
     metadata = op_names(trace_dir)
     by_name: collections.Counter = collections.Counter()
     by_scope: collections.Counter = collections.Counter()
+    scope_kernels: collections.Counter = collections.Counter()
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
+    kernels = 0
     for e in device_events(max(paths, key=os.path.getsize)):
         ms = e["dur"] / 1e3 / steps  # us -> ms per step
         args = e.get("args", {})
         hlo_op, module = str(args.get("hlo_op") or ""), str(args.get("hlo_module") or "")
+        if not in_program(module, program):
+            continue
+        kernels += 1
         op_name = next((metadata[k] for k in ((module, _key(hlo_op)), ("", _key(hlo_op)), ("", e["name"]))
                         if k in metadata), "")
         by_name[e["name"]] += ms
-        by_scope[scope(op_name) if op_name else "(unattributed)"] += ms
+        where = scope(op_name) if op_name else "(unattributed)"
+        by_scope[where] += ms
+        scope_kernels[where] += 1
         ops.setdefault(e["name"], op_name[:200] or hlo_op)
     by_class: collections.Counter = collections.Counter()
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
-    out = {"device_ms_per_step": round(sum(by_name.values()), 2),
-           "by_class_ms": {c: round(ms, 2) for c, ms in by_class.most_common()},
+    out = {"device_ms_per_step": round(sum(by_name.values()), 3), "kernels_per_step": round(kernels / steps, 1),
+           "by_class_ms": {c: round(ms, 3) for c, ms in by_class.most_common()},
            "top_kernels_ms": [[n[:120], round(ms, 3), classify(n), ops[n]] for n, ms in by_name.most_common(top)]}
     if metadata:
-        out["by_scope_ms"] = {s: round(ms, 2) for s, ms in by_scope.most_common(top)}
+        out["by_scope_ms"] = {s: round(ms, 3) for s, ms in by_scope.most_common(top)}
+        out["by_scope_kernels_per_step"] = {s: round(scope_kernels[s] / steps, 1) for s, _ in by_scope.most_common(top)}
     return out
 
 
@@ -131,8 +177,9 @@ def main() -> None:
     p.add_argument("trace_dir")
     p.add_argument("--steps", type=int, default=2, help="steps the trace covers (results are per step)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--program", help="only this jitted function's kernels (e.g. step, train_step)")
     args = p.parse_args()
-    print(json.dumps(summarize(args.trace_dir, args.steps, args.top)))
+    print(json.dumps(summarize(args.trace_dir, args.steps, args.top, args.program)))
 
 
 if __name__ == "__main__":

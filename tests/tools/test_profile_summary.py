@@ -1,0 +1,68 @@
+"""`tools/profile_summary.py` on a hand-made trace and HLO dump: device time per step by program
+and scope, a fusion attributed to its fused instructions' deepest scope rather than its root's."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+HLO = """HloModule jit_train_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_select (param_0: f32[4], param_1: pred[]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  %param_1 = pred[] parameter(1)
+  %mul.1 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(train_step)/optimizer/mul"}
+  %sqrt.1 = f32[4]{0} sqrt(%mul.1), metadata={op_name="jit(train_step)/optimizer/sqrt"}
+  ROOT %sel.1 = f32[4]{0} select(%param_1, %sqrt.1, %param_0), metadata={op_name="jit(train_step)/jit(_where)/select_n"}
+}
+
+ENTRY %main.9 (p: f32[4], c: pred[]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %c = pred[] parameter(1)
+  %custom-call.1 = f32[4]{0} custom-call(%p), metadata={op_name="jit(train_step)/moe_layers/moe/experts/dot_general"}
+""" + (  # the fusion's own metadata names its root, the guard's select
+    '  ROOT %loop_select_fusion = f32[4]{0} fusion(%custom-call.1, %c), kind=kLoop, calls=%fused_select, '
+    'metadata={op_name="jit(train_step)/jit(_where)/select_n"}\n}\n')
+
+
+def _event(name, dur_us, op, module, pid=1):
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur_us, "name": name,
+            "args": {"hlo_op": op, "hlo_module": module}}
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trace")
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+              _event("loop_select_fusion", 300.0, "loop_select_fusion", "jit_train_step"),
+              _event("nvjet_sm90_gemm", 100.0, "custom-call.1", "jit_train_step"),
+              _event("input_reduce_fusion", 50.0, "input_reduce_fusion", "jit_eval.2"),
+              _event("host_work", 999.0, "", "", pid=2)]
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    (d / "train_step.hlo.txt").write_text(HLO)
+    return d
+
+
+def _summary(trace_dir, *flags):
+    out = subprocess.run([sys.executable, "tools/profile_summary.py", str(trace_dir), "--steps", "2", *flags],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_scopes_of_one_program_per_step(trace_dir):
+    s = _summary(trace_dir, "--program", "train_step")
+    assert s["device_ms_per_step"] == pytest.approx(0.2)  # 400 us over 2 steps
+    assert s["kernels_per_step"] == 1.0
+    assert s["by_scope_ms"] == {"train_step: optimizer": pytest.approx(0.15),
+                                "train_step: moe_layers/moe/experts": pytest.approx(0.05)}
+    assert s["by_class_ms"] == {"elementwise fusion": pytest.approx(0.15), "matmul": pytest.approx(0.05)}
+
+
+def test_every_device_kernel_without_a_program(trace_dir):
+    s = _summary(trace_dir)
+    assert s["device_ms_per_step"] == pytest.approx(0.225) and s["kernels_per_step"] == 1.5  # host events left out
+    assert s["by_scope_ms"]["(unattributed)"] == pytest.approx(0.025)  # no HLO for jit_eval
