@@ -1,8 +1,9 @@
 """tokamax flash attention alone at the bench shape, per configuration:
 `python tools/bench.py attention [--batch 4 --seq 4096 --heads 16]` (GPU with tokamax).
 
-Causal, q/k head dim 192, v 128, bf16, with or without packed documents (per-query k_start, as
-`kernels.attention` passes them). Prints one JSON line per configuration: forward and forward +
+Causal, q/k head dim 192, v 128, bf16, with packed documents as per-query k_start (what
+`kernels.attention` passes; `--documents 1`: all 0, the bench batch) or without any
+(`--documents 0`: the mask-free causal kernel). Prints one JSON line per configuration: forward and forward +
 backward milliseconds and TFLOP/s (forward FLOPs B*H*S^2*(192+128) causal; backward counted as
 2.5x the forward). The heuristic configuration is tokamax's own choice; the others are the
 Mosaic GPU kernels' alternatives that fit in shared memory or say why not.
@@ -40,15 +41,16 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--documents", type=int, default=1, help="packed documents a row (1: k_start all 0)")
+    p.add_argument("--documents", type=int, default=1,
+                   help="packed documents a row (1: k_start all 0; 0: no k_start, plain causal)")
     args = p.parse_args()
     B, S, H, D, Dv = args.batch, args.seq, args.heads, 192, 128
     rs = np.random.RandomState(0)
     q, k = (jnp.asarray(rs.randn(B, S, H, D), jnp.bfloat16) for _ in range(2))
     v, g = (jnp.asarray(rs.randn(B, S, H, Dv), jnp.bfloat16) for _ in range(2))
-    starts = jnp.asarray(np.repeat(np.arange(args.documents) * (S // args.documents), S // args.documents)[None]
-                         .repeat(B, 0), jnp.int32)  # [B,S]
-    mask = Mask(is_causal=True, k_start=starts[:, None, :])
+    docs = max(args.documents, 1)
+    starts = jnp.asarray(np.repeat(np.arange(docs) * (S // docs), S // docs)[None].repeat(B, 0), jnp.int32)  # [B,S]
+    mask = Mask(is_causal=True, k_start=starts[:, None, :] if args.documents else None)
     flop = B * H * S * S * (D + Dv)
     vjp_cfg = lambda blocks, stages, wgs: vjp_common.Config(block_q_dkv=blocks[0], block_kv_dkv=blocks[1],
                                                             block_q_dq=blocks[0], block_kv_dq=blocks[1],
