@@ -13,6 +13,7 @@ the time goes, op by op and by model scope: `tools/profile_summary.py DIR`).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -88,8 +89,8 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
-            with open(os.path.join(args.profile, "train_step.hlo.txt"), "w") as f:
-                f.write(compiled.as_text())  # op metadata for tools/profile_summary.py
+            with gzip.open(os.path.join(args.profile, "train_step.hlo.txt.gz"), "wt") as f:
+                f.write(compiled.as_text())  # op metadata for tools/profile_summary.py (~25 MB unzipped)
             with jax.profiler.trace(args.profile, create_perfetto_trace=True):
                 for _ in range(2):
                     state, metrics = compiled(state, batch)

@@ -8,7 +8,7 @@ events on device (GPU/TPU) timelines and prints one JSON object: milliseconds pe
 each op class and for the top kernels. Classes come from the kernel names (XLA fusion and
 library names), so they are a guide, not an exact attribution.
 
-Where the directory also holds compiled programs' HLO text (`*.hlo.txt`, which `bench.py
+Where the directory also holds compiled programs' HLO text (`*.hlo.txt[.gz]`, which `bench.py
 train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text` dumps),
 each kernel is traced back to the HLO op it ran for and that op's `op_name` metadata, and
 time (and the kernel count) is also summed by program and model scope (the `jax.named_scope`
@@ -69,10 +69,10 @@ def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
     metadata (for a fusion, that of its fused instructions' deepest scope); module "" holds
     every instruction too, for traces that do not name the module."""
     out = {}
-    paths = [p for pattern in ("*.hlo.txt", "*after_optimizations.txt")
+    paths = [p for pattern in ("*.hlo.txt", "*.hlo.txt.gz", "*after_optimizations.txt")
              for p in glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True)]
     for path in sorted(paths, key=os.path.getsize):  # where names repeat across programs, the largest wins
-        with open(path) as f:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             text = f.read()
         module = HLO_MODULE.search(text)
         bodies = fused_op_names(text)

@@ -43,7 +43,8 @@ def trace_dir(tmp_path_factory):
               _event("host_work", 999.0, "", "", pid=2)]
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    (d / "train_step.hlo.txt").write_text(HLO)
+    with gzip.open(d / "train_step.hlo.txt.gz", "wt") as f:  # as `bench.py train --profile` writes it
+        f.write(HLO)
     return d
 
 
