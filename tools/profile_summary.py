@@ -52,10 +52,10 @@ def device_events(path: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in device and "dur" in e]
 
 
-HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
+HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"')
 HLO_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)", re.M)
 HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\{\s*$")
-HLO_CALLS = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?\bcalls=%?([\w.\-]+)', re.M)
+HLO_CALLS = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\bcalls=%?([\w.\-]+)')
 NOT_SCOPES = {"while", "body", "cond", "checkpoint", "remat", "rematted_computation", "closed_call", "pjit",
               "shard_map", "main", "eval_jaxpr"}
 
@@ -75,36 +75,28 @@ def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
         with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             text = f.read()
         module = HLO_MODULE.search(text)
-        bodies = fused_op_names(text)
-        for name, op in HLO_OP.findall(text):
+        found, bodies, calls, body = {}, {}, [], None  # instruction -> op_name, computation -> op_names
+        for line in text.splitlines():
+            header = HLO_COMPUTATION.match(line)
+            if header:
+                body = bodies.setdefault(header.group(1), [])
+                continue
+            op, call = HLO_OP.match(line), HLO_CALLS.match(line)
+            if op:
+                found[op.group(1)] = op.group(2)
+                if body is not None:
+                    body.append(op.group(2))
+            if call:
+                calls.append(call.groups())
+        for name, callee in calls:  # a fusion: the deepest scope among its instructions
+            if bodies.get(callee):
+                by_scope = collections.Counter(scope(op) for op in bodies[callee])
+                top = max(by_scope, key=lambda sc: (sc.count("/"), by_scope[sc]))
+                found[name] = next(op for op in bodies[callee] if scope(op) == top)
+        for name, op in found.items():
             out[("", _key(name))] = op
             if module:
                 out[(module.group(1), _key(name))] = op
-        for name, callee in HLO_CALLS.findall(text):
-            ops = bodies.get(callee)
-            if ops:
-                by_scope = collections.Counter(scope(op) for op in ops)
-                top = max(by_scope, key=lambda sc: (sc.count("/"), by_scope[sc]))
-                op = next(op for op in ops if scope(op) == top)
-                out[("", _key(name))] = op
-                if module:
-                    out[(module.group(1), _key(name))] = op
-    return out
-
-
-def fused_op_names(text: str) -> dict[str, list[str]]:
-    """HLO computation name -> the op_name metadata of its instructions."""
-    out, current = {}, None
-    for line in text.splitlines():
-        header = HLO_COMPUTATION.match(line)
-        if header:
-            current = out.setdefault(header.group(1), [])
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            op = HLO_OP.match(line)
-            if op:
-                current.append(op.group(2))
     return out
 
 

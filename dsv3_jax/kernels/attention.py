@@ -32,13 +32,18 @@ IMPLS = ("xla", "tokamax")
 def default_impl() -> str:
     """The impl `kernels.use` forces, else tokamax on a GPU its Mosaic kernels run on (Ampere
     and newer) where installed, else xla."""
-    if forced("attention"):
-        return forced("attention")
+    return forced("attention") or ("tokamax" if _tokamax_runs_here() else "xla")
+
+
+@functools.cache
+def _tokamax_runs_here() -> bool:
+    """tokamax installed and its Mosaic GPU kernels supported by this process's GPU (asked once,
+    not at every attention call being traced)."""
     if jax.default_backend() != "gpu" or importlib.util.find_spec("tokamax") is None:
-        return "xla"
+        return False
     from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
 
-    return "tokamax" if PallasMosaicGpuFlashAttention().supported_on(jax.devices()[0]) else "xla"
+    return PallasMosaicGpuFlashAttention().supported_on(jax.devices()[0])
 
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
