@@ -28,6 +28,7 @@ from count_flops import flops_per_token  # noqa: E402
 from dsv3_jax import parallel  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.fp8 import PRECISIONS  # noqa: E402
+from dsv3_jax.kernels.grouped_matmul import default_layout  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
 from dsv3_jax.train.step import init_state, jit_train_step, layers_per_scan  # noqa: E402
 
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax")
     p.add_argument("--grouped-matmul", default="auto",
                    help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
+    p.add_argument("--expert-layout", default="auto", help="TrainConfig.expert_layout: auto|grouped|blocks")
     p.add_argument("--scaled-matmul", default="auto", help="TrainConfig.scaled_matmul_impl: auto|xla|pallas "
                    "(fp8_native's GEMMs)")
     args = p.parse_args()
@@ -65,7 +67,7 @@ def main() -> None:
                      moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
                      expert_capacity_factor=args.expert_capacity,
                      attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul,
-                     scaled_matmul_impl=args.scaled_matmul, remat=args.remat,
+                     scaled_matmul_impl=args.scaled_matmul, expert_layout=args.expert_layout, remat=args.remat,
                      scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
     mesh = parallel.make_mesh(args.mesh)
     B, T = args.batch, args.seq
@@ -107,7 +109,8 @@ def main() -> None:
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
                                                   tc.expert_transport],
-        "expert_capacity_factor": tc.expert_capacity_factor,
+        "expert_capacity_factor": tc.expert_capacity_factor, "expert_layout": "grouped" if tc.precision != "bf16" else (
+            default_layout() if tc.expert_layout == "auto" else tc.expert_layout),  # FP8: grouped only
         "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc), "loss_chunk": tc.loss_chunk,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,

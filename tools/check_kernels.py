@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from dsv3_jax import fp8, kernels  # noqa: E402
 from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, scaled_matmul  # noqa: E402
+from dsv3_jax.parallel import routed_experts  # noqa: E402
 
 
 def rel(a, b):
@@ -53,6 +54,21 @@ def main():
 
     compare(out, "grouped_matmul", gmm, grouped_matmul.IMPLS, "tiled", x, w, sizes)
 
+    n, D, F, top = M // 4, K, N, 6  # routed experts: the row layouts against "grouped" (default kernels)
+    logits = rs.randn(n, E) + np.linspace(0, 1.5, E)  # skewed: some experts overflow their blocks
+    ids = jnp.asarray(np.argsort(-logits, axis=1)[:, :top], jnp.int32)
+    ew = jnp.asarray(rs.rand(n, top), jnp.float32)
+    gate, up = (jnp.asarray(rs.randn(E, D, F) * 0.05, jnp.bfloat16) for _ in range(2))
+    down = jnp.asarray(rs.randn(E, F, D) * 0.05, jnp.bfloat16)
+
+    def experts(layout, x, gate, up, down):
+        with kernels.use(expert_layout=layout):
+            f = lambda *a: routed_experts(a[0], ew, ids, *a[1:], dtype=jnp.bfloat16)
+            y, vjp = jax.vjp(f, x, gate, up, down)
+            return (y, *vjp(jnp.ones_like(y)))
+
+    compare(out, "expert_layout", experts, grouped_matmul.LAYOUTS, "grouped", x[:n, :D], gate, up, down)
+
     def fp8_linear(impl, x, w):  # fp8_native's linear: its three GEMMs through the impl
         with kernels.use(scaled_matmul=impl):
             y, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, fp8.Recipe(native=True), jnp.bfloat16), x, w[0])
@@ -86,7 +102,8 @@ def main():
                                                   impl=impl),)
 
     compare(out, "latent_attention", latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
-    out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(), "attention": attention.default_impl(),
+    out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(),
+                       "expert_layout": grouped_matmul.default_layout(), "attention": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
                        "scaled_matmul": scaled_matmul.default_impl()}
     print(json.dumps(out))

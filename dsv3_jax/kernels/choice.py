@@ -17,17 +17,19 @@ def validate(op: str, impl: str) -> None:
     from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, scaled_matmul
 
     impls = {"attention": attention.IMPLS, "grouped_matmul": grouped_matmul.IMPLS,
-             "latent_attention": latent_attention.IMPLS, "scaled_matmul": scaled_matmul.IMPLS}[op]
+             "latent_attention": latent_attention.IMPLS, "scaled_matmul": scaled_matmul.IMPLS,
+             "expert_layout": grouped_matmul.LAYOUTS}[op]
     if impl != "auto" and impl not in impls:
         raise ValueError(f"{op} impl {impl!r}: choose from {('auto',) + impls}")
 
 
 @contextlib.contextmanager
 def use(attention: str = "auto", grouped_matmul: str = "auto", latent_attention: str = "auto",
-        scaled_matmul: str = "auto"):
-    """Force kernels by name ("auto" keeps the backend's default) while tracing inside."""
+        scaled_matmul: str = "auto", expert_layout: str = "auto"):
+    """Force kernels (and the routed experts' row layout) by name ("auto" keeps the backend's
+    default) while tracing inside."""
     choice = {"attention": attention, "grouped_matmul": grouped_matmul, "latent_attention": latent_attention,
-              "scaled_matmul": scaled_matmul}
+              "scaled_matmul": scaled_matmul, "expert_layout": expert_layout}
     for op, impl in choice.items():
         validate(op, impl)
     token = _forced.set(tuple((op, impl) for op, impl in choice.items() if impl != "auto"))

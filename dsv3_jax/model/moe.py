@@ -76,9 +76,9 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
         """x [N,D], weights/expert_ids [N,K] -> sum_k weights[n,k] * expert_{ids[n,k]}(x[n]) [N,D].
 
-        The N*K (token, expert) assignments are sorted by expert so each expert's rows are
-        contiguous, run through one grouped matmul per projection, weighted in fp32 and summed
-        back per token in fp32. Under a mesh, `parallel.expert` does this expert-parallel.
+        The N*K (token, expert) assignment rows are laid out by expert (`parallel.expert.place`:
+        batched blocks and grouped rows), run through each projection, weighted and summed back
+        per token in fp32. Under a mesh, `parallel.expert` does this expert-parallel.
         A few tokens that touch most experts anyway (a decode step) take `_every_expert`.
         """
         N, K = expert_ids.shape

@@ -1,15 +1,17 @@
 """Routed experts, local or expert-parallel: dropless dispatch, grouped matmul, weighted combine.
 
-`routed_experts` is the one entry point. Outside a mesh (or on one device) it sorts the
-(token, expert) assignments by expert and runs one grouped matmul per projection. Under a
-`jax.set_mesh` mesh it runs the same steps per device inside `shard_map`:
+`routed_experts` is the one entry point. Outside a mesh (or on one device) it lays the
+(token, expert) assignment rows out by expert (`place`: under the "blocks" layout each
+expert's first C rows as one block of a batched matmul, the rest grouped; under "grouped"
+all grouped) and runs the SwiGLU's three projections on them. Under a `jax.set_mesh` mesh it
+runs the same steps per device inside `shard_map`:
 
 1. Each device sorts its own tokens' assignments by expert (tokens are split over
    data x fsdp x expert; experts [E, ...] over expert, their hidden F over tensor).
 2. The per-expert counts are all-gathered over the expert axis, so every device knows how
    many rows it sends to and receives from every other device.
-3. Rows go to the devices owning their experts (the transport), are re-sorted by local expert
-   and run through the grouped matmul; results travel back the same way.
+3. Rows go to the devices owning their experts (the transport), are laid out by local expert
+   and run through the SwiGLU; results travel back the same way.
 4. Each device weights and sums its tokens' K results (and sums the tensor-split partials).
 
 Two transports move the rows, chosen by backend and expert-axis size (`choose_transport`) and
@@ -30,6 +32,7 @@ import contextlib
 import contextvars
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from dsv3_jax import fp8
 from dsv3_jax.fp8 import grouped_matmul
+from dsv3_jax.kernels.grouped_matmul import block_matmul, block_rows, default_layout
 from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 
 TRANSPORTS = ("ragged", "dense")
@@ -116,39 +120,94 @@ def inverse_permutation(perm: jax.Array) -> jax.Array:
     return jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
 
 
-def sort_by_expert(x: jax.Array, expert_ids: jax.Array, n_experts: int):
-    """x [N,D], expert_ids [N,K] -> rows [N*K,D] grouped by expert, the sort as (order, its
-    inverse) over the N*K (token, slot) assignments, counts [E]."""
-    N, K = expert_ids.shape
-    flat = expert_ids.reshape(N * K)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> assignment n*K + k
-    inverse = inverse_permutation(order)
-    xs = take_rows(jnp.repeat(x, K, axis=0), order, inverse)  # [N,D] -> [N*K,D] -> sorted
-    return xs, (order, inverse), jnp.bincount(flat, length=n_experts)
+class Placement(NamedTuple):
+    """Where M (token, slot) assignment rows go for the expert matmuls (`place`): the blocks
+    (E*C rows) and the grouped rows (R rows), each a gather with its inverse (`take_rows`)."""
+
+    block_src: jax.Array  # [E*C] the assignment in each block row (M: empty)
+    block_dest: jax.Array  # [M] each assignment's block row (E*C: not in a block)
+    row_src: jax.Array  # [R] the assignment in each grouped row (M: empty)
+    row_dest: jax.Array  # [M] each assignment's grouped row (R: not there)
+    sizes: jax.Array  # [E] rows of each expert among the grouped rows
 
 
-def expert_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """SwiGLU per expert on rows grouped by expert: xs [M,D], gate/up [E,D,F], down [E,F,D] -> [M,D].
+class ExpertRows(NamedTuple):
+    """Rows laid out by a `Placement` (`kernels.grouped_matmul` LAYOUTS)."""
 
-    The three grouped matmuls follow the FP8 recipe of the enclosing `fp8.use`, if any.
+    blocks: jax.Array  # [E,C,D] expert e's first C rows, zero-padded (C = 0 under "grouped")
+    rows: jax.Array  # [R,D] the rest, grouped by expert, then empty rows
+    sizes: jax.Array  # [E] rows of each expert in `rows`
+
+
+def place(ids: jax.Array, n_experts: int, block: int) -> Placement:
+    """ids [M]: the expert of each assignment (n_experts: a padding row, placed nowhere).
+
+    Expert e's first `block` assignments (in assignment order) fill block e; the others follow
+    in the grouped rows, by expert. The grouped rows number M - block (room for any routing: at
+    most that many overflow) or M when block = 0, which makes this a stable sort by expert.
     """
+    M, E, C = ids.shape[0], n_experts, block
+    R = max(M - C, 0) if C else M
+    order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # sorted position -> assignment
+    sorted_ids = ids[order]
+    counts = jnp.zeros((E,), jnp.int32).at[ids].add(1, mode="drop")  # padding ids dropped
+    e = jnp.minimum(sorted_ids, E - 1)
+    rank = jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[e]  # within its expert
+    sizes = jnp.maximum(counts - C, 0)
+    real = sorted_ids < E
+    block_row = jnp.where(real & (rank < C), e * C + rank, E * C).astype(jnp.int32)
+    row = jnp.where(real & (rank >= C), (jnp.cumsum(sizes) - sizes)[e] + rank - C, R).astype(jnp.int32)
+    inverse = inverse_permutation(order)
+    block_dest, row_dest = block_row[inverse], row[inverse]
+    assignment = jnp.arange(M, dtype=jnp.int32)
+    src = lambda dest, n: jnp.full((n,), M, jnp.int32).at[dest].set(assignment, mode="drop")
+    return Placement(src(block_dest, E * C), block_dest, src(row_dest, R), row_dest, sizes)
+
+
+def gather(x: jax.Array, p: Placement) -> ExpertRows:
+    """Assignment rows x [M,D] -> ExpertRows."""
+    E = p.sizes.shape[0]
+    blocks = take_rows(x, p.block_src, p.block_dest).reshape(E, -1, x.shape[1])
+    return ExpertRows(blocks, take_rows(x, p.row_src, p.row_dest), p.sizes)
+
+
+def scatter(y: ExpertRows, p: Placement) -> jax.Array:
+    """ExpertRows (outputs, laid out as `gather` laid out their inputs) -> rows [M,D] per assignment."""
+    out = take_rows(y.rows, p.row_dest, p.row_src)
+    if y.blocks.shape[1]:
+        out = out + take_rows(y.blocks.reshape(-1, y.blocks.shape[2]), p.block_dest, p.block_src)
+    return out
+
+
+def expert_block(rows: int, n_experts: int) -> int:
+    """Rows per expert block for `rows` assignments over `n_experts`: by the layout `kernels.use`
+    chooses (by backend), none under an FP8 recipe (its experts run the FP8 grouped matmul)."""
+    return block_rows(rows, n_experts, default_layout()) if fp8.active() is None else 0
+
+
+def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -> ExpertRows:
+    """SwiGLU per expert: gate/up [E,D,F], down [E,F,D]; blocks [E,C,D] -> [E,C,D] as batched
+    matmuls, rows [R,D] -> [R,D] as grouped matmuls under the FP8 recipe of `fp8.use`, if any."""
     recipe = fp8.active()
-    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes, recipe)) * grouped_matmul(xs, up, group_sizes, recipe)
-    return grouped_matmul(h, down, group_sizes, recipe)  # [M,F] -> [M,D]
+    swiglu = lambda mm, a: mm(jax.nn.silu(mm(a, gate)) * mm(a, up), down)
+    blocks = swiglu(block_matmul, x.blocks) if x.blocks.shape[1] else x.blocks
+    rows = swiglu(lambda a, w: grouped_matmul(a, w, x.sizes, recipe), x.rows)
+    return ExpertRows(blocks.astype(x.rows.dtype), rows, x.sizes)
 
 
-def combine(y: jax.Array, weights: jax.Array, sort: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rows y [N*K,D] in sorted order -> sum_k weights[n,k] * y per token, [N,D] fp32."""
-    order, inverse = sort
+def combine(y: ExpertRows, weights: jax.Array, p: Placement) -> jax.Array:
+    """Expert outputs -> sum_k weights[n,k] * output of assignment (n, k), [N,D] fp32."""
     N, K = weights.shape
-    y = take_rows(y, inverse, order).reshape(N, K, -1)  # back to (token, slot) order: [N*K,D] -> [N,K,D]
-    return (y.astype(jnp.float32) * weights[..., None]).sum(1)
+    out = scatter(y, p).reshape(N, K, -1)  # (token, slot) order: [N*K,D] -> [N,K,D]
+    return (out.astype(jnp.float32) * weights[..., None]).sum(1)
 
 
-def _local(x, weights, expert_ids, gate, up, down, dtype):
-    xs, sort, counts = sort_by_expert(x.astype(dtype), expert_ids, gate.shape[0])
-    y = expert_ffn(xs, counts, gate, up, down)
-    return combine(y, weights, sort).astype(dtype)
+def _local(x, weights, expert_ids, gate, up, down):
+    """One device: x [N,D] in the compute dtype -> [N,D] fp32."""
+    N, K = expert_ids.shape
+    E = gate.shape[0]
+    p = place(expert_ids.reshape(N * K), E, expert_block(N * K, E))
+    return combine(expert_ffn(gather(jnp.repeat(x, K, axis=0), p), gate, up, down), weights, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +239,7 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
     gate, up, down = (w.astype(dtype) for w in (gate, up, down))
     mesh = _mesh()
     if mesh is None:
-        return _local(x, weights, expert_ids, gate, up, down, dtype)
+        return _local(x.astype(dtype), weights, expert_ids, gate, up, down).astype(dtype)
     shape = dict(mesh.shape)
     N, D = x.shape
     E = gate.shape[0]
@@ -204,10 +263,14 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
 def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport, varying,
                   capacity_factor):
     """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
-    xs, sort, counts = sort_by_expert(x, expert_ids, gate.shape[0] * n_ep)
-    y = _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_factor) if n_ep > 1 else expert_ffn(
-        xs, counts, gate, up, down)
-    out = combine(y, weights, sort)
+    if n_ep == 1:
+        out = _local(x, weights, expert_ids, gate, up, down)
+    else:  # rows sorted by expert, so by the device that owns it
+        N, K = expert_ids.shape
+        p = place(expert_ids.reshape(N * K), gate.shape[0] * n_ep, 0)
+        xs = gather(jnp.repeat(x, K, axis=0), p)
+        y = _exchange(xs.rows, xs.sizes, gate, up, down, n_ep, transport, varying, capacity_factor)
+        out = combine(xs._replace(rows=y), weights, p)
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum
         out = jax.lax.psum(out, psum_axis)
     return out.astype(dtype)
@@ -228,12 +291,13 @@ def _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_fac
     per_dst = all_counts.reshape(n_ep, n_ep, E_l)  # [src,dst,local expert]
     sent = per_dst.sum(-1)  # [P,P]
     mine = jnp.take(per_dst, me, axis=1)  # [P,E_l]
-    if transport == "ragged":
-        return _experts_on_arrival(_ragged(xs, sent, me, varying), mine, gate, up, down)
     R = xs.shape[0]
+    block = expert_block(R, E_l)  # each device receives R rows when the routing is balanced
+    if transport == "ragged":
+        return _experts_on_arrival(_ragged(xs, sent, me, varying), mine, gate, up, down, block)
     cap = dense_capacity(R, n_ep, capacity_factor)
-    through = lambda block: lambda xs, gate, up, down: _experts_on_arrival(_dense(xs, sent, me, block), mine,
-                                                                          gate, up, down)
+    through = lambda rows: lambda xs, gate, up, down: _experts_on_arrival(_dense(xs, sent, me, rows), mine,
+                                                                         gate, up, down, block)
     if cap == R:
         return through(R)(xs, gate, up, down)
     return jax.lax.cond(sent.max() <= cap, through(cap), through(R), xs, gate, up, down)
@@ -247,15 +311,12 @@ def dense_capacity(rows: int, n_ep: int, factor: float) -> int:
     return rows if factor == 0 or cap >= rows else cap
 
 
-def _experts_on_arrival(moved, mine, gate, up, down):
+def _experts_on_arrival(moved, mine, gate, up, down, block):
     """(received rows [n,D], send_back, block starts) -> expert outputs sent back to their
-    devices: re-sort by local expert, grouped-matmul SwiGLU, undo the sort, send back."""
+    devices: laid out by local expert, SwiGLU, back in arrival order, sent back."""
     recv, send_back, starts = moved
-    local = _local_expert_ids(starts, mine, recv.shape[0])  # [n]
-    order = jnp.argsort(local, stable=True).astype(jnp.int32)
-    inverse = inverse_permutation(order)
-    y = expert_ffn(take_rows(recv, order, inverse), mine.sum(0), gate, up, down)  # padding rows sort last, come out 0
-    return send_back(take_rows(y, inverse, order))
+    p = place(_local_expert_ids(starts, mine, recv.shape[0]), gate.shape[0], block)  # padding: placed nowhere, 0 out
+    return send_back(scatter(expert_ffn(gather(recv, p), gate, up, down), p))
 
 
 def _local_expert_ids(starts: jax.Array, mine: jax.Array, n_rows: int) -> jax.Array:

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsv3_jax import fp8, kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference.cache import cache_bytes_per_token
-from dsv3_jax.parallel.expert import expert_ffn
+from dsv3_jax.parallel.expert import ExpertRows, expert_ffn
 from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, param_shardings, parse_mesh_spec
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy
@@ -192,7 +192,8 @@ def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention
 
 
 def _expert_row_residuals(config: ModelConfig, recipe, n_local_experts: int) -> float:
-    """Residual bytes per row of the routed-expert SwiGLU (`parallel.expert.expert_ffn`)."""
+    """Residual bytes per row of the routed-expert SwiGLU (`parallel.expert.expert_ffn`; a row
+    saves the same whether it runs in a block or grouped)."""
     D, F = config.hidden_size, config.moe_intermediate_size
     w = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     sizes = jnp.zeros((n_local_experts,), jnp.int32)
@@ -200,7 +201,8 @@ def _expert_row_residuals(config: ModelConfig, recipe, n_local_experts: int) -> 
     def rows(m):
         def f(xs, gate, up, down):
             with fp8.use(recipe):
-                return expert_ffn(xs, sizes, gate, up, down)
+                return expert_ffn(ExpertRows(jnp.zeros((n_local_experts, 0, D), xs.dtype), xs, sizes),
+                                  gate, up, down).rows
 
         args = (w(m, D), w(n_local_experts, D, F), w(n_local_experts, D, F), w(n_local_experts, F, D))
         with target_kernels():

@@ -49,6 +49,7 @@ class TrainConfig:
     attention_impl: str = "auto"  # kernels: "auto" (by backend), "xla" or "tokamax"
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     scaled_matmul_impl: str = "auto"  # fp8_native's GEMMs: "auto" (= "xla") or "pallas" (kernels.scaled_matmul)
+    expert_layout: str = "auto"  # routed-expert rows: "auto" (by backend), "grouped" or "blocks" (parallel.expert)
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
     expert_capacity_factor: float = 0.0  # dense transport blocks: x balanced rows (0: full blocks only)
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
@@ -77,7 +78,7 @@ class TrainConfig:
             if getattr(self, f) not in ("float32", "bfloat16"):
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: float32 or bfloat16")
         for f, op in (("attention_impl", "attention"), ("grouped_matmul_impl", "grouped_matmul"),
-                      ("scaled_matmul_impl", "scaled_matmul")):
+                      ("scaled_matmul_impl", "scaled_matmul"), ("expert_layout", "expert_layout")):
             try:
                 kernels.validate(op, getattr(self, f))
             except ValueError as e:
