@@ -117,6 +117,7 @@ def main() -> None:
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,
         "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,
         "peak_memory_gib": None if peak is None else peak / 2**30, "loss": float(metrics["loss"]),
+        "max_violation_per_layer": [round(float(v), 3) for v in metrics["max_violation_per_layer"]],
     }))
 
 

@@ -15,9 +15,12 @@ Three implementations of the same product:
 Routed-expert rows come in one of two layouts (`LAYOUTS`, chosen like a kernel):
 - "grouped": every row grouped by expert, through `grouped_matmul`;
 - "blocks": each expert's first C rows as one zero-padded block of a dense batched matmul
-  (`block_matmul`, cuBLAS-class speed), only the rows past C through `grouped_matmul`. Dropless
-  and exact; C = BLOCK_FACTOR x the balanced share. GPU default: the bench shape's grouped
-  matmul runs at ~316 TFLOP/s against ~700 for the batched one (PERF.md).
+  (`block_matmul`), only the rows past C through `grouped_matmul`. Dropless and exact;
+  C = BLOCK_FACTOR x the balanced share. On the H200 the batched matmuls run at ~470-690
+  TFLOP/s against ~316 for tokamax's grouped one, but the overflow rows keep a grouped pass and
+  their buffer is sized for any routing (M - C rows). Bench step, random-init routing (MaxVio
+  0.5-1.2): 2% faster, +16.6 GiB (docs/benchmarks.md), so an option, not the default; the
+  better balanced the routing, the more it gains.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ def default_impl() -> str:
 
 
 def default_layout() -> str:
-    """The layout `kernels.use` forces, else "blocks" on GPU and "grouped" elsewhere."""
-    return forced("expert_layout") or ("blocks" if jax.default_backend() == "gpu" else "grouped")
+    """The layout `kernels.use` forces, else "grouped" (every backend; module docstring)."""
+    return forced("expert_layout") or "grouped"
 
 
 def block_rows(rows: int, n_experts: int, layout: str) -> int:
@@ -86,7 +89,7 @@ def _batched_bwd(precision, res, g):
     g = g.astype(x.dtype)
     dx = jnp.einsum("ecn,ekn->eck", g, w, precision=precision, preferred_element_type=jnp.float32)
     dw = jnp.einsum("eck,ecn->ekn", x, g, precision=precision, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return cotangent_like(dx, x).astype(x.dtype), cotangent_like(dw, w).astype(w.dtype)  # summed where w is shared
 
 
 _batched.defvjp(_batched_fwd, _batched_bwd)
@@ -184,8 +187,9 @@ def _tiled_weight_grad(x, g, group_sizes, E: int, tile: int, precision):
     return jnp.zeros((E,) + dw.shape[1:], jnp.float32).at[group].add(dw)
 
 
-def _pallas_weight_grad(x, g, group_sizes, E: int, precision, interpret: bool = False):
-    """dW[e] = x_e^T g_e as one Pallas (Triton) kernel: x [M, K], g [M, N] -> [E, K, N] fp32.
+def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32, interpret: bool = False):
+    """dW[e] = x_e^T g_e as one Pallas (Triton) kernel: x [M, K], g [M, N] -> [E, K, N] in
+    `dtype`, accumulated in fp32 (the weight's dtype: no separate fp32 copy to round).
 
     Program (e, i, j) owns the [128, 128] block (i, j) of expert e's gradient and walks that
     expert's rows in blocks of 64 (rows past the group masked to zero), so nothing but the
@@ -212,10 +216,11 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, interpret: bool = 
             gb = plt.load(g_ref.at[pl.ds(row0, bm), pl.ds(j * bn, bn)], mask=valid, other=0)
             return acc + plt.dot(xb, gb, trans_a=True, precision=precision)
 
-        out_ref[...] = jax.lax.fori_loop(0, (end - start + bm - 1) // bm, step, jnp.zeros((bk, bn), jnp.float32))
+        acc = jax.lax.fori_loop(0, (end - start + bm - 1) // bm, step, jnp.zeros((bk, bn), jnp.float32))
+        out_ref[...] = acc.astype(out_ref.dtype)
 
     return pl.pallas_call(
-        kernel, out_shape=struct_like((E, K, N), jnp.float32, x), grid=(E, K // bk, N // bn),
+        kernel, out_shape=struct_like((E, K, N), dtype, x), grid=(E, K // bk, N // bn),
         out_specs=pl.BlockSpec((None, bk, bn), lambda e, i, j: (e, i, j)), interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=3),
     )(starts, ends, x, g)
@@ -224,11 +229,11 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, interpret: bool = 
 _WG_BLOCK = (64, 128, 128)  # rows per step, K block, N block (fastest measured on the H200)
 
 
-def _weight_grad(x, g, group_sizes, E: int, precision):
-    """The grouped weight gradient: the Pallas kernel where its blocks tile [K, N], else tiled."""
+def _weight_grad(x, g, group_sizes, E: int, precision, dtype):
+    """The grouped weight gradient in `dtype`: the Pallas kernel where its blocks tile [K, N], else tiled."""
     if x.shape[1] % _WG_BLOCK[1] or g.shape[1] % _WG_BLOCK[2]:
-        return _tiled_weight_grad(x, g, group_sizes, E, 128, precision)
-    return _pallas_weight_grad(x, g, group_sizes, E, precision)
+        return _tiled_weight_grad(x, g, group_sizes, E, 128, precision).astype(dtype)
+    return _pallas_weight_grad(x, g, group_sizes, E, precision, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -248,8 +253,8 @@ def _tokamax_fwd(x, w, group_sizes, precision):
 def _tokamax_bwd(precision, res, g):
     x, w, group_sizes = res
     dx = _tokamax(g.astype(x.dtype), w.transpose(0, 2, 1), group_sizes, precision)
-    dw = _weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], precision)
-    return cotangent_like(dx, x), cotangent_like(dw, w).astype(w.dtype), None
+    dw = _weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], precision, w.dtype)
+    return cotangent_like(dx, x), cotangent_like(dw, w), None
 
 
 _tokamax.defvjp(_tokamax_fwd, _tokamax_bwd)

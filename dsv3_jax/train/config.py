@@ -49,7 +49,7 @@ class TrainConfig:
     attention_impl: str = "auto"  # kernels: "auto" (by backend), "xla" or "tokamax"
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     scaled_matmul_impl: str = "auto"  # fp8_native's GEMMs: "auto" (= "xla") or "pallas" (kernels.scaled_matmul)
-    expert_layout: str = "auto"  # routed-expert rows: "auto" (by backend), "grouped" or "blocks" (parallel.expert)
+    expert_layout: str = "auto"  # routed-expert rows: "auto" (= "grouped") or "blocks" (kernels.grouped_matmul)
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged" or "dense"
     expert_capacity_factor: float = 0.0  # dense transport blocks: x balanced rows (0: full blocks only)
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)

@@ -41,6 +41,11 @@ def test_bad_kernel_names_are_refused():
             pass
     with pytest.raises(ValueError, match="TrainConfig.grouped_matmul_impl"):
         TrainConfig(grouped_matmul_impl="megablox")
+    with pytest.raises(ValueError, match="expert_layout impl 'capacity': choose from"):
+        with kernels.use(expert_layout="capacity"):
+            pass
+    with pytest.raises(ValueError, match="TrainConfig.expert_layout"):
+        TrainConfig(expert_layout="dense")
     with pytest.raises(ValueError, match="TrainConfig.expert_transport"):
         TrainConfig(expert_transport="nccl")
     with pytest.raises(ValueError, match="TrainConfig.expert_capacity_factor=-1"):

@@ -64,14 +64,41 @@ def per_group_weight_grad(x, g, sizes):
 @pytest.mark.parametrize("sizes", [[70, 0, 131, 3, 0, 40], [0, 0, 0, 0, 0, 0], [300, 0, 0, 0, 0, 0]])
 def test_pallas_weight_gradient_matches_numpy(sizes):
     """The GPU weight-gradient kernel (run in Pallas interpret mode): unaligned group starts,
-    empty groups, groups longer than one row block, and padding rows after the groups."""
+    empty groups, groups longer than one row block, and padding rows after the groups; written
+    in fp32 or rounded once to bf16 (the weights' dtype) from the fp32 accumulator."""
     from dsv3_jax.kernels.grouped_matmul import _pallas_weight_grad
 
     rs = np.random.RandomState(3)
     x, g = rs.randn(300, 256).astype(np.float32), rs.randn(300, 128).astype(np.float32)
-    got = _pallas_weight_grad(jnp.asarray(x), jnp.asarray(g), jnp.asarray(sizes, jnp.int32), len(sizes),
-                              jax.lax.Precision.HIGHEST, interpret=True)
-    np.testing.assert_allclose(got, per_group_weight_grad(x, g, sizes), rtol=1e-5, atol=1e-4)
+    args = (jnp.asarray(x), jnp.asarray(g), jnp.asarray(sizes, jnp.int32), len(sizes), jax.lax.Precision.HIGHEST)
+    want = per_group_weight_grad(x, g, sizes)
+    np.testing.assert_allclose(_pallas_weight_grad(*args, interpret=True), want, rtol=1e-5, atol=1e-4)
+    got = _pallas_weight_grad(*args, dtype=jnp.bfloat16, interpret=True)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8, atol=1e-3)
+
+
+def test_block_matmul_and_its_gradients_match_numpy():
+    """The "blocks" layout's batched matmul: value and both gradients against float64 NumPy."""
+    from dsv3_jax.kernels.grouped_matmul import block_matmul
+
+    rs = np.random.RandomState(5)
+    x, w, g = rs.randn(3, 7, 10), rs.randn(3, 10, 4), rs.randn(3, 7, 4)
+    y, vjp = jax.vjp(block_matmul, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    dx, dw = vjp(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(y, np.einsum("eck,ekn->ecn", x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, np.einsum("ecn,ekn->eck", g, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("eck,ecn->ekn", x, g), rtol=1e-5, atol=1e-5)
+
+
+def test_block_rows_follow_the_layout():
+    from dsv3_jax.kernels.grouped_matmul import BLOCK_FACTOR, block_rows
+
+    assert block_rows(98304, 64, "blocks") == -(-int(np.ceil(BLOCK_FACTOR * 98304 / 64)) // 8) * 8
+    assert block_rows(120, 16, "blocks") % 8 == 0 and block_rows(120, 16, "blocks") >= BLOCK_FACTOR * 120 / 16
+    assert block_rows(98304, 64, "grouped") == 0
+    with pytest.raises(ValueError, match="expert layout 'capacity': choose from"):
+        block_rows(8, 2, "capacity")
 
 
 def test_ragged_backward_products_take_bf16_operands():
