@@ -86,6 +86,10 @@ def _last(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Decode steps on GPU: XLA's command buffer runs kernels that share no buffers concurrently
+# (its default orders them one after another), so the router and shared-expert chains of
+# small kernels overlap the expert GEMMs that stream the weights.
+GPU_STEP_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
 def _jitted(model: DeepSeekV3, fn, donate: tuple[int, ...], **static):
@@ -95,8 +99,15 @@ def _jitted(model: DeepSeekV3, fn, donate: tuple[int, ...], **static):
     key = (fn, tuple(sorted(static.items())))
     if key not in per_model:
         graphdef = nnx.graphdef(model)
-        per_model[key] = jax.jit(functools.partial(fn, graphdef, **static), donate_argnums=donate)
+        per_model[key] = jax.jit(functools.partial(fn, graphdef, **static), donate_argnums=donate,
+                                 compiler_options=_compiler_options(fn))
     return per_model[key]
+
+
+def _compiler_options(fn) -> dict | None:
+    """GPU_STEP_OPTIONS for the decode steps on GPU (bench shape on an H200: 2.56 -> 2.27 ms a
+    step; the training step gains nothing and takes 12 GiB more, so only here), else None."""
+    return GPU_STEP_OPTIONS if fn is not prefill and jax.default_backend() == "gpu" else None
 
 
 def prefill(graphdef, state, prompts, lengths, cache, mtp_cache, key, *, sampling: Sampling,

@@ -116,6 +116,22 @@ def test_generate_greedy_equals_full_forward_argmax(model):
     assert again.tokens == result.tokens
 
 
+def test_gpu_step_options_are_valid_xla_options_and_change_no_token(model, monkeypatch):
+    """Decode steps on GPU compile with GPU_STEP_OPTIONS (the prefill and other backends with
+    none); forced here on the CPU, where XLA accepts and ignores GPU options, the tokens match."""
+    from dsv3_jax.inference import decode
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert decode._compiler_options(decode.step) == decode._compiler_options(decode.speculative_step) \
+        == decode.GPU_STEP_OPTIONS
+    assert decode._compiler_options(decode.prefill) is None
+    monkeypatch.undo()
+    assert decode._compiler_options(decode.step) is None
+    monkeypatch.setattr(decode, "_compiler_options", lambda fn: decode.GPU_STEP_OPTIONS)
+    fresh = DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32)  # its own jit cache
+    assert generate(fresh, PROMPTS, 5).tokens == generate(model, PROMPTS, 5).tokens
+
+
 def test_stop_tokens_and_sampling_seed(model):
     greedy = generate(model, PROMPTS, 5).tokens
     stop = greedy[0][2]
