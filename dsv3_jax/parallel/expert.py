@@ -180,8 +180,9 @@ def scatter(y: ExpertRows, p: Placement) -> jax.Array:
 
 
 def expert_block(rows: int, n_experts: int) -> int:
-    """Rows per expert block for `rows` assignments over `n_experts`: by the layout `kernels.use`
-    chooses (by backend), none under an FP8 recipe (its experts run the FP8 grouped matmul)."""
+    """Rows per expert block for `rows` assignments over `n_experts` under the layout `kernels.use`
+    chooses ("grouped" by default: none); none under an FP8 recipe (its experts run the FP8
+    grouped matmul)."""
     return block_rows(rows, n_experts, default_layout()) if fp8.active() is None else 0
 
 
@@ -192,7 +193,7 @@ def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -
     swiglu = lambda mm, a: mm(jax.nn.silu(mm(a, gate)) * mm(a, up), down)
     blocks = swiglu(block_matmul, x.blocks) if x.blocks.shape[1] else x.blocks
     rows = swiglu(lambda a, w: grouped_matmul(a, w, x.sizes, recipe), x.rows)
-    return ExpertRows(blocks.astype(x.rows.dtype), rows, x.sizes)
+    return ExpertRows(blocks, rows, x.sizes)
 
 
 def combine(y: ExpertRows, weights: jax.Array, p: Placement) -> jax.Array:
