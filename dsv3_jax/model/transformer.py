@@ -190,12 +190,15 @@ class DeepSeekV3(nnx.Module):
                     if c.num_nextn_predict_layers else None)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: Cache | None = None) -> ModelOutput:
+                 segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
+                 cache: Cache | None = None) -> ModelOutput:
         """tokens [B,T] int -> ModelOutput.
 
         positions [B,T] default 0..T-1 (rotary angles). segment_ids [B,T]: tokens attend only
         within their own segment, a contiguous run of equal ids (packed documents); segment 0
-        marks padding, left out of the expert load and balance loss. Attention is causal by
+        marks padding, left out of the expert load and balance loss. Or token_mask [B,T] bool:
+        False marks padding, which must come after a row's tokens (each row one causal stream,
+        no document masks: the attention kernel's plain causal form). Attention is causal by
         index. Traced inside `jax.set_mesh(mesh)`, activations are constrained by
         `parallel.RULES` and the MoE runs expert-parallel.
 
@@ -209,14 +212,16 @@ class DeepSeekV3(nnx.Module):
         E, N = c.n_routed_experts, c.num_nextn_predict_layers
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids cannot be used with a cache (rows hold one sequence each)")
+        if segment_ids is not None and token_mask is not None:
+            raise ValueError("give segment_ids (documents and padding) or token_mask (padding only), not both")
+        if cache is not None and (segment_ids is not None or token_mask is not None):
+            raise ValueError("segment_ids / token_mask cannot be used with a cache (rows hold one sequence each)")
         # no segments: causal over the row, or with a cache each query sees the slots up to its
         # own (MLA.decode)
-        if segment_ids is None:
-            starts, token_mask = None, jnp.ones((B, T), bool)
-        else:
+        if segment_ids is not None:
             starts, token_mask = document_starts(segment_ids), segment_ids != 0
+        else:
+            starts, token_mask = None, jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
         cos, sin = rope_cos_sin(c, positions)
         shared = (cos, sin, starts, token_mask)
 

@@ -77,8 +77,8 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
                 remat(c.remat), scan_unroll(layers_per_scan(config, c)):
             if c.mask_documents:
                 out = model(tokens, positions=micro["positions"], segment_ids=seg)
-            else:  # one causal stream per row, padding still excluded
-                out = model(tokens, segment_ids=(seg != 0).astype(jnp.int32))
+            else:  # one causal stream per row (packing pads only at the end), padding still excluded
+                out = model(tokens, token_mask=seg != 0)
         head = model.lm_head.kernel[...]
         dtype = model.lm_head.dtype
 

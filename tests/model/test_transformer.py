@@ -33,17 +33,27 @@ def test_output_shapes_and_dtypes():
     assert bf16_params.moe_layers.mlp.experts.gate_proj.dtype == jnp.bfloat16
 
 
-def test_padding_changes_nothing_before_it_and_is_not_counted():
+@pytest.mark.parametrize("mask", ["segment_ids", "token_mask"])
+def test_padding_changes_nothing_before_it_and_is_not_counted(mask):
+    """Trailing padding marked as segment 0 or by a token mask (the causal-only form) leaves
+    the tokens before it as without padding, and is not counted in the expert statistics."""
     model = _model()
     rs = np.random.RandomState(0)
     tokens = rs.randint(0, CONFIG.vocab_size, (2, 12))
     padded = np.concatenate([tokens, np.zeros((2, 4), int)], axis=1)
     seg = np.concatenate([np.ones((2, 12), int), np.zeros((2, 4), int)], axis=1)
     a = model(jnp.asarray(tokens))
-    b = model(jnp.asarray(padded), segment_ids=jnp.asarray(seg))
+    b = model(jnp.asarray(padded), **{mask: jnp.asarray(seg) if mask == "segment_ids" else jnp.asarray(seg != 0)})
     np.testing.assert_allclose(b.logits[:, :12], a.logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b.expert_load[: CONFIG.num_moe_layers], a.expert_load[: CONFIG.num_moe_layers])
     np.testing.assert_allclose(b.balance_loss, a.balance_loss, rtol=1e-5)
+
+
+def test_segment_ids_and_token_mask_together_are_refused():
+    model = _model()
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens, segment_ids=jnp.ones((1, 4), jnp.int32), token_mask=jnp.ones((1, 4), bool))
 
 
 def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():

@@ -95,3 +95,21 @@ def test_non_finite_step_leaves_the_state_unchanged():
     assert int(new.step) == 0
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unmasked_documents_are_one_causal_stream_and_padding_is_not_scored():
+    """mask_documents=False: packed documents attend across each other (the plain causal
+    kernel), trailing padding is neither attended to by real tokens nor scored; the step's LM
+    loss equals a NumPy cross-entropy over the model's unsegmented logits."""
+    model, state, step = _setup(TrainConfig(mask_documents=False))
+    batch = _batch(3)
+    seg = np.concatenate([np.ones((2, 10)), 2 * np.ones((2, 9)), np.zeros((2, 5))], axis=1).astype(np.int32)
+    batch["segment_ids"] = jnp.asarray(seg)[None]
+    _, metrics = step(state, batch)
+    tokens = np.asarray(batch["tokens"][0])
+    logits = np.asarray(model(jnp.asarray(tokens)).logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    scored = [(b, t) for b in range(2) for t in range(23) if seg[b, t] and seg[b, t + 1]]  # across documents too
+    want = -np.mean([logp[b, t, tokens[b, t + 1]] for b, t in scored])
+    np.testing.assert_allclose(metrics["lm_loss"], want, rtol=1e-5)
