@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.inference import cache_bytes_per_token, generate, load_model  # noqa: E402
+from dsv3_jax.inference import cache_bytes_per_token, decode, generate, load_model  # noqa: E402
 from dsv3_jax.inference.decode import bucket, cache_size  # noqa: E402
 from dsv3_jax.model import DeepSeekV3  # noqa: E402
 
@@ -94,7 +94,8 @@ def main() -> None:
            "roofline_tokens_per_s": args.batch / roofline_s, "pct_of_roofline": 100 * 1e3 * roofline_s / step_ms,
            "weight_bytes_per_step": weight_bytes_per_step(model, dtype.itemsize), "cache_bytes_per_step": cache_step,
            "cache_bytes_per_token": cache_bytes_per_token(config, dtype),
-           "cache_bytes_per_token_671b_bf16": cache_bytes_per_token(ModelConfig.preset("v3_671b"), jnp.bfloat16)}
+           "cache_bytes_per_token_671b_bf16": cache_bytes_per_token(ModelConfig.preset("v3_671b"), jnp.bfloat16),
+           "step_compiler_options": decode._compiler_options(decode.step)}
     if args.mtp:
         run(args.new_tokens, True)  # compile
         spec, spec_total = timed(lambda: run(args.new_tokens, True))
