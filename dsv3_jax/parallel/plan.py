@@ -192,8 +192,8 @@ def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention
 
 
 def _expert_row_residuals(config: ModelConfig, recipe, n_local_experts: int) -> float:
-    """Residual bytes per row of the routed-expert SwiGLU (`parallel.expert.expert_ffn`; a row
-    saves the same whether it runs in a block or grouped)."""
+    """Residual bytes per row of the routed-expert SwiGLU (`parallel.expert.expert_ffn`) under
+    the default "grouped" layout (M rows; "blocks" holds E*C + M - C, about twice as many)."""
     D, F = config.hidden_size, config.moe_intermediate_size
     w = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     sizes = jnp.zeros((n_local_experts,), jnp.int32)
