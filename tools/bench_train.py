@@ -25,10 +25,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from count_flops import flops_per_token  # noqa: E402
 
-from dsv3_jax import parallel  # noqa: E402
+from dsv3_jax import fp8, kernels, parallel  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.fp8 import PRECISIONS  # noqa: E402
-from dsv3_jax.kernels.grouped_matmul import default_layout  # noqa: E402
+from dsv3_jax.parallel.expert import expert_layout  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
 from dsv3_jax.train.step import init_state, jit_train_step, layers_per_scan  # noqa: E402
 
@@ -38,7 +37,7 @@ PEAK_BF16_FLOPS = 989e12
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench")
-    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--precision", default="bf16", choices=fp8.PRECISIONS)
     p.add_argument("--pow2-scales", action="store_true", help="FP8 scales rounded up to powers of two")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
@@ -102,6 +101,8 @@ def main() -> None:
     tokens_per_s = B * T / step_s
     fpt = flops_per_token(config, T)
     stats = jax.devices()[0].memory_stats() or {}
+    with fp8.use(fp8.recipe_for(tc.precision)), kernels.use(expert_layout=tc.expert_layout):
+        layout = expert_layout()  # as the step traced it
     n_dev = mesh.devices.size
     peak = stats.get("peak_bytes_in_use")
     print(json.dumps({
@@ -109,8 +110,7 @@ def main() -> None:
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
                                                   tc.expert_transport],
-        "expert_capacity_factor": tc.expert_capacity_factor, "expert_layout": "grouped" if tc.precision != "bf16" else (
-            default_layout() if tc.expert_layout == "auto" else tc.expert_layout),  # FP8: grouped only
+        "expert_capacity_factor": tc.expert_capacity_factor, "expert_layout": layout,
         "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc), "loss_chunk": tc.loss_chunk,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,

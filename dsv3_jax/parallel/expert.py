@@ -179,11 +179,15 @@ def scatter(y: ExpertRows, p: Placement) -> jax.Array:
     return out
 
 
+def expert_layout() -> str:
+    """The row layout traced here: the one `kernels.use` chooses ("grouped" by default), but
+    "grouped" under an FP8 recipe (its experts run the FP8 grouped matmul)."""
+    return default_layout() if fp8.active() is None else "grouped"
+
+
 def expert_block(rows: int, n_experts: int) -> int:
-    """Rows per expert block for `rows` assignments over `n_experts` under the layout `kernels.use`
-    chooses ("grouped" by default: none); none under an FP8 recipe (its experts run the FP8
-    grouped matmul)."""
-    return block_rows(rows, n_experts, default_layout()) if fp8.active() is None else 0
+    """Rows per expert block for `rows` assignments over `n_experts` (0 under "grouped")."""
+    return block_rows(rows, n_experts, expert_layout())
 
 
 def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -> ExpertRows:
