@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--grouped-matmul", default="auto",
                    help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
     p.add_argument("--expert-layout", default="auto", help="TrainConfig.expert_layout: auto|grouped|blocks")
+    p.add_argument("--mask-documents", default="true", choices=("true", "false"),
+                   help="TrainConfig.mask_documents (false: plain causal attention, as the paper trained)")
     p.add_argument("--scaled-matmul", default="auto", help="TrainConfig.scaled_matmul_impl: auto|xla|pallas "
                    "(fp8_native's GEMMs)")
     args = p.parse_args()
@@ -67,7 +69,8 @@ def main() -> None:
                      expert_capacity_factor=args.expert_capacity,
                      attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul,
                      scaled_matmul_impl=args.scaled_matmul, expert_layout=args.expert_layout, remat=args.remat,
-                     scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
+                     scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk,
+                     mask_documents=args.mask_documents == "true")
     mesh = parallel.make_mesh(args.mesh)
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
@@ -111,7 +114,7 @@ def main() -> None:
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
                                                   tc.expert_transport],
         "expert_capacity_factor": tc.expert_capacity_factor, "expert_layout": layout,
-        "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc), "loss_chunk": tc.loss_chunk,
+        "mask_documents": tc.mask_documents, "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc), "loss_chunk": tc.loss_chunk,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,

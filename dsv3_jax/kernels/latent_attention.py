@@ -32,8 +32,8 @@ from dsv3_jax.parallel.mesh import activation_spec, constrain
 IMPLS = ("xla", "pallas")
 MAX_PALLAS_TOKENS = 8  # query tokens per row up to which "auto" picks the kernel (decode, not prefill)
 BLOCK_S = 64  # cache slots per kernel step
-MIN_PROGRAMS = 264  # chunks per row are chosen to give at least this many programs (2 per H200 SM)
-NUM_STAGES = 2  # Triton's software pipelining depth over the slot blocks
+MIN_PROGRAMS = 128  # chunks per row are chosen to give at least this many programs (about one per H200 SM)
+NUM_STAGES = 3  # Triton's software pipelining depth over the slot blocks (2 for 64-row query blocks: shared memory)
 NUM_WARPS = 4  # per 32 query rows of a program
 _NEG = -1e30  # the running max's start: finite, so a chunk a query sees nothing of adds exp(-inf) = 0
 
@@ -170,7 +170,7 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
                    jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32)],
         interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS * max(1, bm // 32),
-                                                                  num_stages=NUM_STAGES),
+                                                                  num_stages=NUM_STAGES if bm <= 32 else 2),
     )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent, k_pe)  # the cache's blocks cast as they load
     w = jnp.exp(m - m.max(1, keepdims=True))  # [B,C,rows]: each chunk's share
     out = (acc * w[..., None]).sum(1) / jnp.maximum((den * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
