@@ -90,18 +90,23 @@ def main():
     seg = jnp.asarray(np.sort(rs.randint(0, 5, (B, T)), axis=1))  # packed documents
     compare(out, "attention_documents", attn, attention.IMPLS, "xla", q, k, v, attention.document_starts(seg))
 
-    L, B, T, H, R, Kr, S = (2, 2, 1, 4, 32, 16, 80) if small else (2, 32, 1, 16, 512, 64, 1152)
-    q_lat = jnp.asarray(rs.randn(B, T, H, R), jnp.bfloat16)
-    q_pe = jnp.asarray(rs.randn(B, T, H, Kr), jnp.bfloat16)
-    latent = jnp.asarray(rs.randn(L, B, S, R), jnp.bfloat16)
-    k_pe = jnp.asarray(rs.randn(L, B, S, Kr), jnp.bfloat16)
-    slots = jnp.asarray(rs.randint(0, S, (B, 1)) + np.arange(T), jnp.int32) % S
+    L, R, Kr, S = (2, 32, 16, 80) if small else (2, 512, 64, 1152)
+    # one decode token, two (a speculative round), and 64+ query rows a row (128 heads: the
+    # kernel's 64-row blocks, which keep 2 pipeline stages)
+    shapes = ((2, 1, 4), (2, 2, 4), (1, 1, 16)) if small else ((32, 1, 16), (32, 2, 16), (8, 1, 128))
+    for name, (B, T, H) in zip(("latent_attention", "latent_attention_2_tokens", "latent_attention_many_heads"),
+                               shapes):
+        q_lat = jnp.asarray(rs.randn(B, T, H, R), jnp.bfloat16)
+        q_pe = jnp.asarray(rs.randn(B, T, H, Kr), jnp.bfloat16)
+        latent = jnp.asarray(rs.randn(L, B, S, R), jnp.bfloat16)
+        k_pe = jnp.asarray(rs.randn(L, B, S, Kr), jnp.bfloat16)
+        slots = jnp.asarray(rs.randint(0, S - T, (B, 1)) + np.arange(T), jnp.int32)
 
-    def latent_attn(impl, q_lat, q_pe, latent, k_pe, slots):
-        return (latent_attention.latent_attention(q_lat, q_pe, latent, k_pe, jnp.int32(1), slots, (R + Kr) ** -0.5,
-                                                  impl=impl),)
+        def latent_attn(impl, q_lat, q_pe, latent, k_pe, slots):
+            return (latent_attention.latent_attention(q_lat, q_pe, latent, k_pe, jnp.int32(1), slots,
+                                                      (R + Kr) ** -0.5, impl=impl),)
 
-    compare(out, "latent_attention", latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
+        compare(out, name, latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(),
                        "expert_layout": grouped_matmul.default_layout(), "attention": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
