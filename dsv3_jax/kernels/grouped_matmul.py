@@ -16,11 +16,11 @@ Routed-expert rows come in one of two layouts (`LAYOUTS`, chosen like a kernel):
 - "grouped": every row grouped by expert, through `grouped_matmul`;
 - "blocks": each expert's first C rows as one zero-padded block of a dense batched matmul
   (`block_matmul`), only the rows past C through `grouped_matmul`. Dropless and exact;
-  C = BLOCK_FACTOR x the balanced share. On the H200 the batched matmuls run at ~470-690
-  TFLOP/s against ~316 for tokamax's grouped one, but the overflow rows keep a grouped pass and
-  their buffer is sized for any routing (M - C rows). Bench step, random-init routing (MaxVio
-  0.5-1.2): 2% faster, +16.6 GiB (docs/benchmarks.md), so an option, not the default; the
-  better balanced the routing, the more it gains.
+  C = BLOCK_FACTOR x the balanced share. On the H200 the batched matmuls ran at ~470-690
+  TFLOP/s against ~316 for tokamax's grouped one with its own tiles (~520-640 with
+  `HOPPER_TILES`), but the overflow rows keep a grouped pass and their buffer is sized for any
+  routing (M - C rows). Bench step, random-init routing (MaxVio 0.5-1.2): 2% faster, +16.6 GiB
+  (docs/benchmarks.md, before `HOPPER_TILES`), so an option, not the default.
 """
 
 from __future__ import annotations
@@ -242,8 +242,30 @@ def _tokamax(x, w, group_sizes, precision):
     H200 (tokamax 0.0.17: 55% max error vs the portable path), so that one is ours (Pallas)."""
     import tokamax
 
-    out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype)
+    out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype,
+                             implementation=_tokamax_kernel(x.shape[1], w.shape[2]))
     return vary_like(out, x, w, group_sizes)
+
+
+HOPPER_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=3, grid_tile_width=8)
+"""tokamax grouped-matmul tiles on Hopper: [128, 128] outputs, K in steps of 64 over 3 stages, the
+grid walked along N in strips of 8 tiles. On the H200 at the bench shape (131,072 rows, 64
+experts) 0.43 ms for K 2048 -> N 512 and 0.53 ms for 512 -> 2048 (640 / 520 TFLOP/s), against
+0.85 ms for both with tokamax's own choice ([64, 64] tiles, 2 stages); same results to the bit."""
+
+
+def _tokamax_kernel(K: int, N: int):
+    """tokamax's Mosaic GPU kernel with `HOPPER_TILES` on a Hopper GPU where they divide [K, N];
+    None (tokamax picks its kernel and tiles) elsewhere."""
+    device = jax.devices()[0]
+    if not str(getattr(device, "compute_capability", "")).startswith("9.") or K % 64 or N % 128:
+        return None
+    # tokamax.ops.gpu exports the same classes but also imports jax_triton, which we do not need
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mosaic
+    from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import MatmulDimension
+
+    config = mosaic.Config(split_k=1, persistent=False, grid_minor_dim=MatmulDimension.N, **HOPPER_TILES)
+    return [mosaic.PallasMosaicGpuRaggedDot(config=config)]
 
 
 def _tokamax_fwd(x, w, group_sizes, precision):
