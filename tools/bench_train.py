@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--grouped-matmul", default="auto",
                    help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
     p.add_argument("--expert-layout", default="auto", help="TrainConfig.expert_layout: auto|grouped|blocks")
-    p.add_argument("--mask-documents", default="true", choices=("true", "false"),
+    p.add_argument("--mask-documents", default=str(TrainConfig.mask_documents).lower(), choices=("true", "false"),
                    help="TrainConfig.mask_documents (false: plain causal attention, as the paper trained)")
     p.add_argument("--scaled-matmul", default="auto", help="TrainConfig.scaled_matmul_impl: auto|xla|pallas "
                    "(fp8_native's GEMMs)")

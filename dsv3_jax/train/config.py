@@ -56,7 +56,7 @@ class TrainConfig:
     scan_unroll: int = 0  # layers per layer-scan iteration; 0: by backend (train.step.layers_per_scan)
     param_dtype: str = "float32"
     loss_chunk: int = 4096  # tokens per cross-entropy chunk ([chunk, vocab] fp32 logits at a time)
-    mask_documents: bool = True  # attention stays within a packed document (the paper did not)
+    mask_documents: bool = False  # True: attention stays within a packed document (the paper did not: SPEC)
     log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
