@@ -13,8 +13,10 @@ train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text`
 each kernel is traced back to the HLO op it ran for and that op's `op_name` metadata, and
 time (and the kernel count) is also summed by program and model scope (the `jax.named_scope`
 path, e.g. `train_step: moe_layers/moe/experts bwd`, "bwd" marking the backward pass). A fusion
-counts for the deepest scope among its fused instructions, not its root's: the optimizer's
-update, fused under the non-finite guard's select, is "optimizer", not the select's top level.
+counts for the scope most of its fused instructions come from (the top level only when none
+has another, the deeper on a tie), not its root's: the optimizer's update, fused under the
+non-finite guard's select and with the stacking of the layers' gradients it reads, is
+"optimizer", not the select's top level nor the scope of the gradient's last kernel.
 `--program` keeps one jitted program's kernels (e.g. a decode `step` without its prefill). GPU
 command buffers hide the op behind each kernel; profile with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them all.
@@ -66,7 +68,7 @@ def _key(name: str) -> str:
 
 def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
     """(HLO module, instruction name with '.'/'-' written '_' as in kernel names) -> op_name
-    metadata (for a fusion, that of its fused instructions' deepest scope); module "" holds
+    metadata (for a fusion, that of the scope most of its fused instructions come from); module "" holds
     every instruction too, for traces that do not name the module."""
     out = {}
     paths = [p for pattern in ("*.hlo.txt", "*.hlo.txt.gz", "*after_optimizations.txt")
@@ -88,10 +90,10 @@ def op_names(trace_dir: str) -> dict[tuple[str, str], str]:
                     body.append(op.group(2))
             if call:
                 calls.append(call.groups())
-        for name, callee in calls:  # a fusion: the deepest scope among its instructions
+        for name, callee in calls:  # a fusion: the scope most of its instructions come from
             if bodies.get(callee):
                 by_scope = collections.Counter(scope(op) for op in bodies[callee])
-                top = max(by_scope, key=lambda sc: (sc.count("/"), by_scope[sc]))
+                top = max(by_scope, key=lambda sc: (sc != "(top level)", by_scope[sc], sc.count("/")))
                 found[name] = next(op for op in bodies[callee] if scope(op) == top)
         for name, op in found.items():
             out[("", _key(name))] = op

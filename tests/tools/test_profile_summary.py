@@ -1,5 +1,6 @@
 """`tools/profile_summary.py` on a hand-made trace and HLO dump: device time per step by program
-and scope, a fusion attributed to its fused instructions' deepest scope rather than its root's."""
+and scope, a fusion attributed to the scope most of its fused instructions come from rather than
+its root's or its deepest one's."""
 
 import gzip
 import json
@@ -13,7 +14,8 @@ HLO = """HloModule jit_train_step, entry_computation_layout={(f32[4]{0})->f32[4]
 %fused_select (param_0: f32[4], param_1: pred[]) -> f32[4] {
   %param_0 = f32[4]{0} parameter(0)
   %param_1 = pred[] parameter(1)
-  %mul.1 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(train_step)/optimizer/mul"}
+  %cat.1 = f32[4]{0} add(%param_0, %param_0), metadata={op_name="jit(train_step)/transpose(jvp(moe_layers))/moe/add"}
+  %mul.1 = f32[4]{0} multiply(%cat.1, %cat.1), metadata={op_name="jit(train_step)/optimizer/mul"}
   %sqrt.1 = f32[4]{0} sqrt(%mul.1), metadata={op_name="jit(train_step)/optimizer/sqrt"}
   ROOT %sel.1 = f32[4]{0} select(%param_1, %sqrt.1, %param_0), metadata={op_name="jit(train_step)/jit(_where)/select_n"}
 }
