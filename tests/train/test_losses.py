@@ -29,10 +29,12 @@ def test_chunked_cross_entropy_equals_full_softmax_in_value_and_gradient():
 
 
 def test_cross_entropy_of_huge_logits_matches_float64_numpy():
-    """Logits in the thousands: the one-pass log-sum-exp neither overflows nor loses the max."""
+    """Logits in the thousands: the one-pass log-sum-exp neither overflows nor loses the max; a
+    row of equal logits (h = 0) takes the combine's tie."""
     rs = np.random.RandomState(2)
     N, D, V = 20, 8, 50
     h, w = rs.randn(N, D), rs.randn(D, V) * 300
+    h[3] = 0
     targets = rs.randint(0, V, N)
     logits = h @ w
     top = logits.max(-1)
