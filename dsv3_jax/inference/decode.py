@@ -119,7 +119,7 @@ def prefill(graphdef, state, prompts, lengths, cache, mtp_cache, key, *, samplin
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     o = model(prompts, positions=positions, cache=cache)
     h_last = _last(o.hidden_states, lengths - 1)  # [B,D]; the head runs on these rows only
-    first = sample(jax.random.fold_in(key, 0), probabilities(model.lm_head(h_last), sampling))
+    first = sample(jax.random.fold_in(key, 0), probabilities(model.lm_head(h_last), sampling), sampling)
     out, count, done = _emit(jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32),
                              jnp.zeros((B,), bool), first, jnp.ones((B,), bool), stops, max_new)
     guess = jnp.zeros((B,), jnp.int32)
@@ -146,7 +146,7 @@ def step(graphdef, state, s: DecodeState, *, sampling: Sampling, stops: tuple[in
     live = ~s.done
     with _unrolled(model):
         o = model(s.token[:, None], positions=s.lengths[:, None], cache=s.cache)
-    token = sample(jax.random.fold_in(s.key, s.step), probabilities(o.logits[:, 0], sampling))
+    token = sample(jax.random.fold_in(s.key, s.step), probabilities(o.logits[:, 0], sampling), sampling)
     out, count, done = _emit(s.out, s.count, s.done, token, live, stops, max_new)
     return s._replace(cache=o.cache, lengths=s.lengths + live, token=token, out=out, count=count, done=done,
                       step=s.step + 1), done.all()
@@ -162,8 +162,8 @@ def speculative_step(graphdef, state, s: DecodeState, *, sampling: Sampling, sto
         o = model(jnp.stack([s.token, s.draft], 1), positions=positions, cache=s.cache)
     probs = probabilities(o.logits, sampling)  # [B,2,V]
     k_verify, k_next = jax.random.split(jax.random.fold_in(s.key, s.step))
-    accepted, first = speculative.verify(probs[:, 0], s.draft, k_verify)
-    second = sample(k_next, probs[:, 1])
+    accepted, first = speculative.verify(probs[:, 0], s.draft, k_verify, sampling)
+    second = sample(k_next, probs[:, 1], sampling)
     out, count, done = _emit(s.out, s.count, s.done, first, live, stops, max_new)
     out, count, done = _emit(out, count, done, second, live & accepted, stops, max_new)
     guess, mtp_cache = speculative.draft(model, o.hidden_states, jnp.stack([first, second], 1), positions,

@@ -49,6 +49,10 @@ def probabilities(logits: jax.Array, s: Sampling) -> jax.Array:
     return probs
 
 
-def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """One token id (int32) per row of probs [..., V]; the argmax when probs is one-hot."""
+def sample(key: jax.Array, probs: jax.Array, s: Sampling) -> jax.Array:
+    """One token id (int32) per row of probs [..., V] (from `probabilities(..., s)`). Greedy
+    probs are one-hot, whose only draw is the argmax: taken directly, without drawing V Gumbel
+    numbers a row (26 us of a 2.2 ms bench decode step on an H200)."""
+    if s.temperature == 0:
+        return jnp.argmax(probs, -1).astype(jnp.int32)
     return jax.random.categorical(key, jnp.log(probs), -1).astype(jnp.int32)

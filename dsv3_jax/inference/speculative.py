@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.inference.sampling import sample
+from dsv3_jax.inference.sampling import Sampling, sample
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.model.mla import CacheView, LatentCache
 from dsv3_jax.model.rope import rope_cos_sin
@@ -45,7 +45,7 @@ def draft(model: DeepSeekV3, h: jax.Array, ahead: jax.Array, positions: jax.Arra
     return jnp.argmax(model.lm_head(picked).astype(jnp.float32), -1).astype(jnp.int32), cache
 
 
-def verify(probs: jax.Array, proposed: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def verify(probs: jax.Array, proposed: jax.Array, key: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
     """probs [B,V] at the draft's slot, proposed [B] -> (accepted [B] bool, token [B] for that slot).
 
     Accept with probability probs[d]; otherwise sample from probs with d zeroed (the residual
@@ -56,4 +56,4 @@ def verify(probs: jax.Array, proposed: jax.Array, key: jax.Array) -> tuple[jax.A
     p_draft = probs[jnp.arange(B), proposed]
     accepted = jax.random.uniform(k_accept, (B,)) < p_draft
     residual = probs.at[jnp.arange(B), proposed].set(0.0)
-    return accepted, jnp.where(accepted, proposed, sample(k_resample, residual))
+    return accepted, jnp.where(accepted, proposed, sample(k_resample, residual, s))

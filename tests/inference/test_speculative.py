@@ -9,6 +9,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference import generate
+from dsv3_jax.inference.sampling import Sampling
 from dsv3_jax.inference.speculative import verify
 from dsv3_jax.model import DeepSeekV3
 
@@ -57,6 +58,6 @@ def test_verify_keeps_the_target_distribution():
     n = 40000
     probs = jnp.broadcast_to(p, (n, 4))
     for d in (0, 2, 3):
-        _, tokens = verify(probs, jnp.full((n,), d, jnp.int32), jax.random.key(d))
+        _, tokens = verify(probs, jnp.full((n,), d, jnp.int32), jax.random.key(d), Sampling(temperature=1.0))
         freq = np.bincount(np.asarray(tokens), minlength=4) / n
         np.testing.assert_allclose(freq, p, atol=0.01)
