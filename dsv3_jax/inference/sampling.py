@@ -52,7 +52,7 @@ def probabilities(logits: jax.Array, s: Sampling) -> jax.Array:
 def sample(key: jax.Array, probs: jax.Array, s: Sampling) -> jax.Array:
     """One token id (int32) per row of probs [..., V] (from `probabilities(..., s)`). Greedy
     probs are one-hot, whose only draw is the argmax: taken directly, without drawing V Gumbel
-    numbers a row (26 us of a 2.2 ms bench decode step on an H200)."""
+    numbers a row (the bench decode step on an H200: 2.31 -> 2.15 ms)."""
     if s.temperature == 0:
         return jnp.argmax(probs, -1).astype(jnp.int32)
     return jax.random.categorical(key, jnp.log(probs), -1).astype(jnp.int32)
