@@ -22,6 +22,7 @@ from dsv3_jax.kernels.choice import forced
 
 IMPLS = ("xla", "pallas")
 BLOCK = (128, 128, 128)  # output rows, output columns, K per chunk (the recipe's 128)
+NUM_WARPS, NUM_STAGES = 8, 3  # Triton launch parameters (module constants so a sweep can set them)
 
 
 def default_impl() -> str:
@@ -54,5 +55,5 @@ def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpr
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((M, N), jnp.float32), grid=(pl.cdiv(M, bm), pl.cdiv(N, bn)),
         interpret=interpret,
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=3),
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
     )(aq, a_s.astype(jnp.float32), bq.T, b_s.astype(jnp.float32))  # B as [N,K]: K-major, as Hopper's FP8 MMA reads it
