@@ -8,7 +8,12 @@ Two implementations of the same product:
   K one chunk at a time: the chunk's FP8 product goes to fp32 registers, is multiplied by its
   row and column scales there and added (the promotion DeepSeek's recipe prescribes, as their
   DeepGEMM does); only the output is written. Opt-in (`kernels.use(scaled_matmul="pallas")`):
-  the bench training step on an H200 ran level with the XLA form (31,627 vs 31,448 tokens/s).
+  the bench training step on an H200 ran level with the XLA form (31,627 vs 31,448 tokens/s,
+  fifth session, every load masked; loads are now masked only at ragged edges, not re-measured).
+
+The XLA form's partial products are what make fp8_native slow: its FP8 GEMMs and the reductions
+over their partials took ~189 ms of a 479 ms bench step on an H200, where BF16 runs the same
+projections in ~38 (docs/benchmarks.md, tenth session).
 """
 
 from __future__ import annotations
@@ -37,23 +42,28 @@ def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpr
     if K % bk:
         raise ValueError(f"scaled matmul: K={K} must be a multiple of {bk} (pad it, as fp8.quantize's callers do)")
 
-    def kernel(a_ref, as_ref, bt_ref, bs_ref, out_ref):
+    def kernel(a_ref, ast_ref, bt_ref, bs_ref, out_ref):
         i, j = pl.program_id(0), pl.program_id(1)
         rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
-        row_ok, col_ok = rows < M, cols < N
+        row_ok = None if M % bm == 0 else rows < M  # masks only at ragged edges: unmasked loads pipeline better
+        col_ok = None if N % bn == 0 else cols < N
+        tile = lambda ok: None if ok is None else ok[:, None]  # noqa: E731
 
         def chunk(c, acc):
-            a = plt.load(a_ref.at[pl.ds(i * bm, bm), pl.ds(c * bk, bk)], mask=row_ok[:, None])
-            bt = plt.load(bt_ref.at[pl.ds(j * bn, bn), pl.ds(c * bk, bk)], mask=col_ok[:, None])
-            sa = plt.load(as_ref.at[pl.ds(i * bm, bm), c], mask=row_ok, other=0)  # [bm]
-            sb = plt.load(bs_ref.at[c, pl.ds(j * bn, bn)], mask=col_ok, other=0)  # [bn]
+            a = plt.load(a_ref.at[pl.ds(i * bm, bm), pl.ds(c * bk, bk)], mask=tile(row_ok))
+            bt = plt.load(bt_ref.at[pl.ds(j * bn, bn), pl.ds(c * bk, bk)], mask=tile(col_ok))
+            sa = plt.load(ast_ref.at[c, pl.ds(i * bm, bm)], mask=row_ok, other=None if row_ok is None else 0)  # [bm]
+            sb = plt.load(bs_ref.at[c, pl.ds(j * bn, bn)], mask=col_ok, other=None if col_ok is None else 0)  # [bn]
             return acc + plt.dot(a, bt, trans_b=True) * sa[:, None] * sb[None, :]
 
         acc = jax.lax.fori_loop(0, K // bk, chunk, jnp.zeros((bm, bn), jnp.float32))
-        plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=row_ok[:, None] & col_ok[None, :])
+        whole = row_ok is None and col_ok is None
+        plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc,
+                  mask=None if whole else (rows < M)[:, None] & (cols < N)[None, :])
 
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((M, N), jnp.float32), grid=(pl.cdiv(M, bm), pl.cdiv(N, bn)),
         interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-    )(aq, a_s.astype(jnp.float32), bq.T, b_s.astype(jnp.float32))  # B as [N,K]: K-major, as Hopper's FP8 MMA reads it
+    )(aq, a_s.T.astype(jnp.float32), bq.T, b_s.astype(jnp.float32))  # a_s as [K/128,M]: a chunk's row scales
+    # contiguous; B as [N,K]: K-major, as Hopper's FP8 MMA reads it

@@ -16,10 +16,11 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(scaled_matmul, "pallas", functools.partial(scaled_matmul.pallas, interpret=True))
 
 
-def test_kernel_matches_numpy_chunked_products():
-    """M and N not multiples of the 128 block (masked edges), three K chunks with their own scales."""
+@pytest.mark.parametrize("M,K,N", [(200, 384, 136), (256, 256, 128)], ids=["masked-edges", "whole-blocks"])
+def test_kernel_matches_numpy_chunked_products(M, K, N):
+    """M and N multiples of the 128 block (unmasked loads) or not (masked edges); K chunks with
+    their own scales."""
     rs = np.random.RandomState(0)
-    M, K, N = 200, 384, 136
     aq = jnp.asarray(rs.randn(M, K) * 40, jnp.float8_e4m3fn)
     bq = jnp.asarray(rs.randn(K, N) * 40, jnp.float8_e4m3fn)
     a_s, b_s = rs.uniform(0.5, 2, (M, K // 128)).astype(np.float32), rs.uniform(0.5, 2, (K // 128, N)).astype(
