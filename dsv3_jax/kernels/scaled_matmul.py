@@ -48,18 +48,18 @@ def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpr
         row_ok = None if M % bm == 0 else rows < M  # masks only at ragged edges: unmasked loads pipeline better
         col_ok = None if N % bn == 0 else cols < N
         tile = lambda ok: None if ok is None else ok[:, None]  # noqa: E731
+        scales = lambda ref, ok: plt.load(ref, mask=ok, other=None if ok is None else 0)  # noqa: E731
 
         def chunk(c, acc):
             a = plt.load(a_ref.at[pl.ds(i * bm, bm), pl.ds(c * bk, bk)], mask=tile(row_ok))
             bt = plt.load(bt_ref.at[pl.ds(j * bn, bn), pl.ds(c * bk, bk)], mask=tile(col_ok))
-            sa = plt.load(ast_ref.at[c, pl.ds(i * bm, bm)], mask=row_ok, other=None if row_ok is None else 0)  # [bm]
-            sb = plt.load(bs_ref.at[c, pl.ds(j * bn, bn)], mask=col_ok, other=None if col_ok is None else 0)  # [bn]
+            sa, sb = scales(ast_ref.at[c, pl.ds(i * bm, bm)], row_ok), scales(bs_ref.at[c, pl.ds(j * bn, bn)], col_ok)
             return acc + plt.dot(a, bt, trans_b=True) * sa[:, None] * sb[None, :]
 
         acc = jax.lax.fori_loop(0, K // bk, chunk, jnp.zeros((bm, bn), jnp.float32))
-        whole = row_ok is None and col_ok is None
+        edges = row_ok is not None or col_ok is not None
         plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc,
-                  mask=None if whole else (rows < M)[:, None] & (cols < N)[None, :])
+                  mask=(rows < M)[:, None] & (cols < N)[None, :] if edges else None)
 
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((M, N), jnp.float32), grid=(pl.cdiv(M, bm), pl.cdiv(N, bn)),
