@@ -3,8 +3,9 @@
 Compares, on the current backend, every available grouped-matmul implementation against the
 "tiled" one and the other ops' implementations against "xla" (attention; the block-scaled FP8
 matmul, through fp8_native's linear), forward and gradients, in bf16 at a bench-like shape, and
-the latent-cache decode attention's forward at a decode step's shape. Run it on a GPU with
-tokamax installed to check the GPU kernels.
+the latent-cache decode attention's forward at a decode step's shape. With more than one device
+it also runs the routed experts expert-parallel over all of them, on each transport, against the
+same problem on one device. Run it on a GPU with tokamax installed to check the GPU kernels.
 """
 
 import json
@@ -17,9 +18,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv3_jax import fp8, kernels  # noqa: E402
+from dsv3_jax import fp8, kernels, parallel  # noqa: E402
 from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, scaled_matmul  # noqa: E402
 from dsv3_jax.parallel import routed_experts  # noqa: E402
+from dsv3_jax.parallel.expert import TRANSPORTS  # noqa: E402
 
 
 def rel(a, b):
@@ -68,6 +70,16 @@ def main():
             return (y, *vjp(jnp.ones_like(y)))
 
     compare(out, "expert_layout", experts, grouped_matmul.LAYOUTS, "grouped", x[:n, :D], gate, up, down)
+    P = len(jax.devices())
+    if P > 1:  # expert=P against one device; the transport is chosen when the function is traced
+        ref = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate, up, down)
+        for transport in TRANSPORTS:
+            try:
+                with jax.set_mesh(parallel.make_mesh(f"expert={P}")), parallel.expert_transport(transport):
+                    got = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate, up, down)
+                out[f"expert_parallel_{P}/{transport}"] = [rel(a, b) for a, b in zip(got, ref)]
+            except Exception as e:  # a transport this backend lacks
+                out[f"expert_parallel_{P}/{transport}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
 
     def fp8_linear(impl, x, w):  # fp8_native's linear: its three GEMMs through the impl
         with kernels.use(scaled_matmul=impl):

@@ -43,7 +43,7 @@ from dsv3_jax.fp8 import grouped_matmul
 from dsv3_jax.kernels.grouped_matmul import block_matmul, block_rows, default_layout
 from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 
-TRANSPORTS = ("ragged", "dense")
+TRANSPORTS = ("ragged", "dense", "gather")
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 DENSE_GPU_MAX_EP = 8  # "auto" on GPU: dense all_to_all up to this many expert devices (choose_transport)
 _transport = contextvars.ContextVar("dsv3_expert_transport", default=("auto", 0.0))
@@ -270,6 +270,8 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
     if n_ep == 1:
         out = _local(x, weights, expert_ids, gate, up, down)
+    elif transport == "gather":
+        out = _gathered(x, weights, expert_ids, gate, up, down, n_ep)
     else:  # rows sorted by expert, so by the device that owns it
         N, K = expert_ids.shape
         p = place(expert_ids.reshape(N * K), gate.shape[0] * n_ep, 0)
@@ -279,6 +281,20 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum
         out = jax.lax.psum(out, psum_axis)
     return out.astype(dtype)
+
+
+def _gathered(x, weights, expert_ids, gate, up, down, n_ep):
+    """The "gather" transport: every device takes all tokens of the expert axis (all_gather),
+    runs its own experts on the assignments routed to them and returns each token's partial sum
+    to its device (psum_scatter). Each token crosses to a device once, not once per expert there."""
+    E_l = gate.shape[0]
+    xa, wa, ids = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, weights, expert_ids))  # [P*n,...]
+    N, K = ids.shape
+    local = ids.reshape(N * K) - jax.lax.axis_index("expert") * E_l
+    local = jnp.where((local >= 0) & (local < E_l), local, E_l)  # E_l: another device's expert, placed nowhere
+    p = place(local, E_l, expert_block(N * K // n_ep, E_l))  # blocks sized for a balanced share
+    y = combine(expert_ffn(gather(jnp.repeat(xa, K, axis=0), p), gate, up, down), wa, p)  # [P*n,D] fp32
+    return jax.lax.psum_scatter(y, "expert", tiled=True)
 
 
 def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:

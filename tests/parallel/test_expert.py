@@ -14,7 +14,9 @@ from dsv3_jax.parallel.expert import RAGGED_PLATFORMS
 
 E, D, F, K = 16, 8, 6, 3
 DEVICES = len(jax.devices())
-TRANSPORTS = ["dense"] + (["ragged"] if jax.default_backend() in RAGGED_PLATFORMS else [])
+TRANSPORTS = ["dense", "gather"] + (["ragged"] if jax.default_backend() in RAGGED_PLATFORMS else [])
+# (transport, capacity factor): the factor is the dense transport's alone
+TRANSPORT_CAPACITY = [(t, 0.0) for t in TRANSPORTS] + [("dense", 1.25)]
 
 
 def _problem(n: int, skew: bool):
@@ -53,12 +55,11 @@ def test_dense_blocks_fit_balanced_routing_and_not_skewed():
         assert (sent.max() <= dense_capacity(n // P * K, P, 1.25)) == fits
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport,capacity", TRANSPORT_CAPACITY, ids=[f"{t}-{c}" for t, c in TRANSPORT_CAPACITY])
 @pytest.mark.parametrize("spec", MESHES)
 @pytest.mark.parametrize("n,skew", [(40, False), (37, False), (40, True)],
                          ids=["balanced", "padded", "all-to-one-device"])
-@pytest.mark.parametrize("capacity", [0.0, 1.25], ids=["full-blocks", "capacity"])
-def test_expert_parallel_equals_local(spec, transport, n, skew, capacity):
+def test_expert_parallel_equals_local(spec, transport, capacity, n, skew):
     args = _problem(n, skew)  # 37: not a multiple of the batch shards (padded inside)
     (ref_loss, ref_y), ref_grads = _grad()(*args)
     mesh = make_mesh(spec)
@@ -163,14 +164,15 @@ def test_blocks_layout_equals_grouped(n, skew):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("transport", ["dense", "gather"])
 @pytest.mark.parametrize("n,skew", [(40, False), (40, True)], ids=["balanced", "all-to-one-device"])
-def test_expert_parallel_blocks_layout_equals_local(n, skew):
-    """Expert-parallel with the "blocks" layout on each device's received rows."""
+def test_expert_parallel_blocks_layout_equals_local(n, skew, transport):
+    """Expert-parallel with the "blocks" layout on each device's rows (received, or gathered)."""
     from dsv3_jax import kernels
 
     args = _problem(n, skew)
     (_, ref_y), ref_grads = _grad()(*args)
-    with jax.set_mesh(make_mesh(MESHES[1])), expert_transport("dense"), kernels.use(expert_layout="blocks"):
+    with jax.set_mesh(make_mesh(MESHES[1])), expert_transport(transport), kernels.use(expert_layout="blocks"):
         (_, y), grads = _grad()(*args)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
