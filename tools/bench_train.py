@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
-    p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense")
+    p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense|gather")
     p.add_argument("--expert-capacity", type=float, default=0.0,
                    help="TrainConfig.expert_capacity_factor (dense transport; 0 = full blocks only)")
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none|selective|full")

@@ -3,13 +3,14 @@ out[m,n] = sum over 128-wide K chunks c of a_s[m,c] * b_s[c,n] * (aq[m,c] . bq[c
 
 Two implementations of the same product:
 - "xla": `fp8.scaled_dot`'s own form, one FP8 `dot_general` batched over the chunks, whose
-  [K/128, M, N] fp32 partial products are scaled and summed (every backend; the default).
-- "pallas": one Pallas (Triton) kernel. Program (i, j) owns a [128, 128] output block and walks
-  K one chunk at a time: the chunk's FP8 product goes to fp32 registers, is multiplied by its
-  row and column scales there and added (the promotion DeepSeek's recipe prescribes, as their
-  DeepGEMM does); only the output is written. Opt-in (`kernels.use(scaled_matmul="pallas")`):
-  the bench training step on an H200 ran level with the XLA form (31,627 vs 31,448 tokens/s,
-  fifth session, every load masked; loads are now masked only at ragged edges, not re-measured).
+  [K/128, M, N] fp32 partial products are scaled and summed (every backend; the default off GPU).
+- "pallas": one Pallas (Triton) kernel, the default on GPU. Program (i, j) owns a [128, 128]
+  output block and walks K one chunk at a time: the chunk's FP8 product goes to fp32 registers,
+  is multiplied by its row and column scales there and added (the promotion DeepSeek's recipe
+  prescribes, as their DeepGEMM does); only the output is written. On an H200 at the bench
+  step's shapes it runs 2.3-2.9x faster than the XLA form (~290 TFLOP/s; 8 warps, 3 stages,
+  [128, 128] blocks were the best of a sweep), and the fp8_native bench step 489 -> 462 ms
+  (docs/benchmarks.md, eleventh session). It is still ~2.5x slower than a BF16 GEMM there.
 
 The XLA form's partial products are what make fp8_native slow: its FP8 GEMMs and the reductions
 over their partials took ~189 ms of a 479 ms bench step on an H200, where BF16 runs the same
@@ -31,8 +32,8 @@ NUM_WARPS, NUM_STAGES = 8, 3  # Triton launch parameters (module constants so a 
 
 
 def default_impl() -> str:
-    """The impl `kernels.use` forces, else xla (module docstring)."""
-    return forced("scaled_matmul") or "xla"
+    """The impl `kernels.use` forces, else pallas on GPU and xla elsewhere (module docstring)."""
+    return forced("scaled_matmul") or ("pallas" if jax.default_backend() == "gpu" else "xla")
 
 
 def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpret: bool = False) -> jax.Array:

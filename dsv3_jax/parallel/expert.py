@@ -14,7 +14,7 @@ runs the same steps per device inside `shard_map`:
    and run through the SwiGLU; results travel back the same way.
 4. Each device weights and sums its tokens' K results (and sums the tensor-split partials).
 
-Two transports move the rows, chosen by backend and expert-axis size (`choose_transport`) and
+Three transports move the rows, chosen by backend and expert-axis size (`choose_transport`) and
 overridable with `expert_transport`:
 - "ragged": `jax.lax.ragged_all_to_all`, sending exactly the rows needed (GPU/TPU);
 - "dense": `jax.lax.all_to_all` of fixed-size blocks, one per device pair (runs everywhere, CPU
@@ -22,8 +22,13 @@ overridable with `expert_transport`:
   capacity factor c > 0 (`expert_transport(..., capacity_factor=c)`; off by default: c = 1.25
   measured +2.4% at expert=2 on 2 H200s, docs/benchmarks.md) blocks hold c x the balanced
   share of rows, and a step whose routing does not fit (every device knows: the counts are
-  all-gathered) takes the other branch of a `lax.cond`, with the full-size blocks.
-Both are dropless and give the single-device result up to summation order.
+  all-gathered) takes the other branch of a `lax.cond`, with the full-size blocks;
+- "gather": `all_gather` of the tokens themselves over the expert axis, each device's experts on
+  the assignments routed to them, and `psum_scatter` of the per-token partial sums. A token
+  crosses to another device once rather than once per expert it picked there, so it moves less
+  than the others while the expert axis is small next to the top-k (every device then holds most
+  tokens' experts anyway).
+All are dropless and give the single-device result up to summation order.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ _transport = contextvars.ContextVar("dsv3_expert_transport", default=("auto", 0.
 
 @contextlib.contextmanager
 def expert_transport(name: str, capacity_factor: float = 0.0):
-    """Force "ragged" or "dense" (or "auto") for models traced inside this context, and the
+    """Force "ragged", "dense" or "gather" (or "auto") for models traced inside this context, and the
     dense transport's capacity factor (0: full-size blocks only; module docstring).
 
     Read at trace time: a function jitted and traced before keeps the transport it was traced with.

@@ -44,10 +44,15 @@ def test_native_fp8_linear_with_the_kernel_matches_numpy_recipe(interpreted):
         assert rel(got, want) < 1e-6
 
 
-def test_default_is_xla_and_k_must_be_whole_chunks():
+def test_default_by_backend_and_k_must_be_whole_chunks(monkeypatch):
     assert scaled_matmul.default_impl() == "xla"
     with kernels.use(scaled_matmul="pallas"):
         assert scaled_matmul.default_impl() == "pallas"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert scaled_matmul.default_impl() == "pallas"
+    with kernels.use(scaled_matmul="xla"):
+        assert scaled_matmul.default_impl() == "xla"
+    monkeypatch.undo()
     q = jnp.zeros((4, 100), jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match="K=100 must be a multiple of 128"):
         scaled_matmul.pallas(q, jnp.ones((4, 1)), q.T, jnp.ones((1, 4)), interpret=True)
