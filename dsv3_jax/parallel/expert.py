@@ -27,7 +27,8 @@ overridable with `expert_transport`:
   the assignments routed to them, and `psum_scatter` of the per-token partial sums. A token
   crosses to another device once rather than once per expert it picked there, so it moves less
   than the others while the expert axis is small next to the top-k (every device then holds most
-  tokens' experts anyway).
+  tokens' experts anyway). A capacity factor c > 0 sizes each device's expert rows for c x the
+  balanced share, with the same fallback branch when more arrive.
 All are dropless and give the single-device result up to summation order.
 """
 
@@ -57,7 +58,7 @@ _transport = contextvars.ContextVar("dsv3_expert_transport", default=("auto", 0.
 @contextlib.contextmanager
 def expert_transport(name: str, capacity_factor: float = 0.0):
     """Force "ragged", "dense" or "gather" (or "auto") for models traced inside this context, and the
-    dense transport's capacity factor (0: full-size blocks only; module docstring).
+    dense and gather transports' capacity factor (0: room for any routing only; module docstring).
 
     Read at trace time: a function jitted and traced before keeps the transport it was traced with.
     """
@@ -144,15 +145,16 @@ class ExpertRows(NamedTuple):
     sizes: jax.Array  # [E] rows of each expert in `rows`
 
 
-def place(ids: jax.Array, n_experts: int, block: int) -> Placement:
+def place(ids: jax.Array, n_experts: int, block: int, rows: int | None = None) -> Placement:
     """ids [M]: the expert of each assignment (n_experts: a padding row, placed nowhere).
 
     Expert e's first `block` assignments (in assignment order) fill block e; the others follow
     in the grouped rows, by expert. The grouped rows number M - block (room for any routing: at
-    most that many overflow) or M when block = 0, which makes this a stable sort by expert.
+    most that many overflow) or M when block = 0, which makes this a stable sort by expert;
+    `rows` sets fewer, for a caller that knows the real assignments fit (any beyond are dropped).
     """
     M, E, C = ids.shape[0], n_experts, block
-    R = max(M - C, 0) if C else M
+    R = rows if rows is not None else max(M - C, 0) if C else M
     order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # sorted position -> assignment
     sorted_ids = ids[order]
     counts = jnp.zeros((E,), jnp.int32).at[ids].add(1, mode="drop")  # padding ids dropped
@@ -161,7 +163,8 @@ def place(ids: jax.Array, n_experts: int, block: int) -> Placement:
     sizes = jnp.maximum(counts - C, 0)
     real = sorted_ids < E
     block_row = jnp.where(real & (rank < C), e * C + rank, E * C).astype(jnp.int32)
-    row = jnp.where(real & (rank >= C), (jnp.cumsum(sizes) - sizes)[e] + rank - C, R).astype(jnp.int32)
+    row = (jnp.cumsum(sizes) - sizes)[e] + rank - C
+    row = jnp.where(real & (rank >= C) & (row < R), row, R).astype(jnp.int32)
     inverse = inverse_permutation(order)
     block_dest, row_dest = block_row[inverse], row[inverse]
     assignment = jnp.arange(M, dtype=jnp.int32)
@@ -276,7 +279,7 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     if n_ep == 1:
         out = _local(x, weights, expert_ids, gate, up, down)
     elif transport == "gather":
-        out = _gathered(x, weights, expert_ids, gate, up, down, n_ep)
+        out = _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor)
     else:  # rows sorted by expert, so by the device that owns it
         N, K = expert_ids.shape
         p = place(expert_ids.reshape(N * K), gate.shape[0] * n_ep, 0)
@@ -288,17 +291,33 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     return out.astype(dtype)
 
 
-def _gathered(x, weights, expert_ids, gate, up, down, n_ep):
+def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor):
     """The "gather" transport: every device takes all tokens of the expert axis (all_gather),
     runs its own experts on the assignments routed to them and returns each token's partial sum
-    to its device (psum_scatter). Each token crosses to a device once, not once per expert there."""
+    to its device (psum_scatter). Each token crosses to a device once, not once per expert there.
+
+    The grouped rows have room for every gathered assignment, or with a capacity factor c > 0
+    for c x the balanced share, taking a `lax.cond` branch with full room when more are local.
+    """
     E_l = gate.shape[0]
     xa, wa, ids = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, weights, expert_ids))  # [P*n,...]
     N, K = ids.shape
     local = ids.reshape(N * K) - jax.lax.axis_index("expert") * E_l
     local = jnp.where((local >= 0) & (local < E_l), local, E_l)  # E_l: another device's expert, placed nowhere
-    p = place(local, E_l, expert_block(N * K // n_ep, E_l))  # blocks sized for a balanced share
-    y = combine(expert_ffn(gather(jnp.repeat(xa, K, axis=0), p), gate, up, down), wa, p)  # [P*n,D] fp32
+    block = expert_block(N * K // n_ep, E_l)  # blocks sized for a balanced share
+
+    def experts(rows):
+        def run(xa, wa, gate, up, down):
+            p = place(local, E_l, block, rows)
+            return combine(expert_ffn(gather(jnp.repeat(xa, K, axis=0), p), gate, up, down), wa, p)  # [N,D] fp32
+        return run
+
+    full = N * K - block if block else N * K
+    cap = min(dense_capacity(N * K, n_ep, capacity_factor), full)
+    if cap == full:
+        y = experts(full)(xa, wa, gate, up, down)
+    else:
+        y = jax.lax.cond((local < E_l).sum() <= cap, experts(cap), experts(full), xa, wa, gate, up, down)
     return jax.lax.psum_scatter(y, "expert", tiled=True)
 
 

@@ -51,7 +51,7 @@ class TrainConfig:
     scaled_matmul_impl: str = "auto"  # fp8_native GEMMs: "auto" (GPU: "pallas", else "xla"), "xla", "pallas"
     expert_layout: str = "auto"  # routed-expert rows: "auto" (= "grouped") or "blocks" (kernels.grouped_matmul)
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged", "dense" or "gather"
-    expert_capacity_factor: float = 0.0  # dense transport blocks: x balanced rows (0: full blocks only)
+    expert_capacity_factor: float = 0.0  # dense/gather transports: rows x the balanced share (0: any routing)
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     scan_unroll: int = 0  # layers per layer-scan iteration; 0: by backend (train.step.layers_per_scan)
     param_dtype: str = "float32"

@@ -15,8 +15,8 @@ from dsv3_jax.parallel.expert import RAGGED_PLATFORMS
 E, D, F, K = 16, 8, 6, 3
 DEVICES = len(jax.devices())
 TRANSPORTS = ["dense", "gather"] + (["ragged"] if jax.default_backend() in RAGGED_PLATFORMS else [])
-# (transport, capacity factor): the factor is the dense transport's alone
-TRANSPORT_CAPACITY = [(t, 0.0) for t in TRANSPORTS] + [("dense", 1.25)]
+# (transport, capacity factor): the ragged transport has no factor
+TRANSPORT_CAPACITY = [(t, 0.0) for t in TRANSPORTS] + [("dense", 1.25), ("gather", 1.25)]
 
 
 def _problem(n: int, skew: bool):
@@ -40,10 +40,10 @@ def _grad():  # a fresh jit per use: the transport is chosen when the function i
 MESHES = [f"expert={DEVICES}", "data=2,expert=-1", "fsdp=2,expert=2,tensor=-1"][:3 if DEVICES >= 8 else 2]
 
 
-def test_dense_blocks_fit_balanced_routing_and_not_skewed():
-    """The two branches of the dense transport are both exercised by the problems above: at
-    expert=8 the balanced routing fits the capacity blocks; the skewed one does not, nor the
-    padded one (its padding rows all go to expert 0)."""
+def test_capacity_fits_balanced_routing_and_not_skewed():
+    """The two branches of the dense and gather transports are both exercised by the problems
+    above: at expert=8 the balanced routing fits the capacity; the skewed one does not, nor (dense)
+    the padded one (its padding rows all go to expert 0)."""
     from dsv3_jax.parallel.expert import dense_capacity
 
     P, n = 8, 40
@@ -53,6 +53,9 @@ def test_dense_blocks_fit_balanced_routing_and_not_skewed():
         ids = np.pad(ids, ((0, n - tokens), (0, 0))).reshape(P, n // P * K)  # [src device, its rows]
         sent = np.stack([np.bincount(row // (E // P), minlength=P) for row in ids])  # [src,dst]
         assert (sent.max() <= dense_capacity(n // P * K, P, 1.25)) == fits
+    for skew, fits in ((False, True), (True, False)):  # gather: each device's share of all assignments
+        ids = np.asarray(_problem(40, skew)[2]).reshape(-1)
+        assert (np.bincount(ids // (E // P), minlength=P).max() <= dense_capacity(40 * K, P, 1.25)) == fits
 
 
 @pytest.mark.parametrize("transport,capacity", TRANSPORT_CAPACITY, ids=[f"{t}-{c}" for t, c in TRANSPORT_CAPACITY])
@@ -127,17 +130,18 @@ def _place_reference(ids, E, C):
     return blocks.reshape(-1), np.asarray(rows, int), np.asarray([max((ids == e).sum() - C, 0) for e in range(E)])
 
 
+@pytest.mark.parametrize("tight", [False, True], ids=["room-for-any", "rows-that-fit"])
 @pytest.mark.parametrize("C", [0, 3, 8])
-def test_place_lays_rows_out_as_numpy_does(C):
+def test_place_lays_rows_out_as_numpy_does(C, tight):
     from dsv3_jax.parallel.expert import place
 
     E = 5
     ids = np.random.RandomState(0).choice(E + 1, 40, p=[0.4, 0.1, 0.2, 0.05, 0.05, 0.2])  # id 5: padding
-    p = place(jnp.asarray(ids, jnp.int32), E, C)
     want_blocks, want_rows, want_sizes = _place_reference(ids, E, C)
+    p = place(jnp.asarray(ids, jnp.int32), E, C, len(want_rows) + 2 if tight else None)
     np.testing.assert_array_equal(p.block_src, want_blocks)
     R = p.row_src.shape[0]
-    assert R == (len(ids) - C if C else len(ids))  # room for any routing
+    assert R == (len(want_rows) + 2 if tight else len(ids) - C if C else len(ids))  # room for any routing
     np.testing.assert_array_equal(p.row_src[:len(want_rows)], want_rows)
     assert (np.asarray(p.row_src[len(want_rows):]) == len(ids)).all()
     np.testing.assert_array_equal(p.sizes, want_sizes)
