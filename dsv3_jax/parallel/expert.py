@@ -318,7 +318,26 @@ def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor):
         y = experts(full)(xa, wa, gate, up, down)
     else:
         y = jax.lax.cond((local < E_l).sum() <= cap, experts(cap), experts(full), xa, wa, gate, up, down)
-    return jax.lax.psum_scatter(y, "expert", tiled=True)
+    return _sum_scatter(y, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sum_scatter(y: jax.Array, dtype) -> jax.Array:
+    """Partial sums y [P*n,D] fp32 -> my tokens' totals [n,D] in `dtype` (psum_scatter over the
+    expert axis). The gradient all-gathers the cotangent in `dtype`, not after a cast to fp32:
+    half the bytes, same values."""
+    return jax.lax.psum_scatter(y, "expert", tiled=True).astype(dtype)
+
+
+def _sum_scatter_fwd(y, dtype):
+    return _sum_scatter(y, dtype), None
+
+
+def _sum_scatter_bwd(dtype, _, g):
+    return (jax.lax.all_gather(g, "expert", tiled=True).astype(jnp.float32),)
+
+
+_sum_scatter.defvjp(_sum_scatter_fwd, _sum_scatter_bwd)
 
 
 def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
