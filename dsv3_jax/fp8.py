@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.kernels import scaled_matmul
 from dsv3_jax.kernels.grouped_matmul import grouped_matmul as _grouped_matmul
+from dsv3_jax.kernels.vma import vary_like
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -269,7 +270,7 @@ def _fp8_grouped_fwd(x, w, group_sizes, recipe):
     ct = _grid_dtype(recipe, x.dtype)
     y = _grouped_matmul(dequantize(xq, xs, ROW)[:, :K].astype(ct), _expert_dequantize(wq, ws, K, N).astype(ct),
                         group_sizes)
-    like = (jnp.zeros((0, K), x.dtype), jnp.zeros((0, N), w.dtype))  # shapes/dtypes of x, w
+    like = (vary_like(jnp.zeros((0, K), x.dtype), x), vary_like(jnp.zeros((0, N), w.dtype), w))  # x's, w's types
     return y.astype(x.dtype), (xq, xs, wq, ws, group_sizes, like)
 
 
@@ -279,7 +280,7 @@ def _fp8_grouped_bwd(recipe, res, g):
     pow2, ct = recipe.pow2_scales, _grid_dtype(recipe, x_like.dtype)
     wd = _expert_dequantize(wq, ws, K, N).astype(ct)
     g_row = fake_quantize(g, ROW, pow2).astype(ct)  # dgrad: 1x128 tiles along N
-    _, dx_fn = jax.vjp(lambda x_: _grouped_matmul(x_, wd, group_sizes), jnp.zeros((M, K), ct))
+    _, dx_fn = jax.vjp(lambda x_: _grouped_matmul(x_, wd, group_sizes), vary_like(jnp.zeros((M, K), ct), x_like))
     x_col = fake_quantize(dequantize(xq, xs, ROW)[:, :K], COL, pow2).astype(ct)  # wgrad: 128x1 tiles
     g_col = fake_quantize(g, COL, pow2).astype(ct)
     _, dw_fn = jax.vjp(lambda w_: _grouped_matmul(x_col, w_, group_sizes), wd)
