@@ -4,7 +4,7 @@ out[m,n] = sum over 128-wide K chunks c of a_s[m,c] * b_s[c,n] * (aq[m,c] . bq[c
 Two implementations of the same product:
 - "xla": `fp8.scaled_dot`'s own form, one FP8 `dot_general` batched over the chunks, whose
   [K/128, M, N] fp32 partial products are scaled and summed (every backend; the default off GPU).
-- "pallas": one Pallas (Triton) kernel, the default on GPU. Program (i, j) owns a [128, 128]
+- "pallas": one Pallas (Triton) kernel, the default on one GPU. Program (i, j) owns a [128, 128]
   output block and walks K one chunk at a time: the chunk's FP8 product goes to fp32 registers,
   is multiplied by its row and column scales there and added (the promotion DeepSeek's recipe
   prescribes, as their DeepGEMM does); only the output is written. On an H200 at the bench
@@ -32,8 +32,14 @@ NUM_WARPS, NUM_STAGES = 8, 3  # Triton launch parameters (module constants so a 
 
 
 def default_impl() -> str:
-    """The impl `kernels.use` forces, else pallas on GPU and xla elsewhere (module docstring)."""
-    return forced("scaled_matmul") or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    """The impl `kernels.use` forces, else pallas on one GPU and xla elsewhere (module docstring).
+
+    Under a mesh of more than one device it is xla: the partitioner splits a dot over the mesh,
+    but it would gather a pallas_call's sharded operands onto every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    one_device = mesh.empty or mesh.size == 1
+    return forced("scaled_matmul") or ("pallas" if jax.default_backend() == "gpu" and one_device else "xla")
 
 
 def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpret: bool = False) -> jax.Array:

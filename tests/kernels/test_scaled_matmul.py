@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import fp8, kernels
+from dsv3_jax import fp8, kernels, parallel
 from dsv3_jax.kernels import scaled_matmul
 from tests.test_fp8 import np_chunked_dot, np_fp8_linear, randn, rel
 
@@ -50,6 +50,8 @@ def test_default_by_backend_and_k_must_be_whole_chunks(monkeypatch):
         assert scaled_matmul.default_impl() == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert scaled_matmul.default_impl() == "pallas"
+    with jax.set_mesh(parallel.make_mesh("data=-1")):  # more than one device: a dot the partitioner splits
+        assert scaled_matmul.default_impl() == "xla"
     with kernels.use(scaled_matmul="xla"):
         assert scaled_matmul.default_impl() == "xla"
     monkeypatch.undo()
