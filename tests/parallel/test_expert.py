@@ -15,8 +15,6 @@ from dsv3_jax.parallel.expert import RAGGED_PLATFORMS
 E, D, F, K = 16, 8, 6, 3
 DEVICES = len(jax.devices())
 TRANSPORTS = ["dense", "gather"] + (["ragged"] if jax.default_backend() in RAGGED_PLATFORMS else [])
-# (transport, capacity factor): the ragged transport has no factor
-TRANSPORT_CAPACITY = [(t, 0.0) for t in TRANSPORTS] + [("dense", 1.25), ("gather", 1.25)]
 
 
 def _problem(n: int, skew: bool):
@@ -38,6 +36,10 @@ def _grad():  # a fresh jit per use: the transport is chosen when the function i
     return jax.jit(jax.value_and_grad(_loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
 
 MESHES = [f"expert={DEVICES}", "data=2,expert=-1", "fsdp=2,expert=2,tensor=-1"][:3 if DEVICES >= 8 else 2]
+# (mesh, transport, capacity factor): every transport on every mesh with room for any routing, and
+# the capacity branches (no factor for ragged) at expert=8, where both branches are taken
+CASES = ([(m, t, 0.0) for m in MESHES for t in TRANSPORTS]
+         + [(MESHES[0], t, 1.25) for t in ("dense", "gather")])
 
 
 def test_capacity_fits_balanced_routing_and_not_skewed():
@@ -58,8 +60,7 @@ def test_capacity_fits_balanced_routing_and_not_skewed():
         assert (np.bincount(ids // (E // P), minlength=P).max() <= dense_capacity(40 * K, P, 1.25)) == fits
 
 
-@pytest.mark.parametrize("transport,capacity", TRANSPORT_CAPACITY, ids=[f"{t}-{c}" for t, c in TRANSPORT_CAPACITY])
-@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("spec,transport,capacity", CASES, ids=["-".join(map(str, c)) for c in CASES])
 @pytest.mark.parametrize("n,skew", [(40, False), (37, False), (40, True)],
                          ids=["balanced", "padded", "all-to-one-device"])
 def test_expert_parallel_equals_local(spec, transport, capacity, n, skew):
