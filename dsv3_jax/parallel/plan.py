@@ -268,17 +268,26 @@ def weight_copy_bytes(s: Setup, params) -> int:
 
 
 def all_to_all_bytes(s: Setup, transport: str = "ragged") -> int:
-    """Bytes one device sends over the expert axis per step: per MoE layer and micro-batch,
-    dispatch and combine forward and their transposes backward (4 moves) of its b*T*K routed
-    rows of D values in the compute dtype. "ragged" sends only rows for other devices
-    ((P-1)/P of them under uniform routing); "dense" sends P-1 full blocks of R rows (fewer
-    with a capacity factor, `parallel.expert`)."""
+    """Bytes one device sends over the expert axis per step (the transports of `parallel.expert`).
+
+    "ragged" and "dense": per MoE layer and micro-batch, dispatch and combine forward and their
+    transposes backward (4 moves) of its b*T*K routed rows of D values in the compute dtype.
+    "ragged" sends only rows for other devices ((P-1)/P of them under uniform routing); "dense"
+    sends P-1 full blocks of R rows (fewer with a capacity factor).
+    "gather": its b*T tokens to the P-1 others, forward (D bf16 values, K fp32 weights and K int32
+    ids) and as the backward's all-gathered cotangent (D bf16); the fp32 partial sums' and the
+    input gradient's reduce-scatters send P-1 shares of b*T rows (D fp32 and D bf16 values, K fp32
+    weights).
+    """
     c, P = s.config, s.mesh["expert"]
     if P == 1:
         return 0
-    rows = s.local_batch * s.seq * c.num_experts_per_tok
-    per_move = rows * c.hidden_size * 2 * ((P - 1) / P if transport == "ragged" else (P - 1))
-    return int(4 * per_move * (c.num_moe_layers + c.num_nextn_predict_layers) * s.accum)
+    tokens, D, K = s.local_batch * s.seq, c.hidden_size, c.num_experts_per_tok
+    if transport == "gather":
+        per_layer = (P - 1) * tokens * (D * (2 + 2 + 4 + 2) + K * (4 + 4 + 4))
+    else:
+        per_layer = 4 * tokens * K * D * 2 * ((P - 1) / P if transport == "ragged" else (P - 1))
+    return int(per_layer * (c.num_moe_layers + c.num_nextn_predict_layers) * s.accum)
 
 
 def kv_cache_bytes(s: Setup) -> int:

@@ -57,6 +57,8 @@ def test_spec_facts_for_671b():
     assert plan.kv_cache_bytes(s) == 1000 * 70_272  # one row per batch shard
     # ragged: 4 moves/layer of 1 x 4096 x 8 rows x 7168 bf16, 7/8 of them leaving, 58 + 1 MoE layers
     assert plan.all_to_all_bytes(s) == 4 * 4096 * 8 * 7168 * 2 * 7 // 8 * 59
+    # gather: 4096 tokens to 7 others, as x, cotangent, fp32 partial sums and input gradient, + weights/ids
+    assert plan.all_to_all_bytes(s, "gather") == 7 * 4096 * (7168 * (2 + 2 + 4 + 2) + 8 * 12) * 59
 
 
 def test_activation_model_shrinks_with_remat_and_flash():
