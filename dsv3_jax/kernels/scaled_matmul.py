@@ -9,7 +9,8 @@ Two implementations of the same product:
   is multiplied by its row and column scales there and added (the promotion DeepSeek's recipe
   prescribes, as their DeepGEMM does); only the output is written. On an H200 at the bench
   step's shapes it runs 2.3-2.9x faster than the XLA form (~290 TFLOP/s; 8 warps, 3 stages,
-  [128, 128] blocks were the best of a sweep), and the fp8_native bench step 489 -> 462 ms
+  [128, 128] blocks were the best of a sweep). It took the fp8_native bench step from 489 to
+  462 ms in one call; on a faster machine the step ran 391 ms against 288 for bf16
   (docs/benchmarks.md, eleventh session). It is still ~2.5x slower than a BF16 GEMM there.
 
 The XLA form's partial products are what make fp8_native slow: its FP8 GEMMs and the reductions
