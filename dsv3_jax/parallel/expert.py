@@ -278,8 +278,9 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
     if n_ep == 1:
         out = _local(x, weights, expert_ids, gate, up, down)
-    elif transport == "gather":
-        out = _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor)
+    elif transport == "gather":  # fp32 while a tensor-split partial sum is still to come
+        out = _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor,
+                        jnp.float32 if psum_axis is not None else dtype)
     else:  # rows sorted by expert, so by the device that owns it
         N, K = expert_ids.shape
         p = place(expert_ids.reshape(N * K), gate.shape[0] * n_ep, 0)
@@ -291,13 +292,14 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     return out.astype(dtype)
 
 
-def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor):
+def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor, out_dtype):
     """The "gather" transport: every device takes all tokens of the expert axis (all_gather),
     runs its own experts on the assignments routed to them and returns each token's partial sum
     to its device (psum_scatter). Each token crosses to a device once, not once per expert there.
 
     The grouped rows have room for every gathered assignment, or with a capacity factor c > 0
     for c x the balanced share, taking a `lax.cond` branch with full room when more are local.
+    Returns my tokens' sums [n,D] in `out_dtype`.
     """
     E_l = gate.shape[0]
     xa, wa, ids = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, weights, expert_ids))  # [P*n,...]
@@ -318,7 +320,7 @@ def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor):
         y = experts(full)(xa, wa, gate, up, down)
     else:
         y = jax.lax.cond((local < E_l).sum() <= cap, experts(cap), experts(full), xa, wa, gate, up, down)
-    return _sum_scatter(y, x.dtype)
+    return _sum_scatter(y, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
