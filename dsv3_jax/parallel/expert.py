@@ -293,9 +293,11 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
 
 
 def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor, out_dtype):
-    """The "gather" transport: every device takes all tokens of the expert axis (all_gather),
-    runs its own experts on the assignments routed to them and returns each token's partial sum
-    to its device (psum_scatter). Each token crosses to a device once, not once per expert there.
+    """The "gather" transport, per device: x [n,D], weights/expert_ids [n,K] (global ids),
+    gate/up [E_l,D,F], down [E_l,F,D]. Every device takes all tokens of the expert axis
+    (all_gather), runs its own experts on the assignments routed to them and returns each
+    token's partial sum to its device (psum_scatter). Each token crosses to a device once, not
+    once per expert there.
 
     The grouped rows have room for every gathered assignment, or with a capacity factor c > 0
     for c x the balanced share, taking a `lax.cond` branch with full room when more are local.
