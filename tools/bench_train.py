@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
     p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense|gather")
     p.add_argument("--expert-capacity", type=float, default=0.0,
-                   help="TrainConfig.expert_capacity_factor (dense transport; 0 = full blocks only)")
+                   help="TrainConfig.expert_capacity_factor (dense and gather transports; 0 = room for any routing)")
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none|selective|full")
     p.add_argument("--scan-unroll", type=int, default=0, help="TrainConfig.scan_unroll: layers per scan iteration "
                    "(0: by backend)")

@@ -215,12 +215,18 @@ def combine(y: ExpertRows, weights: jax.Array, p: Placement) -> jax.Array:
     return (out.astype(jnp.float32) * weights[..., None]).sum(1)
 
 
+def _placed(x, weights, p, gate, up, down):
+    """x [N,D] in the compute dtype, its assignments placed by p -> [N,D] fp32 (the weighted sums
+    of its placed assignments' expert outputs)."""
+    K = weights.shape[1]
+    return combine(expert_ffn(gather(jnp.repeat(x, K, axis=0), p), gate, up, down), weights, p)
+
+
 def _local(x, weights, expert_ids, gate, up, down):
     """One device: x [N,D] in the compute dtype -> [N,D] fp32."""
     N, K = expert_ids.shape
     E = gate.shape[0]
-    p = place(expert_ids.reshape(N * K), E, expert_block(N * K, E))
-    return combine(expert_ffn(gather(jnp.repeat(x, K, axis=0), p), gate, up, down), weights, p)
+    return _placed(x, weights, place(expert_ids.reshape(N * K), E, expert_block(N * K, E)), gate, up, down)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,18 +316,12 @@ def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor, out
     local = jnp.where((local >= 0) & (local < E_l), local, E_l)  # E_l: another device's expert, placed nowhere
     block = expert_block(N * K // n_ep, E_l)  # blocks sized for a balanced share
 
-    def experts(rows):
-        def run(xa, wa, gate, up, down):
-            p = place(local, E_l, block, rows)
-            return combine(expert_ffn(gather(jnp.repeat(xa, K, axis=0), p), gate, up, down), wa, p)  # [N,D] fp32
-        return run
+    def experts(rows):  # the local experts with room for `rows` grouped rows
+        return lambda xa, wa, gate, up, down: _placed(xa, wa, place(local, E_l, block, rows), gate, up, down)
 
     full = N * K - block if block else N * K
-    cap = min(dense_capacity(N * K, n_ep, capacity_factor), full)
-    if cap == full:
-        y = experts(full)(xa, wa, gate, up, down)
-    else:
-        y = jax.lax.cond((local < E_l).sum() <= cap, experts(cap), experts(full), xa, wa, gate, up, down)
+    cap = min(capacity_rows(N * K, n_ep, capacity_factor), full)
+    y = _by_capacity((local < E_l).sum() <= cap, cap, full, experts, xa, wa, gate, up, down)  # [N,D] fp32
     return _sum_scatter(y, out_dtype)
 
 
@@ -363,18 +363,23 @@ def _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_fac
     block = expert_block(R, E_l)  # each device receives R rows when the routing is balanced
     if transport == "ragged":
         return _experts_on_arrival(_ragged(xs, sent, me, varying), mine, gate, up, down, block)
-    cap = dense_capacity(R, n_ep, capacity_factor)
+    cap = capacity_rows(R, n_ep, capacity_factor)
     through = lambda rows: lambda xs, gate, up, down: _experts_on_arrival(_dense(xs, sent, me, rows), mine,
                                                                          gate, up, down, block)
-    if cap == R:
-        return through(R)(xs, gate, up, down)
-    return jax.lax.cond(sent.max() <= cap, through(cap), through(R), xs, gate, up, down)
+    return _by_capacity(sent.max() <= cap, cap, R, through, xs, gate, up, down)
 
 
-def dense_capacity(rows: int, n_ep: int, factor: float) -> int:
-    """Rows per device-pair block of the dense transport's common branch: `factor` times the
-    balanced share rows / n_ep, rounded up to a multiple of 8; `rows` (no branch) when that is
-    not smaller or the factor is 0."""
+def _by_capacity(fits, cap: int, full: int, run, *args):
+    """run(cap)(*args) when `fits`, else run(full)(*args): a `lax.cond`, or no branch when cap == full."""
+    if cap == full:
+        return run(full)(*args)
+    return jax.lax.cond(fits, run(cap), run(full), *args)
+
+
+def capacity_rows(rows: int, n_ep: int, factor: float) -> int:
+    """Rows of the capacity branch (the dense transport's device-pair blocks, the gather
+    transport's expert rows): `factor` times the balanced share rows / n_ep, rounded up to a
+    multiple of 8; `rows` (no branch) when that is not smaller or the factor is 0."""
     cap = -(-math.ceil(factor * rows / n_ep) // 8) * 8
     return rows if factor == 0 or cap >= rows else cap
 

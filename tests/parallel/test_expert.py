@@ -46,18 +46,18 @@ def test_capacity_fits_balanced_routing_and_not_skewed():
     """The two branches of the dense and gather transports are both exercised by the problems
     above: at expert=8 the balanced routing fits the capacity; the skewed one does not, nor (dense)
     the padded one (its padding rows all go to expert 0)."""
-    from dsv3_jax.parallel.expert import dense_capacity
+    from dsv3_jax.parallel.expert import capacity_rows
 
     P, n = 8, 40
-    assert dense_capacity(n // P * K, P, 0.0) == n // P * K  # factor 0: full blocks, no branch
+    assert capacity_rows(n // P * K, P, 0.0) == n // P * K  # factor 0: full blocks, no branch
     for tokens, skew, fits in ((40, False, True), (37, False, False), (40, True, False)):
         ids = np.asarray(_problem(tokens, skew)[2])
         ids = np.pad(ids, ((0, n - tokens), (0, 0))).reshape(P, n // P * K)  # [src device, its rows]
         sent = np.stack([np.bincount(row // (E // P), minlength=P) for row in ids])  # [src,dst]
-        assert (sent.max() <= dense_capacity(n // P * K, P, 1.25)) == fits
+        assert (sent.max() <= capacity_rows(n // P * K, P, 1.25)) == fits
     for skew, fits in ((False, True), (True, False)):  # gather: each device's share of all assignments
         ids = np.asarray(_problem(40, skew)[2]).reshape(-1)
-        assert (np.bincount(ids // (E // P), minlength=P).max() <= dense_capacity(40 * K, P, 1.25)) == fits
+        assert (np.bincount(ids // (E // P), minlength=P).max() <= capacity_rows(40 * K, P, 1.25)) == fits
 
 
 @pytest.mark.parametrize("spec,transport,capacity", CASES, ids=["-".join(map(str, c)) for c in CASES])
