@@ -120,7 +120,9 @@ def main():
 
         compare(out, name, latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(),
-                       "expert_layout": grouped_matmul.default_layout(), "attention": attention.default_impl(),
+                       "expert_layout": grouped_matmul.default_layout(),
+                       "attention (causal)": attention.default_impl(documents=False),
+                       "attention (documents)": attention.default_impl(documents=True),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
                        "scaled_matmul": scaled_matmul.default_impl()}
     print(json.dumps(out))

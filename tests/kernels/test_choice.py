@@ -32,9 +32,25 @@ def test_latent_attention_auto_is_the_kernel_for_decode_steps_on_gpu_only(monkey
     assert latent_attention.default_impl(1, 512, 64) == "xla"
 
 
+def test_attention_auto_takes_cudnn_for_plain_causal_attention_where_it_runs(monkeypatch):
+    """cuDNN's kernel takes no packed documents: "auto" keeps those on tokamax (or xla), and a
+    forced "cudnn" with documents is refused by name."""
+    monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: True)
+    monkeypatch.setattr(attention, "_tokamax_runs_here", lambda: True)
+    assert attention.default_impl(documents=False) == "cudnn"
+    assert attention.default_impl(documents=True) == "tokamax"
+    with kernels.use(attention="xla"):
+        assert attention.default_impl(documents=False) == "xla"
+    monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: False)
+    assert attention.default_impl(documents=False) == "tokamax"
+    q = jnp.ones((1, 4, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="'cudnn' takes no packed documents"):
+        attention.dot_product_attention(q, q, q[..., :8], jnp.zeros((1, 4), jnp.int32), 0.25, impl="cudnn")
+
+
 def test_bad_kernel_names_are_refused():
-    with pytest.raises(ValueError, match="attention impl 'cudnn': choose from"):
-        with kernels.use(attention="cudnn"):
+    with pytest.raises(ValueError, match="attention impl 'flash': choose from"):
+        with kernels.use(attention="flash"):
             pass
     with pytest.raises(ValueError, match="latent_attention impl 'flashmla': choose from"):
         with kernels.use(latent_attention="flashmla"):
