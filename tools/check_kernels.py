@@ -121,8 +121,8 @@ def main():
         compare(out, name, latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(),
                        "expert_layout": grouped_matmul.default_layout(),
-                       "attention (causal)": attention.default_impl(documents=False),
-                       "attention (documents)": attention.default_impl(documents=True),
+                       "attention (causal bf16)": attention.default_impl(attention.cudnn_takes(q, v, None)),
+                       "attention (documents)": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
                        "scaled_matmul": scaled_matmul.default_impl()}
     print(json.dumps(out))

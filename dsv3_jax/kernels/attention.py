@@ -10,8 +10,9 @@ Three implementations of the same op, each taking v's head dim as it is:
 - "tokamax": tokamax's Mosaic GPU flash attention; the GPU default for packed documents (its
   per-query key start skips the blocks before a document), and for all attention where
   cuDNN's cannot run.
-- "cudnn": cuDNN's flash attention, plain causal only; the default on Hopper with cuDNN >= 9.10
-  (bench shape on an H200, forward + backward: 2.75 against tokamax's 2.93 ms a layer).
+- "cudnn": cuDNN's flash attention, plain causal only, bf16/fp16; the default for what it takes
+  on Hopper with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75 against
+  tokamax's 2.93 ms a layer).
 
 Under a mesh whose every axis splits the batch or the heads, the op runs per device inside
 `shard_map` on its own rows and heads: the SPMD partitioner cannot split tokamax's kernels,
@@ -33,15 +34,22 @@ from dsv3_jax.parallel.mesh import activation_spec
 IMPLS = ("xla", "tokamax", "cudnn")
 
 
-def default_impl(documents: bool = True) -> str:
-    """The impl `kernels.use` forces, else cudnn for plain causal attention where it runs (the
-    module docstring), else tokamax on a GPU its Mosaic kernels run on (Ampere and newer) where
-    installed, else xla."""
+def default_impl(cudnn_takes: bool = False) -> str:
+    """The impl `kernels.use` forces, else cudnn for a call it takes (`cudnn_takes`) where it
+    runs (the module docstring), else tokamax on a GPU its Mosaic kernels run on (Ampere and
+    newer) where installed, else xla."""
     if forced("attention"):
         return forced("attention")
-    if not documents and _cudnn_runs_here():
+    if cudnn_takes and _cudnn_runs_here():
         return "cudnn"
     return "tokamax" if _tokamax_runs_here() else "xla"
+
+
+def cudnn_takes(q: jax.Array, v: jax.Array, starts: jax.Array | None) -> bool:
+    """Whether cuDNN's kernel takes this call: plain causal (no documents), bf16 or fp16, head
+    dims multiples of 8 up to 256."""
+    dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
+    return starts is None and q.dtype in (jnp.bfloat16, jnp.float16) and dims_ok
 
 
 @functools.cache
@@ -85,7 +93,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.
     Scores accumulate in fp32 and the softmax runs in fp32; the probabilities are rounded to
     the compute dtype before the value product (as HF and the official code do).
     """
-    impl = impl or default_impl(documents=starts is not None)
+    impl = impl or default_impl(cudnn_takes(q, v, starts))
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: choose from {IMPLS}")
     fn = functools.partial({"xla": _xla, "tokamax": _tokamax, "cudnn": _cudnn}[impl], scale=scale)

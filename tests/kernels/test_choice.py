@@ -32,17 +32,22 @@ def test_latent_attention_auto_is_the_kernel_for_decode_steps_on_gpu_only(monkey
     assert latent_attention.default_impl(1, 512, 64) == "xla"
 
 
-def test_attention_auto_takes_cudnn_for_plain_causal_attention_where_it_runs(monkeypatch):
-    """cuDNN's kernel takes no packed documents: "auto" keeps those on tokamax (or xla), and a
-    forced "cudnn" with documents is refused by name."""
+def test_attention_auto_takes_cudnn_for_what_it_takes_where_it_runs(monkeypatch):
+    """cuDNN's kernel takes plain causal bf16/fp16 attention only: "auto" keeps the rest on
+    tokamax (or xla), and a forced "cudnn" with documents is refused by name."""
+    q, v = jnp.ones((1, 4, 2, 192), jnp.bfloat16), jnp.ones((1, 4, 2, 128), jnp.bfloat16)
+    assert attention.cudnn_takes(q, v, None)
+    assert not attention.cudnn_takes(q, v, jnp.zeros((1, 4), jnp.int32))  # packed documents
+    assert not attention.cudnn_takes(q.astype(jnp.float32), v.astype(jnp.float32), None)
+    assert not attention.cudnn_takes(jnp.ones((1, 4, 2, 20), jnp.bfloat16), v, None)  # head dim not a multiple of 8
     monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: True)
     monkeypatch.setattr(attention, "_tokamax_runs_here", lambda: True)
-    assert attention.default_impl(documents=False) == "cudnn"
-    assert attention.default_impl(documents=True) == "tokamax"
+    assert attention.default_impl(cudnn_takes=True) == "cudnn"
+    assert attention.default_impl(cudnn_takes=False) == "tokamax"
     with kernels.use(attention="xla"):
-        assert attention.default_impl(documents=False) == "xla"
+        assert attention.default_impl(cudnn_takes=True) == "xla"
     monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: False)
-    assert attention.default_impl(documents=False) == "tokamax"
+    assert attention.default_impl(cudnn_takes=True) == "tokamax"
     q = jnp.ones((1, 4, 2, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="'cudnn' takes no packed documents"):
         attention.dot_product_attention(q, q, q[..., :8], jnp.zeros((1, 4), jnp.int32), 0.25, impl="cudnn")
