@@ -12,7 +12,9 @@ Three implementations of the same op, each taking v's head dim as it is:
   cuDNN's cannot run.
 - "cudnn": cuDNN's flash attention, plain causal only, bf16/fp16; the default for what it takes
   on Hopper with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75 against
-  tokamax's 2.93 ms a layer).
+  tokamax's 2.93 ms a layer; the bench step 1% faster). Its backward is not bitwise
+  reproducible run to run unless XLA asks cuDNN for the deterministic algorithm
+  (`--xla_gpu_deterministic_ops=true`).
 
 Under a mesh whose every axis splits the batch or the heads, the op runs per device inside
 `shard_map` on its own rows and heads: the SPMD partitioner cannot split tokamax's kernels,
