@@ -11,8 +11,9 @@ Three implementations of the same op, each taking v's head dim as it is:
   per-query key start skips the blocks before a document), and for all attention where
   cuDNN's cannot run.
 - "cudnn": cuDNN's flash attention, plain causal only, bf16/fp16; the default for what it takes
-  on Hopper with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75 against
-  tokamax's 2.93 ms a layer; the bench step 1% faster). Its backward is not bitwise
+  on one Hopper GPU with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75
+  against tokamax's 2.93 ms a layer; the bench step 1% faster). Under a multi-device mesh the
+  default stays tokamax, the kernel measured there (cuDNN's partitioning rules were not). Its backward is not bitwise
   reproducible run to run unless XLA asks cuDNN for the deterministic algorithm
   (`--xla_gpu_deterministic_ops=true`).
 
@@ -30,19 +31,19 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels.choice import forced
+from dsv3_jax.kernels.choice import forced, one_device
 from dsv3_jax.parallel.mesh import activation_spec
 
 IMPLS = ("xla", "tokamax", "cudnn")
 
 
 def default_impl(cudnn_takes: bool = False) -> str:
-    """The impl `kernels.use` forces, else cudnn for a call it takes (`cudnn_takes`) where it
-    runs (the module docstring), else tokamax on a GPU its Mosaic kernels run on (Ampere and
-    newer) where installed, else xla."""
+    """The impl `kernels.use` forces, else cudnn for a call it takes (`cudnn_takes`) on one
+    device where it runs (the module docstring), else tokamax on a GPU its Mosaic kernels run
+    on (Ampere and newer) where installed, else xla."""
     if forced("attention"):
         return forced("attention")
-    if cudnn_takes and _cudnn_runs_here():
+    if cudnn_takes and one_device() and _cudnn_runs_here():
         return "cudnn"
     return "tokamax" if _tokamax_runs_here() else "xla"
 

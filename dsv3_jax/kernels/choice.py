@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import jax
+
 _forced: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("dsv3_kernels", default=())
 
 
@@ -37,6 +39,12 @@ def use(attention: str = "auto", grouped_matmul: str = "auto", latent_attention:
         yield
     finally:
         _forced.reset(token)
+
+
+def one_device() -> bool:
+    """Whether what is traced here runs on one device: no mesh, or a mesh of one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
 
 
 def forced(op: str) -> str | None:

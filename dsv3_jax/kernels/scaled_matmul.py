@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv3_jax.kernels.choice import forced
+from dsv3_jax.kernels.choice import forced, one_device
 
 IMPLS = ("xla", "pallas")
 BLOCK = (128, 128, 128)  # output rows, output columns, K per chunk (the recipe's 128)
@@ -38,9 +38,7 @@ def default_impl() -> str:
     Under a mesh of more than one device it is xla: the partitioner splits a dot over the mesh,
     but it would gather a pallas_call's sharded operands onto every device.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    one_device = mesh.empty or mesh.size == 1
-    return forced("scaled_matmul") or ("pallas" if jax.default_backend() == "gpu" and one_device else "xla")
+    return forced("scaled_matmul") or ("pallas" if jax.default_backend() == "gpu" and one_device() else "xla")
 
 
 def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpret: bool = False) -> jax.Array:

@@ -4,6 +4,7 @@ import pytest
 
 from dsv3_jax import kernels
 from dsv3_jax.kernels import attention, grouped_matmul, latent_attention
+from dsv3_jax.parallel import make_mesh
 from dsv3_jax.train.config import TrainConfig
 
 
@@ -33,8 +34,9 @@ def test_latent_attention_auto_is_the_kernel_for_decode_steps_on_gpu_only(monkey
 
 
 def test_attention_auto_takes_cudnn_for_what_it_takes_where_it_runs(monkeypatch):
-    """cuDNN's kernel takes plain causal bf16/fp16 attention only: "auto" keeps the rest on
-    tokamax (or xla), and a forced "cudnn" with documents is refused by name."""
+    """cuDNN's kernel takes plain causal bf16/fp16 attention only, and is the default on one
+    device only: "auto" keeps the rest on tokamax (or xla); a forced "cudnn" with documents is
+    refused by name."""
     q, v = jnp.ones((1, 4, 2, 192), jnp.bfloat16), jnp.ones((1, 4, 2, 128), jnp.bfloat16)
     assert attention.cudnn_takes(q, v, None)
     assert not attention.cudnn_takes(q, v, jnp.zeros((1, 4), jnp.int32))  # packed documents
@@ -44,6 +46,8 @@ def test_attention_auto_takes_cudnn_for_what_it_takes_where_it_runs(monkeypatch)
     monkeypatch.setattr(attention, "_tokamax_runs_here", lambda: True)
     assert attention.default_impl(cudnn_takes=True) == "cudnn"
     assert attention.default_impl(cudnn_takes=False) == "tokamax"
+    with jax.set_mesh(make_mesh("data=2,expert=4")):  # a multi-device mesh keeps the kernel measured there
+        assert attention.default_impl(cudnn_takes=True) == "tokamax"
     with kernels.use(attention="xla"):
         assert attention.default_impl(cudnn_takes=True) == "xla"
     monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: False)
