@@ -7,13 +7,13 @@ indices and skips the key blocks before a document instead of reading a [B,T,T] 
 
 Three implementations of the same op, each taking v's head dim as it is:
 - "xla": plain einsums, fp32 softmax; every backend.
-- "tokamax": tokamax's Mosaic GPU flash attention; the GPU default for packed documents (its
-  per-query key start skips the blocks before a document), and for all attention where
-  cuDNN's cannot run.
+- "tokamax": tokamax's Mosaic GPU flash attention; the GPU default where "cudnn" is not: for
+  packed documents (its per-query key start skips the blocks before a document), under a
+  multi-device mesh (where it was measured, on 2 H200s; cuDNN's partitioning was not), and on
+  other GPUs.
 - "cudnn": cuDNN's flash attention, plain causal only, bf16/fp16; the default for what it takes
   on one Hopper GPU with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75
-  against tokamax's 2.93 ms a layer; the bench step 1% faster). Under a multi-device mesh the
-  default stays tokamax, the kernel measured there (cuDNN's partitioning rules were not). Its backward is not bitwise
+  against tokamax's 2.93 ms a layer; the bench step 1% faster). Its backward is not bitwise
   reproducible run to run unless XLA asks cuDNN for the deterministic algorithm
   (`--xla_gpu_deterministic_ops=true`).
 
