@@ -37,13 +37,13 @@ from dsv3_jax.parallel.mesh import activation_spec
 IMPLS = ("xla", "tokamax", "cudnn")
 
 
-def default_impl(cudnn_takes: bool = False) -> str:
-    """The impl `kernels.use` forces, else cudnn for a call it takes (`cudnn_takes`) on one
-    device where it runs (the module docstring), else tokamax on a GPU its Mosaic kernels run
-    on (Ampere and newer) where installed, else xla."""
+def default_impl(cudnn_ok: bool = False) -> str:
+    """The impl `kernels.use` forces, else cudnn for a call it takes (`cudnn_ok`: `cudnn_takes`
+    said so) on one device where it runs (the module docstring), else tokamax on a GPU its
+    Mosaic kernels run on (Ampere and newer) where installed, else xla."""
     if forced("attention"):
         return forced("attention")
-    if cudnn_takes and one_device() and _cudnn_runs_here():
+    if cudnn_ok and one_device() and _cudnn_runs_here():
         return "cudnn"
     return "tokamax" if _tokamax_runs_here() else "xla"
 

@@ -44,14 +44,14 @@ def test_attention_auto_takes_cudnn_for_what_it_takes_where_it_runs(monkeypatch)
     assert not attention.cudnn_takes(jnp.ones((1, 4, 2, 20), jnp.bfloat16), v, None)  # head dim not a multiple of 8
     monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: True)
     monkeypatch.setattr(attention, "_tokamax_runs_here", lambda: True)
-    assert attention.default_impl(cudnn_takes=True) == "cudnn"
-    assert attention.default_impl(cudnn_takes=False) == "tokamax"
+    assert attention.default_impl(cudnn_ok=True) == "cudnn"
+    assert attention.default_impl(cudnn_ok=False) == "tokamax"
     with jax.set_mesh(make_mesh("data=2,expert=4")):  # a multi-device mesh keeps the kernel measured there
-        assert attention.default_impl(cudnn_takes=True) == "tokamax"
+        assert attention.default_impl(cudnn_ok=True) == "tokamax"
     with kernels.use(attention="xla"):
-        assert attention.default_impl(cudnn_takes=True) == "xla"
+        assert attention.default_impl(cudnn_ok=True) == "xla"
     monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: False)
-    assert attention.default_impl(cudnn_takes=True) == "tokamax"
+    assert attention.default_impl(cudnn_ok=True) == "tokamax"
     q = jnp.ones((1, 4, 2, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="'cudnn' takes no packed documents"):
         attention.dot_product_attention(q, q, q[..., :8], jnp.zeros((1, 4), jnp.int32), 0.25, impl="cudnn")
