@@ -7,6 +7,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A bounded compile cache is one JAX locks (filelock) while it reads or writes an entry, so test
+# workers never read an entry another is still writing; set here, before jax is imported, so the
+# notebook test's kernel, which shares the cache, writes its entries the same way. The suite's
+# entries come to ~25 MB.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
 
 import jax  # noqa: E402
 
@@ -15,9 +20,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Identical programs compiled in different tests (or test runs) are compiled once.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-# A bounded cache is one JAX locks (filelock) while it reads or writes an entry, so test workers
-# never read an entry another is still writing. The suite's entries come to ~25 MB.
-jax.config.update("jax_compilation_cache_max_size", 1 << 30)
 
 # Each test file runs whole in one worker (`--dist loadfile` in pyproject.toml), so module-scoped
 # fixtures still compile once. Compiles are mostly single-threaded: on a 2-core machine like CI's,
