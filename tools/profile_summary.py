@@ -1,6 +1,7 @@
 """Where the time goes: device kernels of a jax.profiler trace, summed by name and by op class.
 
     python tools/profile_summary.py TRACE_DIR [--steps 2] [--top 25] [--program step]
+        [--period REGEX [--phase REGEX]]
 
 Reads the largest trace file (`*trace.json.gz`, written by `jax.profiler.trace(...,
 create_perfetto_trace=True)`, as `tools/bench.py train --profile DIR` does), keeps the
@@ -20,6 +21,14 @@ non-finite guard's select and with the stacking of the layers' gradients it read
 `--program` keeps one jitted program's kernels (e.g. a decode `step` without its prefill). GPU
 command buffers hide the op behind each kernel; profile with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them all.
+
+`--period REGEX` times a block that repeats, on the timeline rather than summed: kernels whose
+names match (e.g. a decode layer's attention kernel) mark its starts, and the median interval
+between consecutive starts is printed. Intervals over twice the median (the LM head and the
+gap to the next step) are left out. `--phase REGEX` adds the median span, first start to last
+end, of the matching kernels inside each interval, e.g. the expert GEMMs of a layer. What
+remains of the interval is the rest of the block's critical path. Command buffers may stay on:
+the kernels' times are all it needs.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ import argparse
 import collections
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
+import statistics
 
 CLASSES = (  # first match wins
     ("collective", r"all-?to-?all|all-?gather|all-?reduce|reduce-?scatter|nccl|ragged.?all|collective"),
@@ -166,14 +177,44 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
     return out
 
 
+def period(trace_dir: str, marker: str, phase: str | None = None, program: str | None = None) -> dict:
+    """Median interval (us) between starts of kernels matching `marker`, and of the span of the
+    kernels matching `phase` inside each interval (module docstring)."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
+    events = sorted((e for e in device_events(max(paths, key=os.path.getsize))
+                     if in_program(str(e.get("args", {}).get("hlo_module") or ""), program)), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in events if re.search(marker, e["name"])]
+    if len(starts) < 2:
+        raise SystemExit(f"--period {marker!r}: {len(starts)} matching kernel(s); need at least 2")
+    cut = 2 * statistics.median(b - a for a, b in itertools.pairwise(starts))
+    intervals = [(a, b) for a, b in itertools.pairwise(starts) if b - a <= cut]
+    out = {"period_us": round(statistics.median(b - a for a, b in intervals), 2), "periods": len(intervals)}
+    if phase:
+        spans = []
+        for a, b in intervals:
+            inside = [e for e in events if a <= e["ts"] < b and re.search(phase, e["name"])]
+            if inside:
+                spans.append(max(e["ts"] + e["dur"] for e in inside) - min(e["ts"] for e in inside))
+        if spans:
+            out.update(phase_us=round(statistics.median(spans), 2), phase_periods=len(spans))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace_dir")
     p.add_argument("--steps", type=int, default=2, help="steps the trace covers (results are per step)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--program", help="only this jitted function's kernels (e.g. step, train_step)")
+    p.add_argument("--period", help="regex of the kernel that starts each repeat of a block (module docstring)")
+    p.add_argument("--phase", help="with --period: regex of the kernels whose span inside each repeat to time")
     args = p.parse_args()
-    print(json.dumps(summarize(args.trace_dir, args.steps, args.top, args.program)))
+    if args.phase and not args.period:
+        p.error("--phase needs --period")
+    out = summarize(args.trace_dir, args.steps, args.top, args.program)
+    if args.period:
+        out["period"] = period(args.trace_dir, args.period, args.phase, args.program)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

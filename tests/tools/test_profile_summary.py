@@ -69,3 +69,24 @@ def test_every_device_kernel_without_a_program(trace_dir):
     s = _summary(trace_dir)
     assert s["device_ms_per_step"] == pytest.approx(0.225) and s["kernels_per_step"] == 1.5  # host events left out
     assert s["by_scope_ms"]["(unattributed)"] == pytest.approx(0.025)  # no HLO for jit_eval
+
+
+def test_period_of_a_repeated_block_on_the_timeline(tmp_path):
+    """Two steps of three layers: an attention kernel starts each layer, two concurrent expert
+    GEMMs follow it; the LM head and a host gap end each step."""
+    def at(name, ts, dur, module="jit_step"):
+        return {**_event(name, dur, name, module), "ts": ts}
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+    for step_start in (0.0, 1000.0):
+        for layer in range(3):
+            t = step_start + 100.0 * layer  # a layer every 100 us
+            events += [at("kernel__1", t, 20.0), at("gemm_fusion_dot_general_7", t + 30.0, 40.0),
+                       at("gemm_fusion_dot_general_8", t + 35.0, 50.0)]  # span 30 -> 85: 55 us
+        events.append(at("lm_head_gemm", step_start + 300.0, 150.0))
+    events.append(at("kernel__1", 5000.0, 20.0, module="jit_prefill"))  # another program
+    with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = _summary(tmp_path, "--program", "step", "--period", r"^kernel(__\d+)?$", "--phase", "dot_general")
+    # intervals 100, 100, 800 (across the step boundary: over twice the median, left out), 100, 100
+    assert s["period"] == {"period_us": 100.0, "periods": 4, "phase_us": 55.0, "phase_periods": 4}
