@@ -34,6 +34,7 @@ the kernels' times are all it needs.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import gzip
@@ -141,17 +142,22 @@ def in_program(module: str, program: str | None) -> bool:
     return program is None or re.sub(r"\.\d+$", "", module) in (program, f"jit_{program}")
 
 
-def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) -> dict:
+def trace_file(trace_dir: str) -> str:
+    """The largest `*trace.json.gz` under trace_dir (the device trace)."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"no *trace.json.gz under {trace_dir}: trace with create_perfetto_trace=True")
+    return max(paths, key=os.path.getsize)
+
+
+def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) -> dict:
     metadata = op_names(trace_dir)
     by_name: collections.Counter = collections.Counter()
     by_scope: collections.Counter = collections.Counter()
     scope_kernels: collections.Counter = collections.Counter()
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
     kernels = 0
-    for e in device_events(max(paths, key=os.path.getsize)):
+    for e in device_events(trace_file(trace_dir)):
         ms = e["dur"] / 1e3 / steps  # us -> ms per step
         args = e.get("args", {})
         hlo_op, module = str(args.get("hlo_op") or ""), str(args.get("hlo_module") or "")
@@ -180,9 +186,9 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
 def period(trace_dir: str, marker: str, phase: str | None = None, program: str | None = None) -> dict:
     """Median interval (us) between starts of kernels matching `marker`, and of the span of the
     kernels matching `phase` inside each interval (module docstring)."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
-    events = sorted((e for e in device_events(max(paths, key=os.path.getsize))
+    events = sorted((e for e in device_events(trace_file(trace_dir))
                      if in_program(str(e.get("args", {}).get("hlo_module") or ""), program)), key=lambda e: e["ts"])
+    times = [e["ts"] for e in events]
     starts = [e["ts"] for e in events if re.search(marker, e["name"])]
     if len(starts) < 2:
         raise SystemExit(f"--period {marker!r}: {len(starts)} matching kernel(s); need at least 2")
@@ -192,7 +198,8 @@ def period(trace_dir: str, marker: str, phase: str | None = None, program: str |
     if phase:
         spans = []
         for a, b in intervals:
-            inside = [e for e in events if a <= e["ts"] < b and re.search(phase, e["name"])]
+            inside = [e for e in events[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
+                      if re.search(phase, e["name"])]
             if inside:
                 spans.append(max(e["ts"] + e["dur"] for e in inside) - min(e["ts"] for e in inside))
         if spans:
