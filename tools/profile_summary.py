@@ -7,7 +7,9 @@ Reads the largest trace file (`*trace.json.gz`, written by `jax.profiler.trace(.
 create_perfetto_trace=True)`, as `tools/bench.py train --profile DIR` does), keeps the
 events on device (GPU/TPU) timelines and prints one JSON object: milliseconds per step for
 each op class and for the top kernels. Classes come from the kernel names (XLA fusion and
-library names), so they are a guide, not an exact attribution.
+library names), so they are a guide, not an exact attribution. `busy_ms_per_step` is the time
+at least one kernel runs: below the summed kernel time where kernels overlap (concurrent
+streams, as in GPU decode steps).
 
 Where the directory also holds compiled programs' HLO text (`*.hlo.txt[.gz]`, which `bench.py
 train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text` dumps),
@@ -142,6 +144,16 @@ def in_program(module: str, program: str | None) -> bool:
     return program is None or re.sub(r"\.\d+$", "", module) in (program, f"jit_{program}")
 
 
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans: time with at least one kernel running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def trace_file(trace_dir: str) -> str:
     """The largest `*trace.json.gz` under trace_dir (the device trace)."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
@@ -156,7 +168,7 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
     by_scope: collections.Counter = collections.Counter()
     scope_kernels: collections.Counter = collections.Counter()
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
-    kernels = 0
+    kernels, spans = 0, []
     for e in device_events(trace_file(trace_dir)):
         ms = e["dur"] / 1e3 / steps  # us -> ms per step
         args = e.get("args", {})
@@ -164,6 +176,7 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
         if not in_program(module, program):
             continue
         kernels += 1
+        spans.append((e["ts"], e["ts"] + e["dur"]))
         op_name = next((metadata[k] for k in ((module, _key(hlo_op)), ("", _key(hlo_op)), ("", e["name"]))
                         if k in metadata), "")
         by_name[e["name"]] += ms
@@ -174,7 +187,8 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
     by_class: collections.Counter = collections.Counter()
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
-    out = {"device_ms_per_step": round(sum(by_name.values()), 3), "kernels_per_step": round(kernels / steps, 1),
+    out = {"device_ms_per_step": round(sum(by_name.values()), 3),
+           "busy_ms_per_step": round(_covered(spans) / 1e3 / steps, 3), "kernels_per_step": round(kernels / steps, 1),
            "by_class_ms": {c: round(ms, 3) for c, ms in by_class.most_common()},
            "top_kernels_ms": [[n[:120], round(ms, 3), classify(n), ops[n]] for n, ms in by_name.most_common(top)]}
     if metadata:

@@ -59,6 +59,7 @@ def _summary(trace_dir, *flags):
 def test_scopes_of_one_program_per_step(trace_dir):
     s = _summary(trace_dir, "--program", "train_step")
     assert s["device_ms_per_step"] == pytest.approx(0.2)  # 400 us over 2 steps
+    assert s["busy_ms_per_step"] == pytest.approx(0.15)  # both kernels start at 0: 300 us covered
     assert s["kernels_per_step"] == 1.0
     assert s["by_scope_ms"] == {"train_step: optimizer": pytest.approx(0.15),
                                 "train_step: moe_layers/moe/experts": pytest.approx(0.05)}
@@ -90,3 +91,6 @@ def test_period_of_a_repeated_block_on_the_timeline(tmp_path):
     s = _summary(tmp_path, "--program", "step", "--period", r"^kernel(__\d+)?$", "--phase", "dot_general")
     # intervals 100, 100, 800 (across the step boundary: over twice the median, left out), 100, 100
     assert s["period"] == {"period_us": 100.0, "periods": 4, "phase_us": 55.0, "phase_periods": 4}
+    # a step covers 3 x (20 + 55) us of layers and the 150 us head; the GEMMs overlap, so the
+    # summed kernel time (3 x 110 + 150) is more
+    assert s["busy_ms_per_step"] == pytest.approx(0.375) and s["device_ms_per_step"] == pytest.approx(0.48)
