@@ -144,39 +144,37 @@ def in_program(module: str, program: str | None) -> bool:
     return program is None or re.sub(r"\.\d+$", "", module) in (program, f"jit_{program}")
 
 
-def _covered(spans: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) spans: time with at least one kernel running."""
+def _covered(events: list[dict]) -> float:
+    """Time (us) with at least one of `events` (in start order) running: their union's length."""
     total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
+    for a, b in ((e["ts"], e["ts"] + e["dur"]) for e in events):
         if b > end:
             total += b - max(a, end)
             end = b
     return total
 
 
-def trace_file(trace_dir: str) -> str:
-    """The largest `*trace.json.gz` under trace_dir (the device trace)."""
+def program_events(trace_dir: str, program: str | None = None) -> list[dict]:
+    """Device events of jitted `program` (every program's when None) in the largest
+    `*trace.json.gz` under trace_dir, in start order."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"no *trace.json.gz under {trace_dir}: trace with create_perfetto_trace=True")
-    return max(paths, key=os.path.getsize)
+    return sorted((e for e in device_events(max(paths, key=os.path.getsize))
+                   if in_program(str(e.get("args", {}).get("hlo_module") or ""), program)), key=lambda e: e["ts"])
 
 
-def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) -> dict:
-    metadata = op_names(trace_dir)
+def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: int, top: int) -> dict:
+    """events (`program_events`) summed per step by kernel, op class and, with `op_names`
+    metadata, model scope."""
     by_name: collections.Counter = collections.Counter()
     by_scope: collections.Counter = collections.Counter()
     scope_kernels: collections.Counter = collections.Counter()
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
-    kernels, spans = 0, []
-    for e in device_events(trace_file(trace_dir)):
+    for e in events:
         ms = e["dur"] / 1e3 / steps  # us -> ms per step
         args = e.get("args", {})
         hlo_op, module = str(args.get("hlo_op") or ""), str(args.get("hlo_module") or "")
-        if not in_program(module, program):
-            continue
-        kernels += 1
-        spans.append((e["ts"], e["ts"] + e["dur"]))
         op_name = next((metadata[k] for k in ((module, _key(hlo_op)), ("", _key(hlo_op)), ("", e["name"]))
                         if k in metadata), "")
         by_name[e["name"]] += ms
@@ -188,7 +186,8 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
     out = {"device_ms_per_step": round(sum(by_name.values()), 3),
-           "busy_ms_per_step": round(_covered(spans) / 1e3 / steps, 3), "kernels_per_step": round(kernels / steps, 1),
+           "busy_ms_per_step": round(_covered(events) / 1e3 / steps, 3),
+           "kernels_per_step": round(len(events) / steps, 1),
            "by_class_ms": {c: round(ms, 3) for c, ms in by_class.most_common()},
            "top_kernels_ms": [[n[:120], round(ms, 3), classify(n), ops[n]] for n, ms in by_name.most_common(top)]}
     if metadata:
@@ -197,11 +196,9 @@ def summarize(trace_dir: str, steps: int, top: int, program: str | None = None) 
     return out
 
 
-def period(trace_dir: str, marker: str, phase: str | None = None, program: str | None = None) -> dict:
-    """Median interval (us) between starts of kernels matching `marker`, and of the span of the
-    kernels matching `phase` inside each interval (module docstring)."""
-    events = sorted((e for e in device_events(trace_file(trace_dir))
-                     if in_program(str(e.get("args", {}).get("hlo_module") or ""), program)), key=lambda e: e["ts"])
+def period(events: list[dict], marker: str, phase: str | None = None) -> dict:
+    """Median interval (us) between starts of the events (`program_events`) matching `marker`,
+    and of the span of those matching `phase` inside each interval (module docstring)."""
     times = [e["ts"] for e in events]
     starts = [e["ts"] for e in events if re.search(marker, e["name"])]
     if len(starts) < 2:
@@ -232,9 +229,10 @@ def main() -> None:
     args = p.parse_args()
     if args.phase and not args.period:
         p.error("--phase needs --period")
-    out = summarize(args.trace_dir, args.steps, args.top, args.program)
+    events = program_events(args.trace_dir, args.program)
+    out = summarize(events, op_names(args.trace_dir), args.steps, args.top)
     if args.period:
-        out["period"] = period(args.trace_dir, args.period, args.phase, args.program)
+        out["period"] = period(events, args.period, args.phase)
     print(json.dumps(out))
 
 
