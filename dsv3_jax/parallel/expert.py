@@ -28,7 +28,8 @@ overridable with `expert_transport`:
   crosses to another device once rather than once per expert it picked there, so it moves less
   than the others while the expert axis is small next to the top-k (every device then holds most
   tokens' experts anyway). A capacity factor c > 0 sizes each device's expert rows for c x the
-  balanced share, with the same fallback branch when more arrive.
+  balanced share, with the same fallback branch when more arrive (c = 1.1 measured 7% slower
+  than none at expert=2 on 2 H200s, with 28 GiB more peak memory: both branches' buffers).
 All are dropless and give the single-device result up to summation order.
 """
 
@@ -51,7 +52,7 @@ from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 
 TRANSPORTS = ("ragged", "dense", "gather")
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
-DENSE_GPU_MAX_EP = 8  # "auto" on GPU: dense all_to_all up to this many expert devices (choose_transport)
+GATHER_GPU_MAX_EP = 8  # "auto" on GPU: the gather transport up to this many expert devices (choose_transport)
 _transport = contextvars.ContextVar("dsv3_expert_transport", default=("auto", 0.0))
 
 
@@ -73,20 +74,21 @@ def expert_transport(name: str, capacity_factor: float = 0.0):
 
 
 def choose_transport(requested: str = "auto", platform: str | None = None, n_ep: int = 2) -> str:
-    """"auto" -> "ragged" on TPU, and on GPU once the expert axis exceeds DENSE_GPU_MAX_EP
-    devices; "dense" on CPU and on small GPU groups.
+    """"auto" -> "dense" on CPU; "ragged" on TPU, and on GPU once the expert axis exceeds
+    GATHER_GPU_MAX_EP devices; "gather" on smaller GPU groups.
 
-    On GPU the dense all_to_all runs on NCCL while ragged_all_to_all within one process runs
-    XLA's one-shot kernel, measured 4.6x slower per step at expert=2 on 2 H200s (bench shape,
-    docs/benchmarks.md); the dense buffer's P-fold padding is what caps the dense choice.
+    On GPU within one process ragged_all_to_all runs XLA's one-shot kernel, measured 14x slower
+    per step than gather at expert=2 on 2 H200s (bench shape, docs/benchmarks.md). Gather moves
+    fewer bytes than dense at every P (dense pads to P blocks) and than ragged while P < 0.8 K;
+    each device then holds P shares of tokens, no more than its K-fold expert rows while P <= K.
     """
     platform = platform or jax.default_backend()
     if requested not in ("auto",) + TRANSPORTS:
         raise ValueError(f"expert transport {requested!r}: choose from {('auto',) + TRANSPORTS}")
     if requested == "auto":
-        if platform not in RAGGED_PLATFORMS or (platform != "tpu" and n_ep <= DENSE_GPU_MAX_EP):
+        if platform not in RAGGED_PLATFORMS:
             return "dense"
-        return "ragged"
+        return "gather" if platform != "tpu" and n_ep <= GATHER_GPU_MAX_EP else "ragged"
     if requested == "ragged" and platform not in RAGGED_PLATFORMS:
         raise ValueError(f"expert transport 'ragged': jax.lax.ragged_all_to_all is not implemented on "
                          f"{platform!r}; use 'dense' (or 'auto')")

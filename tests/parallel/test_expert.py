@@ -76,8 +76,9 @@ def test_expert_parallel_equals_local(spec, transport, capacity, n, skew):
 
 def test_transport_selection():
     assert choose_transport("auto", "cpu") == "dense"
-    assert choose_transport("auto", "gpu", n_ep=2) == "dense"  # NCCL all_to_all beats the one-shot kernel
-    assert choose_transport("auto", "gpu", n_ep=16) == "ragged"  # the dense buffer grows with P
+    assert choose_transport("auto", "gpu", n_ep=2) == "gather"  # NCCL all_gather beats the one-shot kernel
+    assert choose_transport("auto", "gpu", n_ep=8) == "gather"
+    assert choose_transport("auto", "gpu", n_ep=16) == "ragged"  # the gathered tokens grow with P
     assert choose_transport("auto", "tpu") == "ragged"
     assert choose_transport("dense", "gpu") == "dense"
     with pytest.raises(ValueError, match="not implemented on 'cpu'"):
