@@ -77,7 +77,7 @@ def choose_transport(requested: str = "auto", platform: str | None = None, n_ep:
     """"auto" -> "dense" on CPU; "ragged" on TPU, and on GPU once the expert axis exceeds
     GATHER_GPU_MAX_EP devices; "gather" on smaller GPU groups.
 
-    On GPU within one process ragged_all_to_all runs XLA's one-shot kernel, measured 14x slower
+    On GPU within one process ragged_all_to_all runs XLA's one-shot kernel, measured 13x slower
     per step than gather at expert=2 on 2 H200s (bench shape, docs/benchmarks.md). Gather moves
     fewer bytes than dense at every P (dense pads to P blocks) and than ragged while P < 0.8 K;
     each device then holds P shares of tokens, no more than its K-fold expert rows while P <= K.
