@@ -8,8 +8,8 @@ create_perfetto_trace=True)`, as `tools/bench.py train --profile DIR` does), kee
 events on device (GPU/TPU) timelines and prints one JSON object: milliseconds per step for
 each op class and for the top kernels. Classes come from the kernel names (XLA fusion and
 library names), so they are a guide, not an exact attribution. `busy_ms_per_step` is the time
-at least one kernel runs: below the summed kernel time where kernels overlap (concurrent
-streams, as in GPU decode steps).
+at least one kernel runs, summed over devices like the rest: below the summed kernel time where
+kernels overlap (concurrent streams, as in GPU decode steps).
 
 Where the directory also holds compiled programs' HLO text (`*.hlo.txt[.gz]`, which `bench.py
 train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text` dumps),
@@ -144,13 +144,24 @@ def in_program(module: str, program: str | None) -> bool:
     return program is None or re.sub(r"\.\d+$", "", module) in (program, f"jit_{program}")
 
 
+def _by_device(events: list[dict]) -> list[list[dict]]:
+    """events (in start order) split by device timeline (trace pid), each still in start order."""
+    timelines: dict = collections.defaultdict(list)
+    for e in events:
+        timelines[e["pid"]].append(e)
+    return list(timelines.values())
+
+
 def _covered(events: list[dict]) -> float:
-    """Time (us) with at least one of `events` (in start order) running: their union's length."""
-    total, end = 0.0, float("-inf")
-    for a, b in ((e["ts"], e["ts"] + e["dur"]) for e in events):
-        if b > end:
-            total += b - max(a, end)
-            end = b
+    """Time (us) with at least one of `events` running, summed over devices: on each device
+    timeline the length of its events' union."""
+    total = 0.0
+    for timeline in _by_device(events):
+        end = float("-inf")
+        for a, b in ((e["ts"], e["ts"] + e["dur"]) for e in timeline):
+            if b > end:
+                total += b - max(a, end)
+                end = b
     return total
 
 
@@ -198,18 +209,23 @@ def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: i
 
 def period(events: list[dict], marker: str, phase: str | None = None) -> dict:
     """Median interval (us) between starts of the events (`program_events`) matching `marker`,
-    and of the span of those matching `phase` inside each interval (module docstring)."""
-    times = [e["ts"] for e in events]
-    starts = [e["ts"] for e in events if re.search(marker, e["name"])]
-    if len(starts) < 2:
-        raise SystemExit(f"--period {marker!r}: {len(starts)} matching kernel(s); need at least 2")
-    cut = 2 * statistics.median(b - a for a, b in itertools.pairwise(starts))
-    intervals = [(a, b) for a, b in itertools.pairwise(starts) if b - a <= cut]
-    out = {"period_us": round(statistics.median(b - a for a, b in intervals), 2), "periods": len(intervals)}
+    and of the span of those matching `phase` inside each interval (module docstring). Intervals
+    are taken on each device timeline and pooled."""
+    timelines = []  # (events, their start times, the marker's starts) per device
+    for timeline in _by_device(events):
+        times = [e["ts"] for e in timeline]
+        timelines.append((timeline, times, [e["ts"] for e in timeline if re.search(marker, e["name"])]))
+    gaps = [b - a for _, _, starts in timelines for a, b in itertools.pairwise(starts)]
+    if not gaps:
+        raise SystemExit(f"--period {marker!r}: under 2 matching kernels on every device; need at least 2")
+    cut = 2 * statistics.median(gaps)
+    intervals = [(timeline, times, a, b) for timeline, times, starts in timelines
+                 for a, b in itertools.pairwise(starts) if b - a <= cut]
+    out = {"period_us": round(statistics.median(b - a for *_, a, b in intervals), 2), "periods": len(intervals)}
     if phase:
         spans = []
-        for a, b in intervals:
-            inside = [e for e in events[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
+        for timeline, times, a, b in intervals:
+            inside = [e for e in timeline[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
                       if re.search(phase, e["name"])]
             if inside:
                 spans.append(max(e["ts"] + e["dur"] for e in inside) - min(e["ts"] for e in inside))

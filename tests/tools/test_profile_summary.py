@@ -73,24 +73,28 @@ def test_every_device_kernel_without_a_program(trace_dir):
 
 
 def test_period_of_a_repeated_block_on_the_timeline(tmp_path):
-    """Two steps of three layers: an attention kernel starts each layer, two concurrent expert
-    GEMMs follow it; the LM head and a host gap end each step."""
-    def at(name, ts, dur, module="jit_step"):
-        return {**_event(name, dur, name, module), "ts": ts}
+    """Two steps of three layers on each of two GPUs: an attention kernel starts each layer, two
+    concurrent expert GEMMs follow it; the LM head and a host gap end each step. GPU 1 runs 50 us
+    behind GPU 0, so taken together the two timelines would interleave."""
+    def at(name, ts, dur, module="jit_step", pid=1):
+        return {**_event(name, dur, name, module, pid), "ts": ts}
 
-    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
-    for step_start in (0.0, 1000.0):
-        for layer in range(3):
-            t = step_start + 100.0 * layer  # a layer every 100 us
-            events += [at("kernel__1", t, 20.0), at("gemm_fusion_dot_general_7", t + 30.0, 40.0),
-                       at("gemm_fusion_dot_general_8", t + 35.0, 50.0)]  # span 30 -> 85: 55 us
-        events.append(at("lm_head_gemm", step_start + 300.0, 150.0))
+    events = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"/device:GPU:{pid - 1}"}}
+              for pid in (1, 2)]
+    for pid, lag in ((1, 0.0), (2, 50.0)):
+        for step_start in (lag, 1000.0 + lag):
+            for layer in range(3):
+                t = step_start + 100.0 * layer  # a layer every 100 us
+                events += [at("kernel__1", t, 20.0, pid=pid), at("gemm_fusion_dot_general_7", t + 30.0, 40.0, pid=pid),
+                           at("gemm_fusion_dot_general_8", t + 35.0, 50.0, pid=pid)]  # span 30 -> 85: 55 us
+            events.append(at("lm_head_gemm", step_start + 300.0, 150.0, pid=pid))
     events.append(at("kernel__1", 5000.0, 20.0, module="jit_prefill"))  # another program
+    events.sort(key=lambda e: e.get("ts", 0.0))
     with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
     s = _summary(tmp_path, "--program", "step", "--period", r"^kernel(__\d+)?$", "--phase", "dot_general")
-    # intervals 100, 100, 800 (across the step boundary: over twice the median, left out), 100, 100
-    assert s["period"] == {"period_us": 100.0, "periods": 4, "phase_us": 55.0, "phase_periods": 4}
-    # a step covers 3 x (20 + 55) us of layers and the 150 us head; the GEMMs overlap, so the
-    # summed kernel time (3 x 110 + 150) is more
-    assert s["busy_ms_per_step"] == pytest.approx(0.375) and s["device_ms_per_step"] == pytest.approx(0.48)
+    # per GPU: intervals 100, 100, 800 (across the step boundary: over twice the median, left out), 100, 100
+    assert s["period"] == {"period_us": 100.0, "periods": 8, "phase_us": 55.0, "phase_periods": 8}
+    # a step covers 3 x (20 + 55) us of layers and the 150 us head on each GPU; the GEMMs overlap,
+    # so the summed kernel time (2 x (3 x 110 + 150)) is more
+    assert s["busy_ms_per_step"] == pytest.approx(0.75) and s["device_ms_per_step"] == pytest.approx(0.96)
