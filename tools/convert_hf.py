@@ -10,12 +10,14 @@ SRC is any of (detected from its file names, or chosen with --layout):
                *.bin/*.pt/*.pth file (read with torch.load(weights_only=True): needs torch)
 The config is the config.json beside the weights unless --config gives one: a HF config.json or
 DeepSeek's ModelArgs json (inference/configs/config_671B.json).
-OUT_DIR gets config.json and params/ (see dsv3_jax/convert/checkpoint.py); it must not exist
-or be empty, and is only created once the conversion has succeeded.
+OUT_DIR gets config.json and params/ (see dsv3_jax/convert/checkpoint.py), and the source's
+tokenizer files; it must not exist or be empty, and is only created once the conversion has
+succeeded (an error, Ctrl-C or SIGTERM leaves nothing behind).
 """
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dsv3_jax.convert import LAYOUTS, CheckpointError, convert_hf  # noqa: E402
+from dsv3_jax.convert import LAYOUTS, convert_hf  # noqa: E402
 
 
 def main(argv=None):
@@ -35,11 +37,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="stored param dtype (the router is always float32)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the temporary output is removed
     try:
         config = convert_hf(args.src, args.out_dir, param_dtype=jnp.dtype(args.dtype), layout=args.layout,
                             config=args.config,
                             progress=lambda it, total: tqdm(it, total=total, desc="params", unit="leaf"))
-    except CheckpointError as e:
+    except (ValueError, OSError) as e:  # bad checkpoints, configs and paths (CheckpointError is a ValueError)
         sys.exit(f"error: {e}")
     print(f"wrote {args.out_dir} ({config.num_hidden_layers} layers, "
           f"{config.num_nextn_predict_layers} MTP)")

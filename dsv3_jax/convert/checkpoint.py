@@ -2,6 +2,7 @@
 
 Layout of a checkpoint directory:
     config.json   the model's HF config (`ModelConfig.save_hf`)
+    tokenizer.json, tokenizer_config.json, generation_config.json: copied from the source when present
     params/       an Orbax (v1 API) pytree checkpoint of the nested pure param dict
                   ({"embed": {"embedding": [V, D]}, "moe_layers": {...}, ...}; see convert.names)
 
@@ -26,8 +27,10 @@ the end.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import os
+import shutil
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -43,6 +46,7 @@ from dsv3_jax.model import DeepSeekV3
 
 PARAMS = "params"
 IN_FLIGHT = 4  # slice writes that may be pending at once (each holds its slice until committed)
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")  # copied from the source
 
 
 def _ocdbt_root(params_dir: str) -> str:
@@ -103,13 +107,22 @@ def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, param_dtype=j
             s = shapes[leaf.param]
             store = _open_leaf(root, leaf.param, s.shape)
             pending = collections.deque()
-            for idx, x in source.slices(leaf, s.shape, s.dtype):
-                if len(pending) == IN_FLIGHT:
+            try:
+                for idx, x in source.slices(leaf, s.dtype):
+                    if len(pending) == IN_FLIGHT:
+                        pending.popleft().result()
+                    pending.append(store[idx].write(x))
+                while pending:
                     pending.popleft().result()
-                pending.append(store[idx].write(x))
-            for future in pending:
-                future.result()
+            finally:  # after an error or an interrupt, no write may land once the temporary directory is gone
+                for future in pending:
+                    with contextlib.suppress(Exception):
+                        future.result()
         source.config.save_hf(tmp)
+        src_dir = os.fspath(src) if os.path.isdir(src) else os.path.dirname(os.fspath(src))
+        for name in CARRIED_FILES:  # what generation needs beside the weights (`inference.load_model`)
+            if os.path.isfile(os.path.join(src_dir, name)):
+                shutil.copyfile(os.path.join(src_dir, name), os.path.join(tmp, name))
     return source.config
 
 

@@ -102,17 +102,30 @@ def _check_names(config: ModelConfig, reader: Reader) -> None:
         raise CheckpointError(f"unexpected tensor {name} (not part of a DeepSeek-V3 model with this config)")
 
 
+def _check_tensor(reader: Reader, name: str, want: tuple[int, ...]) -> None:
+    """From the headers alone: the tensor's shape is `want`, its dtype a float one, and a
+    block-FP8 weight has a scale tensor of the matching shape."""
+    if reader.shape(name) != want:
+        raise CheckpointError(f"tensor {name} has shape {list(reader.shape(name))}, the config needs {list(want)}")
+    dtype = reader.dtype(name)
+    if dtype == fp8.FP8:
+        scale = name + SCALE_SUFFIX
+        if scale not in reader:
+            raise CheckpointError(f"tensor {name} is float8_e4m3fn but {scale} is missing")
+        if len(want) != 2 or reader.shape(scale) != fp8.scale_shape(want):
+            need = list(fp8.scale_shape(want)) if len(want) == 2 else "none (only 2-d weights are block FP8)"
+            raise CheckpointError(f"tensor {scale} has shape {list(reader.shape(scale))}; a weight of shape "
+                                  f"{list(want)} needs {need}")
+    elif not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 included
+        raise CheckpointError(f"tensor {name} has dtype {dtype}; weights must be floating point or float8_e4m3fn "
+                              "with block scales")
+
+
 def _read(reader: Reader, name: str) -> np.ndarray:
-    """A source tensor in a float dtype; block-FP8 weights are dequantized to fp32."""
+    """A source tensor (checked by `_check_tensor`); block-FP8 weights are dequantized to fp32."""
     if reader.dtype(name) != fp8.FP8:
         return reader.get(name)
-    scale = name + SCALE_SUFFIX
-    if scale not in reader:
-        raise CheckpointError(f"tensor {name} is float8_e4m3fn but {scale} is missing")
-    try:
-        return fp8.dequantize(reader.get(name), reader.get(scale))
-    except ValueError as e:
-        raise CheckpointError(f"tensor {scale}: {e}") from None
+    return fp8.dequantize(reader.get(name), reader.get(name + SCALE_SUFFIX))
 
 
 class HFSource:
@@ -136,31 +149,31 @@ class HFSource:
                 raise CheckpointError(f"tensor {copy} must be a copy of {main} (the MTP layer shares them) "
                                       "but differs")
 
-    def slices(self, leaf: names.Leaf, shape: tuple[int, ...], dtype) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def slices(self, leaf: names.Leaf, dtype) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """(index into the stacked axes, slice in `dtype`) of one param leaf [*stack, *slice],
-        reading one source tensor per slice."""
-        per = shape[len(leaf.stack):]
-        want = per[::-1] if leaf.transpose else per
+        reading one source tensor per slice (shapes checked by `checked_leaves`)."""
         for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
-            if self.reader.shape(name) != want:
-                raise CheckpointError(f"tensor {name} has shape {list(self.reader.shape(name))}, "
-                                      f"the config needs {list(want)}")
             src = _read(self.reader, name)
             yield idx, np.asarray(src.T if leaf.transpose else src, dtype)
 
     def checked_leaves(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> list[names.Leaf]:
-        """The name map's leaves, after checking the MTP copies and that map and model agree."""
-        self.check_copies()
+        """The name map's leaves, after checking that map and model agree, every tensor's shape
+        and dtype (`_check_tensor`: before anything is read or written) and the MTP copies."""
         if {leaf.param for leaf in self.leaves} != set(shapes):
             raise RuntimeError("name map and model disagree: "
                                f"{sorted({leaf.param for leaf in self.leaves} ^ set(shapes))}")
+        for leaf in self.leaves:
+            per = shapes[leaf.param].shape[len(leaf.stack):]
+            for name in leaf.hf:
+                _check_tensor(self.reader, name, tuple(per[::-1] if leaf.transpose else per))
+        self.check_copies()
         return self.leaves
 
     def iter_params(self, shapes: dict[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, np.ndarray]]:
         """(path, array) for every leaf, in map order, each in the dtype of `shapes[path]`."""
         for leaf in self.checked_leaves(shapes):
             out = np.empty(shapes[leaf.param].shape, shapes[leaf.param].dtype)
-            for idx, x in self.slices(leaf, out.shape, out.dtype):
+            for idx, x in self.slices(leaf, out.dtype):
                 out[idx] = x
             yield leaf.param, out
 
@@ -253,7 +266,7 @@ def flat_params(params) -> dict:
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     """A temporary directory next to `path`, renamed to `path` on success and removed on error,
     so a failed or interrupted write never leaves a half-written output directory."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))  # a symlink's target is what gets replaced
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} exists and is not empty")
     parent = os.path.dirname(path)

@@ -51,6 +51,8 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json if present.
     """
     path = os.path.abspath(os.fspath(path))  # Orbax refuses relative paths
+    if tokenizer and not os.path.isfile(tokenizer):  # before the (long) model load
+        raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         _, model = _from_workdir(path, dtype)
     elif os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
@@ -61,6 +63,4 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
         raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
                                 "checkpoint (config.json + params/)")
     tok_path = tokenizer or os.path.join(path, "tokenizer.json")
-    if tokenizer and not os.path.isfile(tokenizer):
-        raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
     return model, Tokenizer.from_file(tok_path) if os.path.isfile(tok_path) else None

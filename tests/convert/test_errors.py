@@ -11,7 +11,7 @@ from convert_testlib import load_tensors, make_hf
 from safetensors.numpy import save_file
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.convert import CheckpointError, convert_hf, load_hf, save_hf
+from dsv3_jax.convert import CheckpointError, convert_hf, hf, load_hf, save_hf
 from dsv3_jax.convert.hf import abstract_model, flat_params
 from dsv3_jax.convert.names import param_map
 from dsv3_jax.convert.safetensors_io import write_file
@@ -137,14 +137,54 @@ def test_fp8_weight_without_scale(src, tmp_path):
         load_hf(path)
 
 
-def test_no_half_written_output(src, tmp_path):
-    # The MTP layer's eh_proj is among the last leaves: several leaves are written before the error.
+def test_headers_checked_before_anything_is_read(src, tmp_path, monkeypatch):
+    """The MTP layer's eh_proj is among the last leaves; its wrong shape is found from the
+    headers, before any tensor is read or any output written."""
     bad = {"model.layers.3.eh_proj.weight": np.ones((32, 32), np.float32)}
     _edit(src, "model-mtp.safetensors", lambda t: t.update(bad))
-    out = tmp_path / "out" / "ckpt"
+    monkeypatch.setattr(hf, "_read", lambda *a: pytest.fail("a tensor was read before the checks"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.3\.eh_proj\.weight has shape"):
+        convert_hf(src, tmp_path / "out" / "ckpt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_weight(src):
+    def change(t):
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"].astype(np.int8)
+    _edit(src, "model.safetensors", change)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight has dtype int8"):
+        load_hf(src)
+
+
+def test_output_through_a_symlink_with_the_tokenizer(src, tmp_path):
+    """A symlinked output directory receives the checkpoint (the link stays); the source's
+    tokenizer and generation config come along."""
+    (src / "tokenizer.json").write_text('{"stand-in": 1}')
+    (src / "generation_config.json").write_text('{"bos_token_id": 0}')
+    (tmp_path / "target").mkdir()
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    convert_hf(src, tmp_path / "link")
+    assert os.path.islink(tmp_path / "link")
+    assert sorted(os.listdir(tmp_path / "target")) == ["config.json", "generation_config.json", "params",
+                                                       "tokenizer.json"]
+    assert (tmp_path / "target" / "tokenizer.json").read_text() == '{"stand-in": 1}'
+
+
+def test_no_half_written_output(src, tmp_path, monkeypatch):
+    # Interrupted after 20 source tensors (several leaves written, writes in flight): nothing is left.
+    read, count = hf._read, iter(range(20))
+
+    def interrupted(reader, name):
+        if next(count, None) is None:
+            raise KeyboardInterrupt
+        return read(reader, name)
+
+    monkeypatch.setattr(hf, "_read", interrupted)
+    out = tmp_path / "out" / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
         convert_hf(src, out)
     assert os.listdir(tmp_path / "out") == []
+    monkeypatch.undo()  # the export check below reads tensors again
     # Export: a leaf of the wrong shape fails mid-write and leaves nothing either.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

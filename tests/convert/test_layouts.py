@@ -161,6 +161,9 @@ def test_cli_official_with_model_args(official_bf16, tmp_path):
     done = _cli(official_bf16, tmp_path / "ckpt2", "--layout", "torch")
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no pytorch_model.bin.index.json or pytorch_model.bin" in done.stderr
+    done = _cli(official_bf16, tmp_path / "ckpt")  # no traceback for a bad path either
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'ckpt'} exists and is not empty"
 
 
 @pytest.fixture

@@ -92,7 +92,8 @@ def _run(tool, *args):
 def test_cli_convert_checkpoint_export(tmp_path):
     hf = make_hf(tmp_path / "src", seed=5, mtp=True)
     _run("convert_hf.py", tmp_path / "src", tmp_path / "ckpt", "--dtype", "float32")
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "params"]
+    # transformers' save_pretrained wrote a generation_config.json; it comes along
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "generation_config.json", "params"]
     config, model = load_checkpoint(tmp_path / "ckpt")
     assert config.num_nextn_predict_layers == 1
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS)).logits), hf_logits(hf, TOKENS),

@@ -96,6 +96,24 @@ def test_a_workdir_keeps_its_model(tmp_path, corpus, straight):
         train(str(workdir), MODEL.replace(hidden_size=96), TrainConfig(steps=20), corpus, progress=False)
 
 
+def test_export_hf_takes_the_workdir(tmp_path, straight):
+    """`tools/export_hf.py WORKDIR` writes the latest step's model; it reads back bit for bit."""
+    from dsv3_jax.convert import load_hf  # noqa: PLC0415
+    from dsv3_jax.convert.hf import flat_params  # noqa: PLC0415
+    from dsv3_jax.inference import load_model  # noqa: PLC0415
+
+    workdir, _ = straight
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, os.path.join(root, "tools", "export_hf.py"), str(workdir), str(tmp_path / "hf")],
+                   check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    model, _ = load_model(workdir)
+    _, exported = load_hf(tmp_path / "hf")
+    want, got = flat_params(model), flat_params(exported)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
 def test_corrupt_checkpoint_is_reported(tmp_path, corpus, straight):
     workdir, _ = straight
     broken = tmp_path / "broken"
