@@ -16,6 +16,12 @@ from dsv3_jax.data.tokenizer import eos_id
 from dsv3_jax.inference import generate, load_model
 
 
+def complete_text(tok, ids: list[int]) -> str:
+    """The decoded text up to its last complete character: a character whose bytes are still
+    coming (split over tokens) decodes to U+FFFD and is held back."""
+    return tok.decode(ids).rstrip("\ufffd")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsv3_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,13 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
     try:
         prompts = list(args.prompt)
         if args.prompts_file:
             with open(args.prompts_file) as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
         if not prompts:
             raise ValueError("give --prompt or --prompts-file")
         model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype))
@@ -47,7 +53,7 @@ def main(argv=None) -> int:
 
         def stream(row: int, new: list[int]) -> None:
             pending[row] += new
-            text = tok.decode(pending[row])
+            text = complete_text(tok, pending[row])
             if len(prompts) == 1:  # one prompt: print as it comes
                 print(text[len(shown[row]):], end="", flush=True)
             shown[row] = text
@@ -58,11 +64,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    final = {r: tok.decode(pending[r]) for r in pending}  # with any bytes that never completed a character
     if len(prompts) == 1:
-        print()
+        print(final[0][len(shown[0]):])
     else:
         for text, r in zip(prompts, range(len(prompts))):
-            print(f"--- {text}\n{shown[r]}")
+            print(f"--- {text}\n{final[r]}")
     if args.speculative:
         print(f"[MTP acceptance {result.acceptance_rate:.1%} over {result.drafted} drafts]", file=sys.stderr)
     return 0

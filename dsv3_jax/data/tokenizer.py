@@ -22,16 +22,21 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def read_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer.json; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise ValueError(f"{path} is not a tokenizers tokenizer.json: {e}") from e
+
+
 def load_or_train_tokenizer(path: str | None, workdir: str, documents: Iterable[str] | None,
                             vocab_size: int) -> Tokenizer:
     """`path` if given; else `workdir/tokenizer.json` if cached; else train on `documents` and cache."""
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            return Tokenizer.from_file(path)
-        except Exception as e:  # the tokenizers library raises its own exception types
-            raise ValueError(f"{path} is not a tokenizers tokenizer.json: {e}") from e
+        return read_tokenizer(path)
     cached = os.path.join(workdir, "tokenizer.json")
     if os.path.isfile(cached):
         return Tokenizer.from_file(cached)

@@ -39,6 +39,8 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored) per window over n tokens: tokens 1..n-1 are each scored once,
     the first window's from its start, later ones' (the last `stride` of each window) with
     window - stride or more tokens of context (HF's sliding-window perplexity recipe)."""
+    if window < 2:
+        raise ValueError(f"window={window}: must be >= 2 (one token of context, one scored)")
     if not 0 < stride < window:
         raise ValueError(f"stride={stride} must be in (0, window={window})")
     end = min(window, n)
@@ -63,7 +65,7 @@ def bits_per_byte(model: DeepSeekV3, tokens: Sequence[int], n_bytes: int, *, win
     if n_bytes <= 0:
         raise ValueError(f"n_bytes={n_bytes}: must be > 0")
     window = min(window, model.config.max_position_embeddings)
-    spans = windows(tokens.size, window, stride or window // 2)
+    spans = windows(tokens.size, window, window // 2 if stride is None else stride)
     nll = 0.0
     for i in range(0, len(spans), batch):
         chunk = spans[i: i + batch]
@@ -84,10 +86,10 @@ def choice_scores(model: DeepSeekV3, contexts: Sequence[Sequence[int]], continua
     seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
     if any(len(c) == 0 or len(x) == 0 for c, x in zip(contexts, continuations)):
         raise ValueError("every context and continuation needs at least one token")
-    length = max(16, 1 << (max(len(s) for s in seqs) - 1).bit_length())
-    if length > model.config.max_position_embeddings:
-        raise ValueError(f"a prompt of {max(len(s) for s in seqs)} tokens exceeds max_position_embeddings="
-                         f"{model.config.max_position_embeddings}")
+    longest, max_pos = max(len(s) for s in seqs), model.config.max_position_embeddings
+    if longest > max_pos:
+        raise ValueError(f"a prompt of {longest} tokens exceeds max_position_embeddings={max_pos}")
+    length = min(max(16, 1 << (longest - 1).bit_length()), max_pos)  # padded to a power of two, within the model
     out = np.zeros(len(seqs))
     for i in range(0, len(seqs), batch):
         rows = np.zeros((batch, length), np.int32)

@@ -18,6 +18,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.tokenizer import read_tokenizer
 from dsv3_jax.model import DeepSeekV3, RouterBias
 
 
@@ -63,4 +64,4 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
         raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
                                 "checkpoint (config.json + params/)")
     tok_path = tokenizer or os.path.join(path, "tokenizer.json")
-    return model, Tokenizer.from_file(tok_path) if os.path.isfile(tok_path) else None
+    return model, read_tokenizer(tok_path) if os.path.isfile(tok_path) else None

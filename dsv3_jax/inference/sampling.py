@@ -7,6 +7,7 @@ the residual resampling after a rejected draft are the same code for every setti
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # NaN fails every comparison
+            raise ValueError(f"temperature={self.temperature}: must be finite and >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = no limit)")
         if not 0 < self.top_p <= 1:
@@ -40,11 +41,13 @@ def probabilities(logits: jax.Array, s: Sampling) -> jax.Array:
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     probs = jax.nn.softmax(logits, -1)
     if s.top_p < 1:
-        # keep the most likely tokens until their mass reaches top_p (the first always stays)
-        desc = -jnp.sort(-probs, -1)
-        keep = jnp.cumsum(desc, -1) - desc < s.top_p
-        smallest = jnp.min(jnp.where(keep, desc, jnp.inf), -1, keepdims=True)
-        probs = jnp.where(probs >= smallest, probs, 0.0)
+        # keep the most likely tokens until their mass reaches top_p (the first always stays), cut
+        # by position in the sorted order: of tokens tied at the cut, the higher ids stay (HF's
+        # TopPLogitsWarper: a stable ascending sort, the low end removed)
+        order = jnp.flip(jnp.argsort(probs, -1, stable=True), -1)  # [..., V] descending
+        desc = jnp.take_along_axis(probs, order, -1)
+        keep = jnp.take_along_axis(jnp.cumsum(desc, -1) - desc < s.top_p, jnp.argsort(order, -1), -1)
+        probs = jnp.where(keep, probs, 0.0)
         probs = probs / probs.sum(-1, keepdims=True)
     return probs
 

@@ -1,5 +1,7 @@
 """Bits per byte equals a hand computation; windows score every token once; multiple choice."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +49,23 @@ def test_choice_scores_sum_continuation_logprobs(model):
     assert got[0] == pytest.approx(hand, rel=1e-5)
     with pytest.raises(ValueError, match="at least one token"):
         choice_scores(model, [ctx], [[]])
+
+
+def test_lengths_up_to_max_position_embeddings_fit(model):
+    """150 tokens fit a model of 200 positions (the padded batch stops at 200, not 256); 201 do not."""
+    small = DeepSeekV3(dataclasses.replace(CONFIG, max_position_embeddings=200), rngs=nnx.Rngs(0),
+                       dtype=jnp.float32)
+    ctx = list(np.random.default_rng(1).integers(0, CONFIG.vocab_size, 148))
+    got = choice_scores(small, [ctx], [[5, 6]])
+    logp = np.asarray(jax.nn.log_softmax(small(jnp.asarray([ctx + [5, 6]])).logits[0], -1))
+    assert got[0] == pytest.approx(logp[147, 5] + logp[148, 6], rel=1e-5)
+    with pytest.raises(ValueError, match="201 tokens exceeds max_position_embeddings=200"):
+        choice_scores(small, [ctx + [1] * 51], [[5, 6]])
+
+
+def test_bad_window_and_stride(model):
+    tokens = list(range(1, 12))
+    with pytest.raises(ValueError, match="stride=0"):
+        bits_per_byte(model, tokens, 30, window=8, stride=0)
+    with pytest.raises(ValueError, match="window=1"):
+        bits_per_byte(model, tokens, 30, window=1)
