@@ -37,6 +37,19 @@ def test_batches_are_packed_with_segment_ids_and_positions(corpus, tokenizer):
         assert seg[0] == 1 and np.all(np.diff(seg) >= 0)
         starts = np.flatnonzero(np.diff(seg)) + 1  # a new document starts at position 0, after an EOS
         assert np.all(pos[starts] == 0) and np.all(tok[starts - 1] == eos)
+    # Rows long enough to hold whole documents: every segment's positions count up by one, and a
+    # segment with another on each side is exactly one document's tokens followed by EOS.
+    docs = {tuple(tokenizer.encode(d).ids + [eos]) for d in read_documents((str(corpus),))}
+    b, whole = next(make_iterator(DataConfig(paths=(str(corpus),), seq_len=512, batch_size=4), tokenizer)), 0
+    for seg, pos, tok in zip(b["segment_ids"], b["positions"], b["tokens"]):
+        ids = np.unique(seg)
+        for s in ids:
+            at = np.flatnonzero(seg == s)
+            assert np.all(np.diff(pos[at]) == 1)
+            if ids[0] < s < ids[-1]:
+                assert pos[at[0]] == 0 and tuple(tok[at]) in docs
+                whole += 1
+    assert whole >= 2  # (three in this batch)
 
 
 def test_same_seed_same_stream_and_resume_from_state(corpus, tokenizer):
@@ -81,7 +94,11 @@ def test_jsonl_and_array_record_sources(tmp_path, tokenizer):
         w.write(d.tobytes())
     w.close()
     b = next(make_iterator(DataConfig(paths=(str(ar),), seq_len=8, batch_size=1, seed=0), tokenizer))
-    assert set(b["tokens"][0].tolist()) <= set(np.concatenate(docs).tolist())
+    # the records as stored (no EOS added), one after the other in the epoch's shuffled order
+    assert b["tokens"][0].tolist() in ([*range(1, 6), *range(100, 103)], [*range(100, 103), *range(1, 6)])
+    first = 5 if b["tokens"][0][0] == 1 else 3
+    assert b["segment_ids"][0].tolist() == [1] * first + [2] * (8 - first)
+    assert b["positions"][0].tolist() == [*range(first), *range(8 - first)]
 
 
 @pytest.mark.parametrize("content, message", [

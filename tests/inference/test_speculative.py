@@ -44,8 +44,8 @@ def test_speculative_greedy_equals_plain_greedy(context_scale, expect):
     assert spec.tokens == plain.tokens
     if expect == "all":
         assert spec.acceptance_rate == 1.0 and spec.steps < plain.steps
-    else:
-        assert 0 < spec.drafted
+    else:  # the context now matters: some drafts are rejected, some accepted
+        assert 0 < spec.accepted < spec.drafted
 
 
 def test_speculative_with_random_mtp_equals_plain_greedy():

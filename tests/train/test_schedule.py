@@ -15,7 +15,9 @@ C = TrainConfig(peak_lr=2.2e-4)
     (C.warmup_fraction, 2.2e-4),
     (0.5, 2.2e-4),  # constant phase, until 10T/14.8T
     (10 / 14.8 - 1e-6, 2.2e-4),
+    ((10 + 4.3 / 4) / 14.8, 2.2e-5 + (2.2e-4 - 2.2e-5) * (1 + math.cos(math.pi / 4)) / 2),  # a quarter in
     ((10 + 4.3 / 2) / 14.8, 2.2e-5 + (2.2e-4 - 2.2e-5) / 2),  # cosine midpoint
+    ((10 + 4.3 * 3 / 4) / 14.8, 2.2e-5 + (2.2e-4 - 2.2e-5) * (1 - math.cos(math.pi / 4)) / 2),  # three quarters
     (14.3 / 14.8 - 1e-9, 2.2e-5),  # end of the cosine
     (14.4 / 14.8, 2.2e-5),  # first tail, 333B tokens
     (14.7 / 14.8, 7.3e-6),  # last tail, 167B tokens
@@ -42,7 +44,7 @@ def test_mtp_lambda_and_bias_gamma_switch_at_their_token_budgets():
 def test_batch_ramp_grows_micro_batches_to_the_target():
     c = TrainConfig(steps=100, grad_accum=4, ramp_start_accum=1, ramp_fraction=0.5)
     accum = [schedule.accum_at(c, s) for s in range(100)]
-    assert accum[0] == 1 and accum[-1] == 4 and accum[50:] == [4] * 50
-    assert all(a <= b for a, b in zip(accum, accum[1:]))
+    # linear from 1 to 4 over the first half (50 steps), rounded down: 1 + 3 s / 50
+    assert accum[:50] == [1] * 17 + [2] * 17 + [3] * 16 and accum[50:] == [4] * 50
     assert schedule.planned_micro_batches(c) == sum(accum)
     assert schedule.accum_at(TrainConfig(grad_accum=3), 0) == 3

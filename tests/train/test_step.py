@@ -113,3 +113,13 @@ def test_unmasked_documents_are_one_causal_stream_and_padding_is_not_scored():
     scored = [(b, t) for b in range(2) for t in range(23) if seg[b, t] and seg[b, t + 1]]  # across documents too
     want = -np.mean([logp[b, t, tokens[b, t + 1]] for b, t in scored])
     np.testing.assert_allclose(metrics["lm_loss"], want, rtol=1e-5)
+    # the MTP depth at position t predicts token t+2; the total is lm + lambda mtp + alpha balance
+    mtp_logits = np.asarray(model(jnp.asarray(tokens)).mtp_logits[0], np.float64)
+    mtp_logp = mtp_logits - np.log(np.exp(mtp_logits - mtp_logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - mtp_logits.max(-1, keepdims=True)
+    mtp_scored = [(b, t) for b in range(2) for t in range(22) if seg[b, t] and seg[b, t + 2]]
+    mtp_want = -np.mean([mtp_logp[b, t, tokens[b, t + 2]] for b, t in mtp_scored])
+    np.testing.assert_allclose(metrics["mtp_loss"], mtp_want, rtol=1e-5)
+    c = TrainConfig(mask_documents=False)
+    np.testing.assert_allclose(metrics["loss"], want + c.mtp_lambda * mtp_want
+                               + c.balance_alpha * float(metrics["balance_loss"]), rtol=1e-5)
