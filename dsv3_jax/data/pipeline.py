@@ -35,6 +35,14 @@ class DataConfig:
     batch_size: int = 8  # global sequences per micro-batch, over all processes
     seed: int = 0
 
+    def __post_init__(self):
+        if isinstance(self.paths, str):  # one path given bare (e.g. --set data.paths=FILE)
+            object.__setattr__(self, "paths", (self.paths,))
+        if self.seq_len < 2:
+            raise ValueError(f"DataConfig.seq_len={self.seq_len}: must be >= 2 (a token and its target)")
+        if self.batch_size < 1:
+            raise ValueError(f"DataConfig.batch_size={self.batch_size}: must be >= 1")
+
 
 def _decode(path: str, raw: bytes) -> str:
     try:

@@ -34,13 +34,21 @@ def read_tokenizer(path: str) -> Tokenizer:
 
 def load_or_train_tokenizer(path: str | None, workdir: str, documents: Iterable[str] | None,
                             vocab_size: int) -> Tokenizer:
-    """`path` if given; else `workdir/tokenizer.json` if cached; else train on `documents` and cache."""
-    if path:
-        return read_tokenizer(path)
+    """The workdir's tokenizer.json, which a run keeps for good: `path` if given (copied there
+    on first use; a different one than a resumed run's is refused), else the cached one, else
+    one trained on `documents` (and cached)."""
     cached = os.path.join(workdir, "tokenizer.json")
-    if os.path.isfile(cached):
-        return Tokenizer.from_file(cached)
-    tok = train_tokenizer(documents, vocab_size)
+    if path:
+        tok = read_tokenizer(path)
+        if os.path.isfile(cached):
+            if read_tokenizer(cached).to_str() != tok.to_str():
+                raise ValueError(f"{path} differs from {cached}, the tokenizer this workdir was trained with; "
+                                 "drop --tokenizer to continue, or use a new --workdir")
+            return tok
+    elif os.path.isfile(cached):
+        return read_tokenizer(cached)
+    else:
+        tok = train_tokenizer(documents, vocab_size)
     tmp = cached + ".tmp"
     tok.save(tmp)
     os.replace(tmp, cached)

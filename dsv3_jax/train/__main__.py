@@ -13,6 +13,7 @@ import sys
 import jax
 
 from dsv3_jax import parallel
+from dsv3_jax.checkpoint.manager import CheckpointCorrupt
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
 from dsv3_jax.fp8 import PRECISIONS
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         model, train_cfg, data = build_configs(args)
         history = train(args.workdir, model, train_cfg, data, args.tokenizer,
                         progress=not args.no_progress and jax.process_index() == 0, mesh=args.mesh)
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteError, CheckpointCorrupt) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if history:

@@ -66,6 +66,8 @@ class TrainConfig:
         for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)}: must be >= 1")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"TrainConfig.schedule_steps={self.schedule_steps}: must be >= 1 (or unset: steps)")
         if self.scan_unroll < 0:
             raise ValueError(f"TrainConfig.scan_unroll={self.scan_unroll}: must be >= 0 (0: by backend)")
         if self.ramp_start_accum is not None and not 1 <= self.ramp_start_accum <= self.grad_accum:

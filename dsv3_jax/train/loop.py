@@ -43,6 +43,17 @@ def _resolve_model_config(ckpt: Checkpointer, asked: ModelConfig) -> ModelConfig
     return stored
 
 
+def _resolve_horizon(ckpt: Checkpointer, tc: TrainConfig) -> TrainConfig:
+    """A resumed run keeps the horizon its schedules were planned for, unless schedule_steps is
+    given: continuing past it trains at the schedules' final values instead of stretching them
+    (which would send the learning rate back up and restart the MTP weight)."""
+    step = ckpt.latest_step()
+    if step is None or tc.schedule_steps is not None:
+        return tc
+    stored = ckpt.read_config(step)["train"]
+    return dataclasses.replace(tc, schedule_steps=stored.get("schedule_steps") or stored["steps"])
+
+
 def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelConfig):
     documents = None
     if not tokenizer_path and not os.path.exists(os.path.join(workdir, "tokenizer.json")):
@@ -52,6 +63,15 @@ def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelCon
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size="
                          f"{model_config.vocab_size}; pass --set model.vocab_size={tok.get_vocab_size()}")
     return tok
+
+
+def _check_token_ids(micro: list[dict], vocab_size: int, step: int) -> None:
+    """Pre-tokenized data may hold ids the model has no embedding for (ArrayRecord records)."""
+    for m in micro:
+        lo, hi = int(m["tokens"].min()), int(m["tokens"].max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"step {step}: the data holds token id {lo if lo < 0 else hi}, outside the model's "
+                             f"vocabulary [0, {vocab_size}) (model.vocab_size)")
 
 
 def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
@@ -66,6 +86,9 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
     logged record as it is written (e.g. a notebook's live loss plot).
     """
     tc = train_config
+    if data_config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"data.seq_len={data_config.seq_len} exceeds model.max_position_embeddings="
+                         f"{model_config.max_position_embeddings}")
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(mesh, devices)
     shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
@@ -74,6 +97,7 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
                          f"shards (data x fsdp x expert = {shards})")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     config = _resolve_model_config(ckpt, model_config)
+    tc = _resolve_horizon(ckpt, tc)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
     with jax.set_mesh(mesh):
@@ -89,7 +113,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log) -
     step_fn = jit_train_step(graphdef, config, tc, tx, schedule.planned_micro_batches(tc), state, mesh)
 
     log_every = tc.log_every or (1 if tc.steps <= 1000 else 10)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda n, _: stop.update(signal=n)) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True)
@@ -99,6 +123,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log) -
         while step < tc.steps and stop["signal"] is None:
             A = schedule.accum_at(tc, step)
             micro = [next(data) for _ in range(A)]
+            _check_token_ids(micro, config.vocab_size, step + 1)
             batch = {k: parallel.shard_batch(np.stack([m[k] for m in micro]), mesh, data_config.batch_size,
                                              batch_dim=1) for k in micro[0]}  # [A,B,T] global
             t0 = time.perf_counter()

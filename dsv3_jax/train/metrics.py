@@ -9,11 +9,18 @@ import numpy as np
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, start: int = 0):
+        """Appends to workdir's metrics.jsonl and TensorBoard events. A run resumed from step
+        `start` drops what an interrupted run logged after that checkpoint (it is logged again)."""
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if os.path.exists(self.path):
+            kept = [r for r in read_metrics(workdir) if r["step"] <= start]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1 if start else None)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -136,3 +136,28 @@ def test_tokenizer_is_cached_in_the_workdir_and_user_files_are_checked(tmp_path)
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ValueError, match="junk.json is not a tokenizers tokenizer.json"):
         load_or_train_tokenizer(str(tmp_path / "junk.json"), str(tmp_path), None, 280)
+
+
+def test_a_given_tokenizer_stays_with_the_workdir(tmp_path):
+    """A --tokenizer file is copied into the workdir on first use, so a resumed run without the
+    flag keeps it (rather than training a new one); a different file for that workdir is refused."""
+    mine, other = tmp_path / "mine.json", tmp_path / "other.json"
+    train_tokenizer([TEXT * 5], 280).save(str(mine))
+    train_tokenizer(["def f(x):\n    return x + 1\n" * 5], 270).save(str(other))
+    work = tmp_path / "run"
+    work.mkdir()
+    first = load_or_train_tokenizer(str(mine), str(work), None, 300)
+    assert (work / "tokenizer.json").is_file()
+    resumed = load_or_train_tokenizer(None, str(work), None, 300)  # no documents: nothing is trained
+    assert resumed.to_str() == first.to_str()
+    assert load_or_train_tokenizer(str(mine), str(work), None, 300).to_str() == first.to_str()
+    with pytest.raises(ValueError, match="other.json differs from .*run/tokenizer.json"):
+        load_or_train_tokenizer(str(other), str(work), None, 300)
+
+
+def test_data_config_checks():
+    assert DataConfig(paths="notes.txt").paths == ("notes.txt",)  # one bare path, not its characters
+    with pytest.raises(ValueError, match="seq_len=1"):
+        DataConfig(seq_len=1)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        DataConfig(batch_size=0)

@@ -168,3 +168,52 @@ def test_cli_errors_are_clear(tmp_path, args, message):
     r = subprocess.run(_cli("--workdir", str(tmp_path / "w"), "--steps", "1", *args), capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": ""}, timeout=300)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_resumed_runs_keep_their_schedule_horizon(tmp_path):
+    """Continuing with a larger --steps keeps the stored horizon (no second warmup); an
+    explicit schedule_steps, or a fresh workdir, plans its own."""
+    from dsv3_jax.train.loop import _resolve_horizon  # noqa: PLC0415
+
+    class Stored:
+        def __init__(self, step, train):
+            self.step, self.train = step, train
+
+        def latest_step(self):
+            return self.step
+
+        def read_config(self, step):
+            return {"train": self.train}
+
+    tc = TrainConfig(steps=400)
+    assert _resolve_horizon(Stored(200, {"steps": 200, "schedule_steps": None}), tc).horizon == 200
+    assert _resolve_horizon(Stored(200, {"steps": 200, "schedule_steps": 1000}), tc).horizon == 1000
+    assert _resolve_horizon(Stored(200, {"steps": 200}), TrainConfig(steps=400, schedule_steps=600)).horizon == 600
+    assert _resolve_horizon(Stored(None, {}), tc).horizon == 400
+    with pytest.raises(ValueError, match="schedule_steps=-5"):
+        TrainConfig(schedule_steps=-5)
+
+
+def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
+    """A crash after step 5 with the last checkpoint at step 3: the resumed run logs 4 and 5 again."""
+    from dsv3_jax.train.metrics import MetricsWriter, read_metrics  # noqa: PLC0415
+
+    writer = MetricsWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write({"step": step, "loss": 1.0 / step})
+    writer.close()
+    MetricsWriter(str(tmp_path), start=3).close()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+def test_data_must_fit_the_model(tmp_path, corpus):
+    from dsv3_jax.train.loop import _check_token_ids  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="seq_len=512 exceeds model.max_position_embeddings=256"):
+        train(str(tmp_path), MODEL, TrainConfig(steps=1), DataConfig(seq_len=512), progress=False)
+    assert not os.path.exists(tmp_path / "checkpoints")
+    ok = {"tokens": np.array([[0, 5, MODEL.vocab_size - 1]])}
+    _check_token_ids([ok], MODEL.vocab_size, 1)
+    for bad in (MODEL.vocab_size, -1):  # e.g. pre-tokenized ArrayRecord data of another tokenizer
+        with pytest.raises(ValueError, match=f"step 3: the data holds token id {bad}, outside"):
+            _check_token_ids([ok, {"tokens": np.array([[1, bad]])}], MODEL.vocab_size, 3)
