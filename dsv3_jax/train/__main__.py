@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small", help="model preset: tiny, small, bench, v3_671b")
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="total step target")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--data", nargs="*", help="text / JSONL / ArrayRecord files or directories")
+    p.add_argument("--data", nargs="+", help="text / JSONL / ArrayRecord files or directories")
     p.add_argument("--text-field", help="JSONL field with the text (default: text)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
     p.add_argument("--batch-size", type=int, help="global sequences per micro-batch")

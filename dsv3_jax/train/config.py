@@ -112,7 +112,9 @@ def _coerce(cls, field: str, text: str):
         return tuple(value) if isinstance(value, list) else value
     if "bool" in hint and not isinstance(value, bool):
         raise ValueError(f"{cls.__name__}.{field}: expected true/false, got {text!r}")
-    if "float" in hint and isinstance(value, int) and not isinstance(value, bool):
+    if "float" in hint:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{cls.__name__}.{field}: cannot use {text!r} ({hint})")
         return float(value)
     if ("int" in hint and "float" not in hint and not isinstance(value, int)) or (
             hint == "<class 'str'>" and not isinstance(value, str)):

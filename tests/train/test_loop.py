@@ -161,6 +161,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     (["--set", "model.hiddn_size=3"], "unknown config field ModelConfig.hiddn_size"),
     (["--set", "train.peak_lr"], "expected SECTION.FIELD=VALUE"),
     (["--set", "train.steps=abc"], "TrainConfig.steps: cannot use 'abc'"),
+    (["--set", "train.peak_lr=abc"], "TrainConfig.peak_lr: cannot use 'abc'"),
+    (["--data"], "argument --data: expected at least one argument"),  # not the embedded corpus
     (["--data", "/nonexistent/file.txt"], "data path not found: /nonexistent/file.txt"),
     (["--set", "model.n_group=3"], "ModelConfig.n_group=3"),
 ])
