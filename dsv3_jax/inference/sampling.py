@@ -46,7 +46,8 @@ def probabilities(logits: jax.Array, s: Sampling) -> jax.Array:
         # TopPLogitsWarper: a stable ascending sort, the low end removed)
         order = jnp.flip(jnp.argsort(probs, -1, stable=True), -1)  # [..., V] descending
         desc = jnp.take_along_axis(probs, order, -1)
-        keep = jnp.take_along_axis(jnp.cumsum(desc, -1) - desc < s.top_p, jnp.argsort(order, -1), -1)
+        keep = jnp.put_along_axis(jnp.zeros(probs.shape, bool), order, jnp.cumsum(desc, -1) - desc < s.top_p, -1,
+                                  inplace=False)  # back to vocabulary order (a scatter, not a second sort)
         probs = jnp.where(keep, probs, 0.0)
         probs = probs / probs.sum(-1, keepdims=True)
     return probs
