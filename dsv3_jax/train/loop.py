@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -78,7 +79,8 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
           tokenizer_path: str | None = None, progress: bool = True, mesh: str | dict | None = None,
           devices=None, on_log: Callable[[dict], None] | None = None) -> list[dict]:
     """Train to `train_config.steps` (continuing from workdir's latest checkpoint); returns the
-    metrics logged by this call. Always checkpoints the last step it reaches.
+    metrics logged by this call. Always checkpoints the last step it reaches. A workdir already
+    at or past that step is left as it is, with a one-line note on stderr.
 
     `mesh` is a spec such as "data=2,expert=4" over `devices` (default: all devices, all on
     data); parameters, optimizer state and batches are sharded by `dsv3_jax.parallel`'s rules,
@@ -100,6 +102,13 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
     tc = _resolve_horizon(ckpt, tc)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
+    done = ckpt.latest_step()
+    if done is not None and done >= tc.steps:  # before building the state: nothing to compile
+        ckpt.close()
+        if jax.process_index() == 0:
+            print(f"{workdir} is already at step {done}; --steps {tc.steps} asks for nothing more "
+                  f"(give --steps above {done} to train further)", file=sys.stderr)
+        return []
     with jax.set_mesh(mesh):
         return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log)
 

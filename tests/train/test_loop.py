@@ -157,6 +157,22 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     assert len(steps) == 1 and int(steps[0]) >= 3
 
 
+def test_a_run_already_at_its_steps_says_so(tmp_path, corpus, straight):
+    """--steps at or below the checkpoint's step: a note naming both, status 0, the workdir untouched."""
+    workdir = tmp_path / "done"
+    subprocess.run(["cp", "-r", str(straight[0]), str(workdir)], check=True)
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    for steps in (16, 8):
+        r = subprocess.run(_cli("--workdir", str(workdir), "--steps", str(steps), "--data", *corpus.paths,
+                                "--seq-len", "32", "--batch-size", "8", "--set", "model.num_hidden_layers=2"),
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": ""})
+        assert r.returncode == 0, r.stderr
+        assert (f"{workdir} is already at step 16; --steps {steps} asks for nothing more "
+                "(give --steps above 16 to train further)") in r.stderr, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.hiddn_size=3"], "unknown config field ModelConfig.hiddn_size"),
     (["--set", "train.peak_lr"], "expected SECTION.FIELD=VALUE"),
