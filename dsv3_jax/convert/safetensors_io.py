@@ -1,9 +1,10 @@
 """Streaming safetensors reading and writing, one tensor at a time.
 
-Reading parses and checks each file's header up front (a truncated or corrupt file is an error
-naming it) and then reads a single tensor's bytes on request, so host memory holds one source
-tensor, not a shard. Writing computes the header from the tensors' shapes first and then streams
-the bytes, so it never holds a shard either. numpy dtypes come from ml_dtypes (bf16, e4m3).
+Reading parses and checks each file's header up front (a truncated or corrupt file, or a tensor
+of a dtype not in DTYPES, is an error naming it) and then reads a single tensor's bytes on
+request, so host memory holds one source tensor, not a shard. Writing computes the header from
+the tensors' shapes first and then streams the bytes, so it never holds a shard either. numpy
+dtypes come from ml_dtypes (bf16, e4m3).
 """
 
 from __future__ import annotations
@@ -114,11 +115,14 @@ def read_header(path: str) -> dict[str, dict]:
     header.pop("__metadata__", None)
     data_size, covered = size - 8 - n, 0
     for name, e in header.items():
-        ok = (isinstance(e, dict) and e.get("dtype") in DTYPES and isinstance(e.get("shape"), list)
+        ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list)
               and all(isinstance(d, int) and d >= 0 for d in e["shape"])
               and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2)
         if not ok:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: {e}")
+        if e["dtype"] not in DTYPES:  # a well-formed entry of a dtype we have no numpy type for
+            raise CheckpointError(f"{path}: tensor {name} has dtype {e['dtype']}, which is not supported "
+                                  f"(supported: {', '.join(DTYPES)})")
         begin, end = e["data_offsets"]
         nbytes = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
         if end - begin != nbytes or begin < 0:

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import struct
 import warnings
 
 import numpy as np
@@ -14,7 +16,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.convert import CheckpointError, convert_hf, hf, load_hf, save_hf
 from dsv3_jax.convert.hf import abstract_model, flat_params
 from dsv3_jax.convert.names import param_map
-from dsv3_jax.convert.safetensors_io import write_file
+from dsv3_jax.convert.safetensors_io import Reader, write_file
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,22 @@ def test_corrupt_header(src):
         f.write(b"\x00garbage{")
     with pytest.raises(CheckpointError, match=r"model-mtp\.safetensors: corrupt safetensors header"):
         load_hf(src)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "F8_E5M2", "shape": [2, 2], "data_offsets": [8, 12]},
+     r"tensor b has dtype F8_E5M2, which is not supported \(supported: F64, F32"),
+    ({"dtype": "U16", "shape": [2], "data_offsets": [8, 12]}, r"tensor b has dtype U16, which is not supported"),
+    ({"dtype": 2, "shape": [2], "data_offsets": [8, 12]}, r"corrupt safetensors header entry for tensor b"),
+    ({"dtype": "U16", "shape": [-2], "data_offsets": [8, 12]}, r"corrupt safetensors header entry for tensor b"),
+])
+def test_unsupported_dtype_is_not_a_corrupt_header(tmp_path, entry, message):
+    """A file written by hand (8-byte little-endian header length, JSON header, data): a valid
+    safetensors dtype we have no numpy type for is named as such; a malformed entry is corrupt."""
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": entry}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}/model.safetensors: ") + message):
+        Reader(tmp_path)
 
 
 @pytest.mark.parametrize("change, tensor", [
