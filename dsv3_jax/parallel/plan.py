@@ -14,8 +14,9 @@ Activation model (per device, one micro-batch of b sequences of T tokens):
   of the weights, counted separately) cancel. Expert parallelism over P devices runs the
   routed FFN on a worst-case receive buffer of P x (rows sent) (`parallel.expert`), so the
   routed FFN's per-row residuals are added P - 1 more times.
-- "full": each layer saved only as its input [b,T,D] (checkpointed layers), plus the
-  non-layer residuals (embedding, final norm, chunked cross-entropy) and, while one layer is
+- "full": each dense and MoE layer saved only as its input [b,T,D] (the model checkpoints those
+  stacks, not the MTP block, which keeps its "none" residuals, counted as a MoE layer's), plus
+  the non-layer residuals (embedding, final norm, chunked cross-entropy) and, while one layer is
   recomputed in the backward pass, that layer's "none" residuals and its weight copies.
 Attention is traced with the target's kernel: "xla" (plain einsums, the TPU path, which saves
 the [B,H,T,T] probabilities) or "flash" (the [B,H,T,T] terms replaced by a [B,H,T] fp32
@@ -237,16 +238,17 @@ def activation_bytes(s: Setup) -> dict:
     layer_none = {"dense": dense_seq * b, "moe": (moe_seq + ep_seq) * b}
     none = (per_seq + moe_layers * ep_seq) * b
     itemsize = 2  # layer inputs are carried in the bf16 compute dtype
-    n_layers = c.num_hidden_layers + c.num_nextn_predict_layers
     base = none - c.num_dense_layers * layer_none["dense"] - moe_layers * layer_none["moe"]
-    full = n_layers * b * s.seq * c.hidden_size * itemsize + base + max(layer_none.values())
+    mtp = c.num_nextn_predict_layers * layer_none["moe"]  # not rematerialised by the model
+    full = c.num_hidden_layers * b * s.seq * c.hidden_size * itemsize + base + mtp + max(layer_none.values())
     return {"none": int(none), "full": int(full), "per_layer_none": {k: int(v) for k, v in layer_none.items()},
             "non_layer": int(base), "chosen": int(none if s.remat == "none" else full)}
 
 
 def weight_copy_bytes(s: Setup, params) -> int:
     """Compute-dtype (or FP8) copies of the weights autodiff keeps for the backward pass:
-    every layer's under remat "none", the largest layer's under "full"."""
+    every layer's under remat "none"; under "full" the largest stacked layer's and the MTP
+    block's (which the model does not rematerialise)."""
     itemsize = 1 if s.precision != "bf16" else 2
     mesh = s.mesh
     per = {}
@@ -260,7 +262,7 @@ def weight_copy_bytes(s: Setup, params) -> int:
         return sum(v for k, v in per.items() if k != "embed")
     layer_sizes = [per[k] / (s.config.num_moe_layers if k == "moe_layers" else s.config.num_dense_layers)
                    for k in ("moe_layers", "dense_layers") if k in per]
-    return int(max(layer_sizes, default=0) + per.get("lm_head", 0))
+    return int(max(layer_sizes, default=0) + per.get("lm_head", 0) + per.get("mtp", 0))
 
 
 # ---------------------------------------------------------------------------------------------

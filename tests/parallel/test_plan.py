@@ -11,8 +11,10 @@ import jax
 import pytest
 from flax import nnx
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import RouterBias
+from dsv3_jax.model.transformer import remat
 from dsv3_jax.parallel import create_model, make_mesh, param_shardings, plan
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.optimizer import make_optimizer
@@ -71,6 +73,47 @@ def test_activation_model_shrinks_with_remat_and_flash():
         assert 0 < a["full"] < a["none"]
         assert a["per_layer_none"]["moe"] > 0 and a["per_layer_none"]["dense"] > 0
     assert acts["flash"]["none"] < acts["xla"]["none"]  # no [B,H,T,T] probabilities
+
+
+def test_activation_bytes_by_hand():
+    """tiny (1 dense + 2 MoE layers + 1 MTP block; D=64, routed F=32, K=2) at 8 x 16 tokens over 4
+    batch shards: b=2 sequences per device. The module docstring's terms, counted by hand."""
+    c = ModelConfig.preset("tiny")
+    b, T, D, F, K, P, bf16 = 2, 16, 64, 32, 2, 2, 2
+    assert (c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok) == (D, F, K)
+    assert (c.num_dense_layers, c.num_moe_layers, c.num_nextn_predict_layers) == (1, 2, 1)
+    ep = plan.activation_bytes(plan.make_setup(c, f"data=2,expert={P}", 4, batch=8, seq=T, remat="full"))
+    dp = plan.activation_bytes(plan.make_setup(c, "data=4", 4, batch=8, seq=T, remat="full"))
+    # a routed row's SwiGLU residuals, bf16: its input [D]; the gate and up outputs, silu's three
+    # intermediates and silu(gate) * up, [F] each
+    row = (D + 6 * F) * bf16
+    extra = (P - 1) * b * T * K * row  # the receive buffer is P x the b*T*K rows a device sends
+    assert ep["per_layer_none"]["moe"] - dp["per_layer_none"]["moe"] == extra == 32_768
+    assert ep["none"] - dp["none"] == 3 * extra  # 2 stacked MoE layers + the MTP block
+    for a in (ep, dp):  # 3 stacked layers' bf16 inputs, the MTP block whole, 1 MoE layer recomputed
+        assert a["full"] == 3 * b * T * D * bf16 + a["non_layer"] + 2 * a["per_layer_none"]["moe"]
+    assert dp["per_layer_none"]["dense"] < dp["per_layer_none"]["moe"]
+
+    # Against what autodiff keeps when the real loss runs under the model's own remat "full" (one
+    # device; one and two sequences): everything but the layer being recomputed. The plan books
+    # ~1 KB per sequence of shared rope tables and routing statistics outside the layers, which
+    # the checkpointed layers recompute instead.
+    with remat("full"):
+        one, two = (plan._loss_residuals(c, n, T, fp8.recipe_for("bf16"), "xla") for n in (1, 2))
+    kept = (dp["full"] - dp["per_layer_none"]["moe"]) // b
+    assert 0 <= kept - (two - one) < 0.01 * kept
+
+
+def test_full_remat_keeps_the_mtp_blocks_weight_copies():
+    """The model rematerialises its dense and MoE stacks, not the MTP block: the block's weight
+    copies count alike under both policies."""
+    copies = {}
+    for n in (0, 1):
+        c = ModelConfig.preset("tiny", num_nextn_predict_layers=n)
+        _, params, _ = plan.abstract_model(c)
+        for r in plan.REMATS:
+            copies[n, r] = plan.weight_copy_bytes(plan.make_setup(c, "data=1", 1, batch=1, seq=16, remat=r), params)
+    assert copies[1, "full"] - copies[0, "full"] == copies[1, "none"] - copies[0, "none"] > 0
 
 
 def test_lowers_and_compiles_tiny_with_xla_memory_analysis():
