@@ -115,8 +115,8 @@ def main():
         slots = jnp.asarray(rs.randint(0, S - T, (B, 1)) + np.arange(T), jnp.int32)
 
         def latent_attn(impl, q_lat, q_pe, latent, k_pe, slots):
-            return (latent_attention.latent_attention(q_lat, q_pe, latent, k_pe, jnp.int32(1), slots,
-                                                      (R + Kr) ** -0.5, impl=impl),)
+            return (latent_attention.merge_chunks(*latent_attention.latent_attention(
+                q_lat, q_pe, latent, k_pe, jnp.int32(1), slots, (R + Kr) ** -0.5, impl=impl)),)
 
         compare(out, name, latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(),

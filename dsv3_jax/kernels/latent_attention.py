@@ -4,16 +4,23 @@ For query rows q = (q_lat [R], q_pe [Kr]) at cache slot p and one layer of the s
 (latent [S,R], k_pe [S,Kr]), out = softmax((q_lat . latent_s + q_pe . k_pe_s) * scale over
 s <= p) . latent, in fp32, returned in the compute dtype.
 
+The result comes in C slot chunks, flash-decoding style: each chunk's attention normalised over
+its own slots, and its log-sum-exp of scores. `merge_chunks` weighs them into the attention over
+all slots. The merge is linear in the chunks, so callers may first apply a linear map to each
+chunk: MLA's decode step applies W_UV to the chunks and merges them in the reduction that
+finishes that product, not in kernels of their own before it (bench decode step on an H200:
+2.17 against 2.24 ms, docs/benchmarks.md).
+
 Two implementations of the same op:
 - "xla": the layer's cache sliced out, scores for every slot, a masked fp32 softmax and the
-  value product as einsums (every backend; the prefill's form everywhere, whose many query
-  tokens make it a pair of large matmuls).
+  value product as einsums, as one chunk (every backend; the prefill's form everywhere, whose
+  many query tokens make it a pair of large matmuls).
 - "pallas": one Pallas (Triton) kernel per layer for decode steps (a few query tokens per
   row). Program (b, m, j) takes 16-64 query rows (tokens x heads) of row b and slots
   [j C, (j+1) C) of the layer, read in place from the stacked cache (no per-layer copy) and
-  only up to the last slot a query sees, with an online softmax; a small XLA epilogue merges
-  the chunks. The probabilities meet the values unnormalised (the flash form), so in bf16 it
-  rounds them differently from "xla" (both within bf16 of the fp32 result). GPU default.
+  only up to the last slot a query sees, with an online softmax. The probabilities meet the
+  values unnormalised (the flash form), so in bf16 it rounds them differently from "xla"
+  (both within bf16 of the fp32 result). GPU default.
 """
 
 from __future__ import annotations
@@ -62,9 +69,10 @@ def cache_mask(slots: jax.Array, size: int) -> jax.Array:
 
 
 def latent_attention(q_lat: jax.Array, q_pe: jax.Array, latent: jax.Array, k_pe: jax.Array, layer: jax.Array,
-                     slots: jax.Array, scale: float, impl: str | None = None) -> jax.Array:
+                     slots: jax.Array, scale: float, impl: str | None = None) -> tuple[jax.Array, jax.Array]:
     """q_lat [B,T,H,R], q_pe [B,T,H,Kr], the stacked cache latent [L,B,S,R] and k_pe [L,B,S,Kr],
-    layer [] int, slots [B,T] (each query's own slot) -> [B,T,H,R] in q_lat's dtype.
+    layer [] int, slots [B,T] (each query's own slot) -> (out [B,C,T,H,R] in q_lat's dtype,
+    lse [B,C,T,H] fp32): C slot chunks, merged by `merge_chunks` (module docstring).
 
     Under a mesh the kernel runs per device on its rows (and heads) inside `shard_map`.
     """
@@ -83,15 +91,25 @@ def latent_attention(q_lat: jax.Array, q_pe: jax.Array, latent: jax.Array, k_pe:
         return fn(q_lat, q_pe, latent, k_pe, layer, slots)
     rows = activation_spec("batch", None, shape=slots.shape)
     cache_spec = PartitionSpec(None, rows[0], None, None)  # the cache's rows split like the queries' (inference.cache)
+    out_spec = PartitionSpec(q_spec[0], None, *q_spec[1:])  # [B,C,T,H,R]
+    lse_spec = PartitionSpec(*out_spec[:4])
     # rows and heads are independent: no collectives inside, so no varying-axes check (the
     # Triton lowering does not type its refs)
     return jax.shard_map(fn, in_specs=(q_spec, q_spec, cache_spec, cache_spec, PartitionSpec(), rows),
-                         out_specs=q_spec, check_vma=False)(q_lat, q_pe, latent, k_pe, layer, slots)
+                         out_specs=(out_spec, lse_spec), check_vma=False)(q_lat, q_pe, latent, k_pe, layer, slots)
+
+
+def merge_chunks(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """out [B,C,...,X] (chunks, or any linear map of them), lse [B,C,...] -> [B,...,X] fp32:
+    the chunks weighted by their share of the softmax's denominator. One chunk is returned as is."""
+    if out.shape[1] == 1:
+        return out[:, 0].astype(jnp.float32)
+    return (out.astype(jnp.float32) * jax.nn.softmax(lse, axis=1)[..., None]).sum(1)
 
 
 def _xla(q_lat, q_pe, latent, k_pe, layer, slots, scale):
     """Scores for the layer's every slot, masked fp32 softmax, probabilities rounded to the compute
-    dtype before the value product (as the training path's attention does)."""
+    dtype before the value product (as the training path's attention does); one chunk."""
     latent = constrain(latent[layer].astype(q_lat.dtype), "batch", None, None)  # [B,S,R]
     k_pe = constrain(k_pe[layer].astype(q_lat.dtype), "batch", None, None)  # [B,S,Kr]
     scores = (jnp.einsum("bthr,bsr->bhts", q_lat, latent, preferred_element_type=jnp.float32)
@@ -101,12 +119,14 @@ def _xla(q_lat, q_pe, latent, k_pe, layer, slots, scale):
     # [B,H,T,R] then transposed: a canonical batched matmul (XLA's CPU runtime has no BF16 x BF16
     # -> F32 kernel for the transposed layout that "bhts,bsr->bthr" lowers to at batch > 1)
     out = jnp.einsum("bhts,bsr->bhtr", probs, latent, preferred_element_type=jnp.float32)
-    return out.transpose(0, 2, 1, 3).astype(q_lat.dtype)
+    lse = jax.nn.logsumexp(scores, axis=-1).transpose(0, 2, 1)  # [B,T,H]
+    return out.transpose(0, 2, 1, 3).astype(q_lat.dtype)[:, None], lse[:, None]
 
 
 def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = False):
     """The kernel (module docstring): query rows (t, h) flattened and padded to whole blocks
-    (padding rows see no slot), chunks merged by their softmax statistics."""
+    (padding rows see no slot). A chunk a query sees nothing of comes out as zeros with a
+    log-sum-exp of about -1e30: no weight in the merge."""
     B, T, H, R = q_lat.shape
     Kr, S = q_pe.shape[-1], latent.shape[2]
     M = T * H
@@ -126,7 +146,7 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
     q_slot = jnp.pad(jnp.repeat(slots.astype(jnp.int32), H, axis=1), ((0, 0), (0, rows - M)), constant_values=-1)
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
 
-    def kernel(layer_ref, slot_ref, ql_ref, qp_ref, lat_ref, kpe_ref, acc_ref, m_ref, den_ref):
+    def kernel(layer_ref, slot_ref, ql_ref, qp_ref, lat_ref, kpe_ref, out_ref, lse_ref):
         b, j = pl.program_id(0), pl.program_id(2)
         li = layer_ref[0]
         q_slot = slot_ref[...]  # [bm]
@@ -153,25 +173,24 @@ def _pallas(q_lat, q_pe, latent, k_pe, layer, slots, scale, interpret: bool = Fa
         init = (jnp.zeros((bm, R), jnp.float32), jnp.full((bm,), _NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
         acc, m, den = jax.lax.fori_loop(0, jnp.maximum(end - start, 0) // BLOCK_S + ((end - start) % BLOCK_S > 0),
                                       step, init)
-        acc_ref[...], m_ref[...], den_ref[...] = acc, m, den
+        den = jnp.maximum(den, 1e-30)
+        out_ref[...] = (acc / den[:, None]).astype(out_ref.dtype)
+        lse_ref[...] = m + jnp.log(den)
 
     full = lambda *shape: pl.BlockSpec(shape, lambda b, i, j: (0,) * len(shape))  # noqa: E731
     q_block = lambda x: pl.BlockSpec((None, bm, x), lambda b, i, j: (b, i, 0))  # noqa: E731
     whole = pl.BlockSpec()  # the stacked cache, indexed in the kernel
-    acc, m, den = pl.pallas_call(
+    out, lse = pl.pallas_call(
         kernel, grid=(B, n_m, n_chunks),
         in_specs=[full(1), pl.BlockSpec((None, bm), lambda b, i, j: (b, i)), q_block(R), q_block(Kr),
                   whole, whole],
         out_specs=[pl.BlockSpec((None, None, bm, R), lambda b, i, j: (b, j, i, 0)),
-                   pl.BlockSpec((None, None, bm), lambda b, i, j: (b, j, i)),
                    pl.BlockSpec((None, None, bm), lambda b, i, j: (b, j, i))],
-        out_shape=[jax.ShapeDtypeStruct((B, n_chunks, rows, R), jnp.float32),
-                   jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((B, n_chunks, rows, R), dtype),
                    jax.ShapeDtypeStruct((B, n_chunks, rows), jnp.float32)],
         interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=NUM_WARPS * max(1, bm // 32),
                                                                   num_stages=NUM_STAGES if bm <= 32 else 2),
     )(layer, q_slot, pad(q_lat), pad(q_pe.astype(dtype)), latent, k_pe)  # the cache's blocks cast as they load
-    w = jnp.exp(m - m.max(1, keepdims=True))  # [B,C,rows]: each chunk's share
-    out = (acc * w[..., None]).sum(1) / jnp.maximum((den * w).sum(1), 1e-30)[..., None]  # [B,rows,R]
-    return out[:, :M].reshape(B, T, H, R).astype(dtype)
+    return (out[:, :, :M].reshape(B, n_chunks, T, H, R),
+            lse[:, :, :M].reshape(B, n_chunks, T, H))

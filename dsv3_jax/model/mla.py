@@ -20,8 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.attention import dot_product_attention
-from dsv3_jax.kernels.latent_attention import latent_attention
-from dsv3_jax.model.layers import Linear, RMSNorm, einsum
+from dsv3_jax.kernels.latent_attention import latent_attention, merge_chunks
+from dsv3_jax.model.layers import Linear, RMSNorm, einsum, einsum_f32
 from dsv3_jax.model.rope import apply_rope
 from dsv3_jax.parallel.mesh import constrain
 
@@ -111,8 +111,10 @@ class MLA(nnx.Module):
         1. Write the new tokens' latent and k_pe into slots `view.slots` of layer `view.layer`.
         2. q_lat = q_nope . W_UK per head ([B,T,H,R]): keys are never expanded per head.
         3. Attend over the layer's cache up to each query's slot (`kernels.latent_attention`),
-           giving latent values [B,T,H,R].
-        4. Values per head = that . W_UV ([B,T,H,Kv]), then o_proj.
+           giving latent values [B,C,T,H,R] in C slot chunks.
+        4. Values per head = each chunk . W_UV, the chunks merged in fp32 ([B,T,H,Kv]), then
+           o_proj. Merging after W_UV (it is linear) folds the merge into the sum that
+           finishes that GEMM.
         """
         c = self.config
         B, T, _ = x.shape
@@ -128,8 +130,9 @@ class MLA(nnx.Module):
         with jax.named_scope("absorb_q"):
             q_lat = einsum("bthk,rhk->bthr", q_nope, w_kv_b[..., :Kn], dtype=x.dtype)  # W_UK
         with jax.named_scope("core"):
-            o_lat = latent_attention(q_lat, q_pe.astype(x.dtype), cache.latent, cache.k_pe, view.layer, view.slots,
-                                     c.softmax_scale)
+            o_lat, lse = latent_attention(q_lat, q_pe.astype(x.dtype), cache.latent, cache.k_pe, view.layer,
+                                          view.slots, c.softmax_scale)  # [B,C,T,H,R], [B,C,T,H]
         with jax.named_scope("absorb_o"):
-            o = einsum("bthr,rhk->bthk", o_lat, w_kv_b[..., Kn:], dtype=x.dtype)  # W_UV
+            o = einsum_f32("bcthr,rhk->bcthk", o_lat, w_kv_b[..., Kn:], dtype=x.dtype)  # W_UV
+            o = merge_chunks(o, lse).astype(x.dtype)
         return self.o_proj(o.reshape(B, T, H * Kv)), cache

@@ -20,6 +20,30 @@ def reference(q_lat, q_pe, latent, k_pe, layer, slots, scale):
     return np.einsum("bths,bsr->bthr", p / p.sum(-1, keepdims=True), lat)
 
 
+def merged(out_lse):
+    """The chunks weighed into one attention over all slots [B,T,H,R]."""
+    return np.asarray(la.merge_chunks(*out_lse))
+
+
+def chunk_reference(q_lat, q_pe, latent, k_pe, layer, slots, scale, chunk):
+    """float64 NumPy, slots cut into chunks of `chunk`: each chunk's attention over its own
+    visible slots and its log-sum-exp (zeros and -inf where a query sees none of it)."""
+    q_lat, q_pe, latent, k_pe = (np.asarray(a, np.float64) for a in (q_lat, q_pe, latent, k_pe))
+    lat, kpe = latent[layer], k_pe[layer]
+    s = (np.einsum("bthr,bsr->bths", q_lat, lat) + np.einsum("bthk,bsk->bths", q_pe, kpe)) * scale
+    visible = np.arange(lat.shape[1])[None, None, None, :] <= np.asarray(slots)[:, :, None, None]
+    outs, lses = [], []
+    for c0 in range(0, lat.shape[1], chunk):
+        sc = np.where(visible[..., c0:c0 + chunk], s[..., c0:c0 + chunk], -np.inf)
+        m = sc.max(-1, keepdims=True)
+        p = np.exp(sc - np.where(np.isfinite(m), m, 0))
+        den = p.sum(-1)
+        outs.append(np.einsum("bths,bsr->bthr", p, lat[:, c0:c0 + chunk]) / np.maximum(den, 1e-300)[..., None])
+        lses.append(np.where(den > 0, np.log(np.maximum(den, 1e-300)) + np.where(np.isfinite(m[..., 0]), m[..., 0], 0),
+                             -np.inf))
+    return np.stack(outs, 1), np.stack(lses, 1)
+
+
 def problem(T, H, S=200, L=3, B=3, R=32, Kr=16, seed=0):
     rs = np.random.RandomState(seed)
     q_lat, q_pe = (jnp.asarray(rs.randn(B, T, H, d), jnp.float32) for d in (R, Kr))
@@ -38,8 +62,23 @@ def test_kernel_and_xla_match_numpy(T, H):
     want = reference(*args, 0.3)
     xla = la.latent_attention(*args, 0.3, impl="xla")
     kernel = la._pallas(*args, 0.3, interpret=True)
-    np.testing.assert_allclose(np.asarray(xla), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(kernel), want, rtol=1e-5, atol=1e-6)
+    assert xla[0].shape[1] == 1 and kernel[0].shape[1] > 1  # one chunk; several
+    np.testing.assert_allclose(merged(xla), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged(kernel), want, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_chunks_and_their_log_sum_exp_match_numpy():
+    """Each chunk on its own: normalised over its visible slots, with its log-sum-exp; a chunk a
+    query sees nothing of is zeros with a log-sum-exp of about -1e30 (no weight in the merge)."""
+    args = problem(1, 4)
+    out, lse = la._pallas(*args, 0.3, interpret=True)
+    chunk = -(-args[2].shape[2] // out.shape[1])
+    want_out, want_lse = chunk_reference(*args, 0.3, chunk=-(-chunk // la.BLOCK_S) * la.BLOCK_S)
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
+    seen = np.isfinite(want_lse)
+    assert not seen.all()  # row 0 (slot 2) sees nothing of the later chunks
+    np.testing.assert_allclose(np.asarray(lse)[seen], want_lse[seen], rtol=1e-5)
+    assert (np.asarray(lse)[~seen] < -1e29).all()
 
 
 def test_kernel_in_bf16_stays_near_fp32():
@@ -47,7 +86,7 @@ def test_kernel_in_bf16_stays_near_fp32():
     args = problem(1, 16)
     want = reference(*args, 0.3)
     low = [a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args]
-    got = np.asarray(la._pallas(*low, 0.3, interpret=True), np.float32)
+    got = merged(la._pallas(*low, 0.3, interpret=True))
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
@@ -61,7 +100,7 @@ def test_kernel_under_a_mesh(monkeypatch):
         f = jax.jit(lambda *a: la.latent_attention(*a, 0.3, impl="pallas"))
         got = f(q_lat, q_pe, latent, k_pe, layer, slots)
         assert "shard_map" in str(jax.make_jaxpr(f)(q_lat, q_pe, latent, k_pe, layer, slots))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_impl_and_dims():
@@ -79,5 +118,5 @@ def test_kernel_reads_a_cache_stored_in_another_dtype():
     latent, k_pe = latent.astype(jnp.bfloat16), k_pe.astype(jnp.bfloat16)
     want = reference(q_lat, q_pe, latent.astype(jnp.float32), k_pe.astype(jnp.float32), 1, slots, 0.3)
     got = la._pallas(q_lat, q_pe, latent, k_pe, layer, slots, 0.3, interpret=True)
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    assert got[0].dtype == jnp.float32
+    np.testing.assert_allclose(merged(got), want, rtol=1e-5, atol=1e-6)
