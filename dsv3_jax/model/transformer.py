@@ -258,9 +258,11 @@ class DeepSeekV3(nnx.Module):
                 ahead_real = jnp.stack([jnp.roll(token_mask, -k, axis=1) for k in range(1, N + 1)])  # [N,B,T]
                 xs = (self.embed(ahead), exists[:, None, :] & ahead_real & token_mask[None])
 
+                call = _layer_fn()  # rematerialised like the stacks' layers
+
                 def depth(block, h_prev, x):
                     emb, tok_mask = x
-                    return block(h_prev, emb, cos, sin, starts, tok_mask)
+                    return call(block, h_prev, emb, cos, sin, starts, tok_mask)
 
                 _, (mtp_h, stats) = nnx.scan(depth, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
                     self.mtp, h, xs)

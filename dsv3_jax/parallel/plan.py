@@ -14,10 +14,10 @@ Activation model (per device, one micro-batch of b sequences of T tokens):
   of the weights, counted separately) cancel. Expert parallelism over P devices runs the
   routed FFN on a worst-case receive buffer of P x (rows sent) (`parallel.expert`), so the
   routed FFN's per-row residuals are added P - 1 more times.
-- "full": each dense and MoE layer saved only as its input [b,T,D] (the model checkpoints those
-  stacks, not the MTP block, which keeps its "none" residuals, counted as a MoE layer's), plus
-  the non-layer residuals (embedding, final norm, chunked cross-entropy) and, while one layer is
-  recomputed in the backward pass, that layer's "none" residuals and its weight copies.
+- "full": traced the same way under the model's own remat "full" (each dense, MoE and MTP
+  layer keeps only its input [b,T,D]; embeddings, final norm and the chunked cross-entropy
+  keep theirs), plus, while one layer is recomputed in the backward pass, that layer's "none"
+  residuals and its weight copies.
 Attention is traced with the target's kernel: "xla" (plain einsums, the TPU path, which saves
 the [B,H,T,T] probabilities) or "flash" (the [B,H,T,T] terms replaced by a [B,H,T] fp32
 logsumexp, what tokamax / FlashAttention-style kernels keep).
@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsv3_jax import fp8, kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference.cache import cache_bytes_per_token
+from dsv3_jax.model.transformer import remat
 from dsv3_jax.parallel.expert import ExpertRows, expert_ffn
 from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, param_shardings, parse_mesh_spec
 from dsv3_jax.train.config import TrainConfig
@@ -171,8 +172,9 @@ def local_config(config: ModelConfig, tensor: int) -> ModelConfig:
                           moe_intermediate_size=div(config.moe_intermediate_size))
 
 
-def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention: str) -> int:
-    """Residual bytes of the training loss (LM + MTP cross-entropy + balance) at [batch, seq]."""
+def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention: str, policy: str = "none") -> int:
+    """Residual bytes of the training loss (LM + MTP cross-entropy + balance) at [batch, seq],
+    under remat `policy`."""
     graphdef, params, bias = abstract_model(config)
     tokens = jnp.zeros((batch, seq), jnp.int32)
 
@@ -188,7 +190,7 @@ def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention
         return ce(out.hidden_states) + mtp + out.balance_loss
 
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    with target_kernels():
+    with target_kernels(), remat(policy):
         return _residual_bytes(loss, (abstract(params), abstract(bias)), seq, attention)
 
 
@@ -217,7 +219,7 @@ def activation_bytes(s: Setup) -> dict:
     c = s.config
     recipe = fp8.recipe_for(s.precision)
     local = local_config(c, s.mesh["tensor"])
-    trace = lambda cfg, b: _loss_residuals(cfg, b, s.seq, recipe, s.attention)
+    trace = lambda cfg, b, policy="none": _loss_residuals(cfg, b, s.seq, recipe, s.attention, policy)
     per_seq = trace(local, 2) - trace(local, 1)
     if c.num_moe_layers:
         more = local.replace(num_hidden_layers=c.num_hidden_layers + 1)
@@ -237,18 +239,15 @@ def activation_bytes(s: Setup) -> dict:
     b = s.local_batch
     layer_none = {"dense": dense_seq * b, "moe": (moe_seq + ep_seq) * b}
     none = (per_seq + moe_layers * ep_seq) * b
-    itemsize = 2  # layer inputs are carried in the bf16 compute dtype
     base = none - c.num_dense_layers * layer_none["dense"] - moe_layers * layer_none["moe"]
-    mtp = c.num_nextn_predict_layers * layer_none["moe"]  # not rematerialised by the model
-    full = c.num_hidden_layers * b * s.seq * c.hidden_size * itemsize + base + mtp + max(layer_none.values())
+    full = (trace(local, 2, "full") - trace(local, 1, "full")) * b + max(layer_none.values())
     return {"none": int(none), "full": int(full), "per_layer_none": {k: int(v) for k, v in layer_none.items()},
             "non_layer": int(base), "chosen": int(none if s.remat == "none" else full)}
 
 
 def weight_copy_bytes(s: Setup, params) -> int:
     """Compute-dtype (or FP8) copies of the weights autodiff keeps for the backward pass:
-    every layer's under remat "none"; under "full" the largest stacked layer's and the MTP
-    block's (which the model does not rematerialise)."""
+    every layer's under remat "none", the largest layer's under "full"."""
     itemsize = 1 if s.precision != "bf16" else 2
     mesh = s.mesh
     per = {}
@@ -262,7 +261,7 @@ def weight_copy_bytes(s: Setup, params) -> int:
         return sum(v for k, v in per.items() if k != "embed")
     layer_sizes = [per[k] / (s.config.num_moe_layers if k == "moe_layers" else s.config.num_dense_layers)
                    for k in ("moe_layers", "dense_layers") if k in per]
-    return int(max(layer_sizes, default=0) + per.get("lm_head", 0) + per.get("mtp", 0))
+    return int(max(layer_sizes, default=0) + per.get("lm_head", 0))
 
 
 # ---------------------------------------------------------------------------------------------
