@@ -7,9 +7,9 @@ s <= p) . latent, in fp32, returned in the compute dtype.
 The result comes in C slot chunks, flash-decoding style: each chunk's attention normalised over
 its own slots, and its log-sum-exp of scores. `merge_chunks` weighs them into the attention over
 all slots. The merge is linear in the chunks, so callers may first apply a linear map to each
-chunk: MLA's decode step applies W_UV to the chunks and merges them in the reduction that
-finishes that product, not in kernels of their own before it (one kernel fewer a layer; the
-bench decode step on an H200 gained 0.3-2%, docs/benchmarks.md).
+chunk: MLA's decode step applies W_UV to the chunks and merges after it, not in kernels of
+their own before it (one kernel fewer a layer; the bench decode step on an H200 gained 0.3-2%,
+docs/benchmarks.md).
 
 Two implementations of the same op:
 - "xla": the layer's cache sliced out, scores for every slot, a masked fp32 softmax and the
