@@ -85,13 +85,14 @@ def test_gradients_reach_every_parameter_and_never_the_router_bias():
 
 
 def test_remat_policies_give_the_same_gradients_and_save_less():
-    config = CONFIG.replace(num_hidden_layers=2, num_nextn_predict_layers=0)  # one dense, one MoE layer
+    config = CONFIG.replace(num_hidden_layers=2, num_nextn_predict_layers=1)  # one dense, one MoE layer, MTP
     graphdef, params, rest = nnx.split(_model(config), nnx.Param, ...)
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, config.vocab_size, (2, 16)))
 
     def loss(p, r):  # differentiated in the router bias too (its gradient is 0): nnx wants one trace level
         out = nnx.merge(graphdef, p, r)(tokens)
-        return jax.nn.logsumexp(out.logits, -1).mean() + out.balance_loss
+        return (jax.nn.logsumexp(out.logits, -1).mean() + jax.nn.logsumexp(out.mtp_logits, -1).mean()
+                + out.balance_loss)
 
     def traced(policy):
         with remat(policy):
@@ -107,6 +108,27 @@ def test_remat_policies_give_the_same_gradients_and_save_less():
     with pytest.raises(ValueError, match="remat 'some': choose from"):
         with remat("some"):
             pass
+
+
+def test_full_remat_covers_the_mtp_block():
+    """Under "full" the MTP block keeps little more than its inputs: what it adds to the saved
+    activations (one sequence more minus one less: the weights cancel) is a fraction of what it
+    adds under "none"."""
+    def saved(n_mtp, policy, batch):
+        tokens = jnp.asarray(np.random.RandomState(3).randint(0, CONFIG.vocab_size, (batch, 16)))
+        graphdef, params, rest = nnx.split(_model(CONFIG.replace(num_nextn_predict_layers=n_mtp)), nnx.Param, ...)
+
+        def loss(p, r):
+            out = nnx.merge(graphdef, p, r)(tokens)
+            mtp = out.mtp_hidden_states.astype(jnp.float32).sum() if n_mtp else 0.0
+            return out.hidden_states.astype(jnp.float32).sum() + mtp
+
+        with remat(policy):
+            return sum(math.prod(a.shape) * a.dtype.itemsize for a, _ in saved_residuals(loss, params, rest))
+
+    per_seq = lambda n, policy: saved(n, policy, 2) - saved(n, policy, 1)
+    added = {policy: per_seq(1, policy) - per_seq(0, policy) for policy in ("none", "full")}
+    assert 0 < added["full"] < added["none"] / 4, added
 
 
 def test_unrolled_layer_scans_compute_the_same_loss_and_gradients():
