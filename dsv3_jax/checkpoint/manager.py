@@ -15,6 +15,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dsv3_jax.config import ModelConfig
 
@@ -48,7 +49,9 @@ class Checkpointer:
             raise CheckpointCorrupt(f"checkpoint {self.directory}/{step}: config unreadable ({e})") from e
 
     def restore(self, step: int, abstract_state, data_iterator):
-        """State arrays placed per `abstract_state`'s shardings; the iterator is restored in place."""
+        """State arrays placed per `abstract_state`'s shardings; the iterator is restored in place.
+        A stored state of another structure or shape is a ValueError naming the leaf."""
+        self._check_fits(step, abstract_state)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
@@ -59,12 +62,40 @@ class Checkpointer:
                                     "to an earlier checkpoint") from e
         return out.state
 
+    def _check_fits(self, step: int, abstract_state) -> None:
+        """Compare the stored state's leaves with the target's before Orbax does: its errors for a
+        changed model or optimizer are deep, and they are no reason to delete the checkpoint."""
+        where = f"checkpoint {self.directory}/{step}"
+        try:
+            path = epath.Path(self.directory) / str(step) / "state"
+            stored = _leaves(ocp.PyTreeCheckpointHandler().metadata(path).tree)
+        except Exception as e:
+            raise CheckpointCorrupt(f"{where} cannot be restored (state metadata unreadable: {type(e).__name__}: "
+                                    f"{e}); remove that step directory to fall back to an earlier checkpoint") from e
+        target = _leaves(abstract_state)
+        problems = [f"{label}: " + ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+                    for label, keys in (("stored but not in this run's state", [k for k in stored if k not in target]),
+                                        ("in this run's state but not stored", [k for k in target if k not in stored]))
+                    if keys]
+        problems += [f"{k}: stored {tuple(stored[k].shape)} {stored[k].dtype}, this run's {tuple(x.shape)}"
+                     for k, x in target.items() if k in stored and tuple(stored[k].shape) != tuple(x.shape)][:3]
+        if problems:
+            raise ValueError(f"{where} holds a state that does not fit this run's ({'; '.join(problems)}): "
+                             "written by a different model config or code version?")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _leaves(tree) -> dict:
+    """Leaves by '/'-joined key names, so a NamedTuple target and the stored nested dicts compare."""
+    def name(k):
+        return str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)))
+    return {"/".join(name(k) for k in path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(tree):
