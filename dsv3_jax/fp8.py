@@ -109,13 +109,17 @@ def pad_to(x: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
 def scales(amax: jax.Array, pow2: bool = False) -> jax.Array:
     """amax / 448 (1 where amax is 0), optionally rounded up to a power of two; fp32.
 
+    Floored at the smallest normal fp32: a tiny tile's amax / 448 would underflow or be flushed
+    to 0, and x / 0 is NaN. An inf or NaN amax keeps its non-finite scale (with pow2 too), so
+    the tile dequantises to NaN instead of saturating at 448 unnoticed.
     Written amax * fp32(1/448): XLA rewrites division by a constant that way, so say so.
     """
-    s = jnp.where(amax > 0, amax * jnp.float32(1 / E4M3_MAX), 1.0).astype(jnp.float32)
+    amax = amax.astype(jnp.float32)
+    s = jnp.where(amax == 0, 1.0, jnp.maximum(amax * jnp.float32(1 / E4M3_MAX), jnp.finfo(jnp.float32).tiny))
     if not pow2:
         return s
     m, e = jnp.frexp(s)  # s = m * 2^e, m in [0.5, 1): the next power of two is 2^e unless m = 0.5
-    return jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
+    return jnp.where(jnp.isfinite(s), jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e)), s)
 
 
 def quantize(x: jax.Array, tile: tuple[int, int], pow2: bool = False) -> tuple[jax.Array, jax.Array]:

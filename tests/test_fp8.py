@@ -21,6 +21,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
 
 def np_scale(amax: float, pow2: bool) -> np.float32:
     s = np.float32(amax) * np.float32(1 / 448) if amax > 0 else np.float32(1)  # amax / 448, as XLA computes it
+    s = max(s, np.finfo(np.float32).tiny)  # a normal float: no flush to 0 (x / 0)
     if pow2:
         p = np.float32(1)
         while p < s:
@@ -107,6 +108,35 @@ def test_grid_values_round_trip_exactly(pow2):
     x = vals * np.exp2(np.array([-6, 0, 3, 9], np.float32))[:, None]
     back = fp8.fake_quantize(jnp.asarray(x), fp8.ROW, pow2)
     np.testing.assert_array_equal(np.asarray(back), x)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_tiny_tiles_quantize_without_nan(pow2):
+    """A tile whose amax / 448 underflows (flushed to 0 where denormals are) must not give 0 / 0:
+    its scale stays a normal float, so gradients of ~1e-37 give finite dx and dw."""
+    x, w, g = randn(14, (4, 128)), randn(15, (128, 256), 0.05), np.zeros((4, 256), np.float32)
+    g[0, :3] = 1e-37, -3e-38, 1e-44  # tile 1 of row 0 is all zero; row 1 normal
+    g[1] = randn(16, (256,))
+    _, s = fp8.quantize(jnp.asarray(g), fp8.ROW, pow2)
+    assert np.all(np.asarray(s) >= np.finfo(np.float32).tiny)
+    recipe = fp8.Recipe(pow2_scales=pow2)
+    dx, dw = jax.grad(lambda x, w: jnp.vdot(fp8.matmul(x, w, recipe, jnp.float32), g), (0, 1))(x, w)
+    dx_ref = g.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dw))
+    assert np.abs(np.asarray(dx[0])).max() < 1e-35 and rel(dx[1], dx_ref[1]) < 0.08
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_non_finite_tile_is_not_saturated(bad, pow2):
+    """An inf or NaN in a tile reaches the output as NaN (a diverging run shows it); it is not
+    clipped to 448 with a scale of 1. The other tiles are untouched."""
+    x, w = randn(17, (3, 256)).copy(), randn(18, (256, 8), 0.05)
+    x[0, 5] = bad
+    back = np.asarray(fp8.fake_quantize(jnp.asarray(x), fp8.ROW, pow2))
+    assert np.all(np.isnan(back[0, :128])) and np.all(np.isfinite(back[0, 128:]))
+    y = np.asarray(fp8.matmul(jnp.asarray(x), jnp.asarray(w), fp8.Recipe(pow2_scales=pow2), jnp.float32))
+    assert not np.any(np.isfinite(y[0])) and np.all(np.isfinite(y[1:]))
 
 
 @pytest.mark.parametrize("tile", [fp8.ROW, fp8.BLOCK, fp8.COL])
