@@ -125,6 +125,8 @@ def scales(amax: jax.Array, pow2: bool = False) -> jax.Array:
 def quantize(x: jax.Array, tile: tuple[int, int], pow2: bool = False) -> tuple[jax.Array, jax.Array]:
     """x [R,C] (multiples of tile) -> E4M3 values [R,C], fp32 scales [R/tr, C/tc]; x ~ q * s."""
     (R, C), (tr, tc) = x.shape, tile
+    if R % tr or C % tc:
+        raise ValueError(f"fp8.quantize: shape {x.shape} is not whole {tr}x{tc} tiles (pad_to first)")
     xt = x.astype(jnp.float32).reshape(R // tr, tr, C // tc, tc)  # [R,C] -> [Rt,tr,Ct,tc]
     s = scales(jnp.abs(xt).max(axis=(1, 3)), pow2)  # [Rt,Ct]
     q = jnp.clip(xt / s[:, None, :, None], -E4M3_MAX, E4M3_MAX).astype(E4M3)
@@ -133,7 +135,11 @@ def quantize(x: jax.Array, tile: tuple[int, int], pow2: bool = False) -> tuple[j
 
 def dequantize(q: jax.Array, s: jax.Array, tile: tuple[int, int]) -> jax.Array:
     """Inverse of `quantize`: q [R,C] E4M3, s [R/tr, C/tc] -> fp32 [R,C]."""
-    return q.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, tile[0], axis=0), tile[1], axis=1)
+    (R, C), (tr, tc) = q.shape, tile
+    if R % tr or C % tc or s.shape != (R // tr, C // tc):  # else a scale row or column would broadcast
+        raise ValueError(f"fp8.dequantize: scales of shape {s.shape} for values {q.shape} in {tr}x{tc} tiles; "
+                         f"need {(R // tr, C // tc)} and whole tiles")
+    return q.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, tr, axis=0), tc, axis=1)
 
 
 def fake_quantize(x: jax.Array, tile: tuple[int, int], pow2: bool = False) -> jax.Array:
@@ -158,6 +164,7 @@ def scaled_dot(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, rec
     aq [M,K] / bq [K,N] E4M3 (K a multiple of 128), a_s [M,K/128], b_s [K/128,N] -> [M,N].
     Native without accumulator modelling: the impl `kernels.scaled_matmul` picks.
     """
+    scaled_matmul.check_shapes(aq, a_s, bq, b_s)
     if recipe.native and recipe.accumulation_bits is None and scaled_matmul.default_impl() == "pallas":
         return scaled_matmul.pallas(aq, a_s, bq, b_s)
     (M, K), N = aq.shape, bq.shape[1]

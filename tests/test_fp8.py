@@ -195,6 +195,21 @@ def test_cached_input_is_fp8():
     assert res8 / resb < 0.55
 
 
+def test_mismatched_shapes_raise_instead_of_broadcasting():
+    """Scales of the wrong shape would broadcast silently (e.g. one row of scales over 128 rows)."""
+    q, s = fp8.quantize(jnp.ones((128, 256)), fp8.BLOCK)  # s [1, 2]
+    with pytest.raises(ValueError, match=r"scales of shape \(1, 2\).*need \(128, 2\)"):
+        fp8.dequantize(q, s, fp8.ROW)
+    with pytest.raises(ValueError, match=r"shape \(200, 256\) is not whole 128x128 tiles"):
+        fp8.quantize(jnp.ones((200, 256)), fp8.BLOCK)
+    aq, bq = q[:4], q.T[:, :8]  # [4, 256], [256, 8]
+    for a_s, b_s in ((jnp.ones((1, 2)), jnp.ones((2, 8))), (jnp.ones((4, 2)), jnp.ones((2, 1)))):
+        with pytest.raises(ValueError, match="scaled matmul: .* need a_s"):
+            fp8.scaled_dot(aq, a_s, bq, b_s, fp8.Recipe())
+    with pytest.raises(ValueError, match="scaled matmul: .* need a_s"):
+        fp8.scaled_dot(aq, jnp.ones((4, 2)), bq[:128], jnp.ones((1, 8)), fp8.Recipe())
+
+
 def test_einsum_rejects_other_contractions():
     with pytest.raises(ValueError, match="projections"):
         fp8.einsum("bd,fd->bf", jnp.ones((2, 4)), jnp.ones((3, 4)), dtype=jnp.float32, recipe=fp8.Recipe())

@@ -41,12 +41,22 @@ def default_impl() -> str:
     return forced("scaled_matmul") or ("pallas" if jax.default_backend() == "gpu" and one_device() else "xla")
 
 
-def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpret: bool = False) -> jax.Array:
-    """aq [M,K], bq [K,N] (FP8, K a multiple of 128), a_s [M,K/128], b_s [K/128,N] -> [M,N] fp32."""
-    (M, K), N = aq.shape, bq.shape[1]
-    bm, bn, bk = BLOCK
+def check_shapes(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array) -> None:
+    """aq [M,K], bq [K,N] with K whole 128-chunks, a_s [M,K/128], b_s [K/128,N], or a ValueError
+    (a wrong scale shape would broadcast silently, or be read out of bounds by the kernel)."""
+    (M, K), N, bk = aq.shape, bq.shape[1], BLOCK[2]
     if K % bk:
         raise ValueError(f"scaled matmul: K={K} must be a multiple of {bk} (pad it, as fp8.quantize's callers do)")
+    if bq.shape[0] != K or a_s.shape != (M, K // bk) or b_s.shape != (K // bk, N):
+        raise ValueError(f"scaled matmul: aq {aq.shape}, a_s {a_s.shape}, bq {bq.shape}, b_s {b_s.shape}; "
+                         f"need a_s {(M, K // bk)}, bq {(K, N)}, b_s {(K // bk, N)}")
+
+
+def pallas(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, interpret: bool = False) -> jax.Array:
+    """aq [M,K], bq [K,N] (FP8, K a multiple of 128), a_s [M,K/128], b_s [K/128,N] -> [M,N] fp32."""
+    check_shapes(aq, a_s, bq, b_s)
+    (M, K), N = aq.shape, bq.shape[1]
+    bm, bn, bk = BLOCK
 
     def kernel(a_ref, ast_ref, bt_ref, bs_ref, out_ref):
         i, j = pl.program_id(0), pl.program_id(1)
