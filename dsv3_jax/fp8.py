@@ -58,9 +58,14 @@ class Recipe:
     mma_k: int = 32
 
     def __post_init__(self):
-        if self.promotion_interval % self.mma_k or TILE % self.mma_k:
-            raise ValueError(f"Recipe: promotion_interval={self.promotion_interval} and {TILE} must be "
-                             f"multiples of mma_k={self.mma_k}")
+        if self.mma_k <= 0 or TILE % self.mma_k:
+            raise ValueError(f"Recipe: mma_k={self.mma_k} must be a positive divisor of {TILE}")
+        if self.promotion_interval <= 0 or self.promotion_interval % self.mma_k:
+            raise ValueError(f"Recipe: promotion_interval={self.promotion_interval} must be a positive multiple "
+                             f"of mma_k={self.mma_k}")
+        if self.accumulation_bits is not None and not 1 <= self.accumulation_bits <= 23:
+            raise ValueError(f"Recipe: accumulation_bits={self.accumulation_bits} must be in 1..23 "
+                             "(the bits of an fp32 mantissa)")
 
 
 PRECISIONS = ("bf16", "fp8_emulated", "fp8_native")

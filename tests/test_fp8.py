@@ -237,6 +237,41 @@ def test_limited_accumulation_error_grows_without_promotion():
     assert errors["128", 4096] < errors["none", 4096] / 8
 
 
+def np_limited_accumulation(a, sa, b, sb, bits, interval, mma_k):
+    """Each mma_k-wide scaled partial product added to an accumulator whose mantissa is cut to
+    `bits` bits (toward zero); the accumulator added to the fp32 result every `interval` K."""
+    def cut(v):
+        return (v.astype(np.float32).view(np.uint32) & np.uint32(2**32 - 2 ** (23 - bits))).view(np.float32)
+
+    out = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for start in range(0, a.shape[1], interval):
+        acc = np.zeros_like(out)
+        for k in range(start, min(start + interval, a.shape[1]), mma_k):
+            part = (a[:, k:k + mma_k].astype(np.float64) @ b[k:k + mma_k].astype(np.float64)).astype(np.float32)
+            acc = cut(acc + part * sa[:, k // 128, None] * sb[None, k // 128])
+        out += acc
+    return out
+
+
+@pytest.mark.parametrize("K,interval,mma_k", [(384, 128, 32), (384, 256, 32), (640, 96, 32), (256, 512, 64)])
+def test_limited_accumulation_matches_numpy(K, interval, mma_k):
+    """Intervals that do not divide K (or exceed it) end with a shorter last promotion."""
+    a, b = np.abs(randn(19, (3, K))) + 0.5, np.abs(randn(20, (K, 5))) + 0.5
+    aq, a_s = fp8.quantize(jnp.asarray(a), fp8.ROW)
+    bq, b_s = fp8.quantize(jnp.asarray(b), fp8.COL)
+    got = fp8.scaled_dot(aq, a_s, bq, b_s, fp8.Recipe(accumulation_bits=10, promotion_interval=interval, mma_k=mma_k))
+    want = np_limited_accumulation(np.asarray(aq, np.float32), np.asarray(a_s), np.asarray(bq, np.float32),
+                                   np.asarray(b_s), 10, interval, mma_k)
+    assert rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("kw", [{"accumulation_bits": 24}, {"accumulation_bits": 0}, {"promotion_interval": 0},
+                                {"mma_k": 0}, {"promotion_interval": 100}])
+def test_recipe_rejects_impossible_settings(kw):
+    with pytest.raises(ValueError, match=f"Recipe: {next(iter(kw))}="):
+        fp8.Recipe(**kw)
+
+
 # --- grouped (experts) -------------------------------------------------------------------------
 
 
