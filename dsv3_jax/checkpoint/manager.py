@@ -20,8 +20,8 @@ from etils import epath
 from dsv3_jax.config import ModelConfig
 
 
-class CheckpointCorrupt(RuntimeError):
-    """A checkpoint exists but cannot be read back."""
+class CheckpointCorrupt(ValueError):
+    """A checkpoint exists but cannot be read back (a ValueError: bad input, one line in the CLIs)."""
 
 
 class Checkpointer:
@@ -52,17 +52,25 @@ class Checkpointer:
         """State arrays placed per `abstract_state`'s shardings; the iterator is restored in place.
         A stored state of another structure or shape is a ValueError naming the leaf."""
         self._check_fits(step, abstract_state)
+        return self._restore(step, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+
+    def restore_subset(self, step: int, abstract_subset):
+        """Only the stored state's leaves that `abstract_subset` names (e.g. {"params", "bias"}
+        for inference: the optimizer state is never read), placed per its shardings."""
+        self._check_fits(step, abstract_subset, subset=True)
+        return self._restore(step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract_subset, ocp.checkpoint_utils.construct_restore_args(abstract_subset), partial_restore=True)))
+
+    def _restore(self, step: int, args):
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            return self.manager.restore(step, args=args).state
         except Exception as e:
             raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored "
                                     f"({type(e).__name__}: {e}); remove that step directory to fall back "
                                     "to an earlier checkpoint") from e
-        return out.state
 
-    def _check_fits(self, step: int, abstract_state) -> None:
+    def _check_fits(self, step: int, abstract_state, subset: bool = False) -> None:
         """Compare the stored state's leaves with the target's before Orbax does: its errors for a
         changed model or optimizer are deep, and they are no reason to delete the checkpoint."""
         where = f"checkpoint {self.directory}/{step}"
@@ -73,8 +81,9 @@ class Checkpointer:
             raise CheckpointCorrupt(f"{where} cannot be restored (state metadata unreadable: {type(e).__name__}: "
                                     f"{e}); remove that step directory to fall back to an earlier checkpoint") from e
         target = _leaves(abstract_state)
+        unused = [] if subset else [k for k in stored if k not in target]
         problems = [f"{label}: " + ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
-                    for label, keys in (("stored but not in this run's state", [k for k in stored if k not in target]),
+                    for label, keys in (("stored but not in this run's state", unused),
                                         ("in this run's state but not stored", [k for k in target if k not in stored]))
                     if keys]
         problems += [f"{k}: stored {tuple(stored[k].shape)} {stored[k].dtype}, this run's {tuple(x.shape)}"

@@ -8,41 +8,40 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 from tokenizers import Tokenizer
 
+from dsv3_jax import parallel
+from dsv3_jax.checkpoint.manager import Checkpointer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.tokenizer import read_tokenizer
 from dsv3_jax.model import DeepSeekV3, RouterBias
 
 
 def _from_workdir(workdir: str, dtype) -> tuple[ModelConfig, DeepSeekV3]:
-    from dsv3_jax.train.config import TrainConfig  # noqa: PLC0415 (training imports stay optional)
-    from dsv3_jax.train.optimizer import make_optimizer  # noqa: PLC0415
-    from dsv3_jax.train.step import TrainState  # noqa: PLC0415
-
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    config = ModelConfig.from_hf(saved["model"])
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = TrainConfig(**{k: v for k, v in saved["train"].items() if k in fields})
-    model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                              param_dtype=jnp.dtype(train.param_dtype)))
-    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), params, bias,
-                          jax.eval_shape(make_optimizer(train).init, params))
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    manager.close()
-    return config, nnx.merge(graphdef, state.params, state.bias)
+    """The latest step's parameters and router biases on one device, whatever mesh trained them;
+    the optimizer state is never read (it is twice the parameters)."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+        saved = ckpt.read_config(step)
+        config = ModelConfig.from_hf(saved["model"])
+        model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                  param_dtype=jnp.dtype(saved["train"]["param_dtype"])))
+        graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+        mesh = parallel.make_mesh(None, jax.devices()[:1])
+        place = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          tree, parallel.param_shardings(tree, mesh))
+        state = ckpt.restore_subset(step, {"params": place(params), "bias": place(bias)})
+    finally:
+        ckpt.close()
+    return config, nnx.merge(graphdef, state["params"], state["bias"])
 
 
 def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=jnp.bfloat16

@@ -66,3 +66,15 @@ def test_a_state_of_another_shape_is_named_not_called_corrupt(tmp_path, change, 
     assert not isinstance(e.value, CheckpointCorrupt) and "remove" not in str(e.value)
     assert os.listdir(tmp_path) == ["1"]
     ckpt.close()
+
+
+def test_restore_subset_reads_only_the_named_leaves(tmp_path):
+    ckpt = _saved(tmp_path, _state())
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    target = abstract_like({"params": _state(mesh)["params"]})
+    out = ckpt.restore_subset(1, target)
+    assert jax.tree.structure(out) == jax.tree.structure(target)
+    np.testing.assert_array_equal(out["params"]["layer"]["kernel"], np.arange(32.0).reshape(8, 4))
+    with pytest.raises(ValueError, match=r"in this run's state but not stored: params/layer/bias"):
+        ckpt.restore_subset(1, {"params": {"layer": {"bias": jax.ShapeDtypeStruct((4,), jnp.float32)}}})
+    ckpt.close()
