@@ -48,7 +48,8 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
                ) -> tuple[DeepSeekV3, Tokenizer | None]:
     """(model computing in `dtype`, tokenizer or None) from a workdir or a converted checkpoint.
 
-    The tokenizer is `tokenizer` if given, else the directory's tokenizer.json if present.
+    The tokenizer is `tokenizer` if given, else the directory's tokenizer.json if present; one
+    with more tokens than the model's vocabulary is refused.
     """
     path = os.path.abspath(os.fspath(path))  # Orbax refuses relative paths
     if tokenizer and not os.path.isfile(tokenizer):  # before the (long) model load
@@ -63,4 +64,10 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
         raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
                                 "checkpoint (config.json + params/)")
     tok_path = tokenizer or os.path.join(path, "tokenizer.json")
-    return model, read_tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    if not os.path.isfile(tok_path):
+        return model, None
+    tok = read_tokenizer(tok_path)
+    if tok.get_vocab_size() > model.config.vocab_size:  # ids past the embedding would be clamped silently
+        raise ValueError(f"{tok_path} has {tok.get_vocab_size()} tokens, more than the model's "
+                         f"vocab_size={model.config.vocab_size}: not this model's tokenizer")
+    return model, tok

@@ -13,6 +13,7 @@ from flax import nnx, traverse_util
 from dsv3_jax import parallel
 from dsv3_jax.checkpoint.manager import Checkpointer
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.tokenizer import train_tokenizer
 from dsv3_jax.inference import load_model
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.step import init_state
@@ -55,9 +56,18 @@ def test_a_workdir_trained_on_8_devices_loads_on_one(workdir, tmp_path):
         np.testing.assert_array_equal(loaded[k], saved[k], err_msg=k)
 
 
-def test_the_model_sits_on_one_device_with_only_its_parameters(workdir):
+def test_the_model_sits_on_one_device(workdir):
     model, _ = load_model(workdir[0])
     assert {d for x in jax.tree.leaves(nnx.state(model)) for d in x.devices()} == {jax.devices()[0]}
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(workdir, tmp_path):
+    tok = train_tokenizer(["the quick brown fox " * 20], 300)
+    tok.add_tokens([f"<extra{i}>" for i in range(MODEL.vocab_size)])
+    tok.save(str(tmp_path / "big.json"))
+    with pytest.raises(ValueError, match=rf"big.json has {tok.get_vocab_size()} tokens, more than the model's "
+                                         rf"vocab_size={MODEL.vocab_size}"):
+        load_model(workdir[0], tokenizer=str(tmp_path / "big.json"))
 
 
 def test_workdirs_without_a_usable_checkpoint_are_named(tmp_path, workdir):
