@@ -45,8 +45,9 @@ class DataConfig:
 
 
 def _decode(path: str, raw: bytes) -> str:
+    """UTF-8, less a leading byte-order mark (Windows editors write one; JSON refuses it)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
@@ -83,9 +84,9 @@ def read_documents(paths: tuple[str, ...], text_field: str = "text") -> list[str
     for path in _files(paths):
         with open(path, "rb") as f:
             raw = f.read()
-        if not raw.strip():
-            raise ValueError(f"{path}: empty file")
         text = _decode(path, raw)
+        if not text.strip():
+            raise ValueError(f"{path}: empty file")
         if _kind(path) == "text":
             docs.append(text)
             continue

@@ -104,6 +104,7 @@ def test_jsonl_and_array_record_sources(tmp_path, tokenizer):
 @pytest.mark.parametrize("content, message", [
     (b"", "empty file"),
     (b"  \n", "empty file"),
+    (b"\xef\xbb\xbf\r\n", "empty file"),
     (b"caf\xe9 au lait", "not UTF-8 text"),
 ])
 def test_bad_text_files_are_named(tmp_path, content, message):
@@ -161,3 +162,11 @@ def test_data_config_checks():
         DataConfig(seq_len=1)
     with pytest.raises(ValueError, match="batch_size=0"):
         DataConfig(batch_size=0)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Windows tools start UTF-8 files with U+FEFF: JSON refused such a first line, text kept it."""
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "alpha"}\r\n{"text": "beta"}\r\n')
+    (tmp_path / "b.txt").write_bytes("\ufeffgamma \ufeff delta".encode())
+    assert read_documents((str(tmp_path / "a.jsonl"),)) == ["alpha", "beta"]
+    assert read_documents((str(tmp_path / "b.txt"),)) == ["gamma \ufeff delta"]  # only a leading one is a mark
