@@ -112,14 +112,20 @@ class _Tokenize(grain.transforms.Map):
 
 
 class _TokenRecord(grain.transforms.Map):
+    def __init__(self, paths: tuple[str, ...]):
+        self.paths = paths
+
     def map(self, record: bytes) -> dict:
+        if len(record) % 4:
+            raise ValueError(f"a record of {len(record)} bytes in {list(self.paths)}: records must be "
+                             "token ids as little-endian int32 (4 bytes each)")
         return {"tokens": np.frombuffer(record, dtype="<i4").astype(np.int32)}
 
 
 def _source(config: DataConfig, tokenizer: Tokenizer) -> grain.MapDataset:
     if config.paths and _kind(_files(config.paths)[0]) == "array_record":
         files = _files(config.paths)
-        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)), _TokenRecord()
+        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)), _TokenRecord(config.paths)
     docs = read_documents(config.paths, config.text_field) if config.paths else embedded_documents()
     return grain.MapDataset.source(docs), _Tokenize(tokenizer)
 
@@ -130,6 +136,8 @@ def make_iterator(config: DataConfig, tokenizer: Tokenizer, process_index: int =
     if config.batch_size % process_count:
         raise ValueError(f"batch_size={config.batch_size} must divide over {process_count} processes")
     ds, to_tokens = _source(config, tokenizer)
+    if not len(ds):  # only ArrayRecord files can hold no documents: empty text files are refused
+        raise ValueError(f"no documents in {list(config.paths)}")
     if len(ds) < process_count:
         raise ValueError(f"{len(ds)} documents cannot be shared by {process_count} processes")
     ds = ds[process_index::process_count].shuffle(seed=config.seed).repeat().map(to_tokens)

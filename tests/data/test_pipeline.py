@@ -170,3 +170,19 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
     (tmp_path / "b.txt").write_bytes("\ufeffgamma \ufeff delta".encode())
     assert read_documents((str(tmp_path / "a.jsonl"),)) == ["alpha", "beta"]
     assert read_documents((str(tmp_path / "b.txt"),)) == ["gamma \ufeff delta"]  # only a leading one is a mark
+
+
+def test_unusable_array_record_files_are_named(tmp_path, tokenizer):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    empty, odd = tmp_path / "empty.arrayrecord", tmp_path / "odd" / "odd.arrayrecord"
+    ArrayRecordWriter(str(empty), "group_size:1").close()
+    with pytest.raises(ValueError, match=r"no documents in \[.*empty.arrayrecord'\]"):
+        make_iterator(DataConfig(paths=(str(empty),)), tokenizer)
+    odd.parent.mkdir()
+    w = ArrayRecordWriter(str(odd), "group_size:1")
+    w.write(np.arange(3, dtype="<i8").tobytes()[:10])  # not whole int32s
+    w.close()
+    with pytest.raises(ValueError, match=r"a record of 10 bytes in \[.*odd'\]: records must be token ids as "
+                                         r"little-endian int32"):
+        next(make_iterator(DataConfig(paths=(str(odd.parent),), seq_len=4, batch_size=1), tokenizer))
