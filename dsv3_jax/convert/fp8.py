@@ -36,6 +36,8 @@ def dequantize(w8: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weight [out, in] -> (e4m3 weight [out, in], fp32 scale_inv [ceil(out/128), ceil(in/128)])."""
     w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"a weight of shape {w.shape}: block FP8 is for 2-d weights")
     ob, ib = scale_shape(w.shape)
     padded = np.zeros((ob * BLOCK, ib * BLOCK), np.float32)
     padded[: w.shape[0], : w.shape[1]] = w

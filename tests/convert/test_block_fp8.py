@@ -36,3 +36,8 @@ def test_zero_block_and_scale_shape_check():
     assert np.all(scale == 0) and np.all(fp8.dequantize(w8, scale) == 0)
     with pytest.raises(ValueError, match="weight_scale_inv has shape"):
         fp8.dequantize(w8, np.ones((1, 1), np.float32))
+
+
+def test_quantize_needs_a_2d_weight():
+    with pytest.raises(ValueError, match=r"weight of shape \(2, 3, 4\): block FP8 is for 2-d weights"):
+        fp8.quantize(np.ones((2, 3, 4), np.float32))
