@@ -15,6 +15,15 @@ import math
 import os
 from typing import Any
 
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 _ROPE_TYPES = ("default", "yarn")
 
 
@@ -73,10 +82,16 @@ class ModelConfig:
                   "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                   "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
                   "n_group", "topk_group", "max_position_embeddings"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "must be a positive int")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be None or > 0")
+            need(_int(getattr(self, f)) and getattr(self, f) > 0, f, "must be a positive int")
+        for f in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            need(_int(getattr(self, f)) and getattr(self, f) >= 0, f, "must be an int >= 0")
+        for f in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            need(_number(getattr(self, f)) and getattr(self, f) > 0, f, "must be a positive number")
+        for f in ("norm_topk_prob", "seq_aux", "tie_word_embeddings", "attention_bias"):
+            need(isinstance(getattr(self, f), bool), f, "must be true or false")
+        need(self.q_lora_rank is None or _int(self.q_lora_rank) and self.q_lora_rank > 0, "q_lora_rank",
+             "must be None or a positive int")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotary pairs)")
-        need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
         need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
              f"must be <= n_routed_experts={self.n_routed_experts}")
         need(self.n_routed_experts % self.n_group == 0, "n_group",
@@ -86,16 +101,14 @@ class ModelConfig:
         need(self.topk_group <= self.n_group, "topk_group", f"must be <= n_group={self.n_group}")
         need(self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
              "num_experts_per_tok", "must be <= the experts in the topk_group selected groups")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
-             f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        need(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+             f"must be <= num_hidden_layers={self.num_hidden_layers}")
         need(self.moe_layer_freq == 1, "moe_layer_freq", "only 1 (every layer after the dense ones is MoE)")
-        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.scoring_func == "sigmoid", "scoring_func", "only 'sigmoid' (DeepSeek-V3 gating)")
         need(self.topk_method == "noaux_tc", "topk_method", "only 'noaux_tc' (group-limited top-k)")
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU)")
         need(not self.tie_word_embeddings, "tie_word_embeddings", "DeepSeek-V3 has an untied head")
         need(not self.attention_bias, "attention_bias", "DeepSeek-V3 projections have no bias")
-        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.rope_type in _ROPE_TYPES, "rope_scaling", f"unknown rope type; supported: {_ROPE_TYPES}")
         if self.rope_type == "yarn":
             s = self.rope_scaling

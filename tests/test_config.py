@@ -105,3 +105,21 @@ def test_invalid_hf_dict_is_refused_too():
         ModelConfig.from_hf(bad)
     with pytest.raises(ValueError, match="rope_interleave"):
         ModelConfig.from_hf(ModelConfig.preset("tiny").to_hf() | {"rope_interleave": False})
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(n_shared_experts=None), "n_shared_experts"),  # DeepSeek-V2 configs write null for none
+    (dict(num_nextn_predict_layers=None), "num_nextn_predict_layers"),
+    (dict(first_k_dense_replace=None), "first_k_dense_replace"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps"),
+    (dict(q_lora_rank=0.5), "q_lora_rank"),
+    (dict(hidden_size=True), "hidden_size"),
+    (dict(norm_topk_prob="false"), "norm_topk_prob"),  # a truthy string would normalize
+    (dict(rope_theta=0), "rope_theta"),
+    (dict(routed_scaling_factor=None), "routed_scaling_factor"),
+])
+def test_values_of_the_wrong_type_name_the_field(changes, field):
+    """A config.json value of the wrong type is a ValueError naming the field, not a TypeError
+    from a comparison (or, for floats, bools and strings, accepted and misread)."""
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}=.*: "):
+        ModelConfig.from_hf(ModelConfig.preset("tiny").to_hf() | changes)
