@@ -24,7 +24,19 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_ROPE_TYPES = ("default", "yarn")
+# The rope_scaling keys each rope type reads (`model.rope`, HF's meaning), with what their values
+# must be; any other key would be ignored, so it is refused. "type"/"rope_type" name the type.
+_OPTIONAL_NUMBER = (lambda v: v is None or _number(v), "a number or null")
+_ROPE_KEYS: dict[str, dict[str, tuple]] = {
+    "default": {},
+    "yarn": {
+        "factor": (lambda v: _number(v) and v >= 1, "a number >= 1"),
+        "original_max_position_embeddings": (lambda v: _int(v) and v > 0, "a positive int"),
+        "beta_fast": _OPTIONAL_NUMBER, "beta_slow": _OPTIONAL_NUMBER, "mscale": _OPTIONAL_NUMBER,
+        "mscale_all_dim": _OPTIONAL_NUMBER, "attention_factor": _OPTIONAL_NUMBER,
+        "truncate": (lambda v: isinstance(v, bool), "true or false"),
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,15 +121,25 @@ class ModelConfig:
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU)")
         need(not self.tie_word_embeddings, "tie_word_embeddings", "DeepSeek-V3 has an untied head")
         need(not self.attention_bias, "attention_bias", "DeepSeek-V3 projections have no bias")
-        need(self.rope_type in _ROPE_TYPES, "rope_scaling", f"unknown rope type; supported: {_ROPE_TYPES}")
-        if self.rope_type == "yarn":
-            s = self.rope_scaling
-            need("factor" in s and s["factor"] >= 1, "rope_scaling", "yarn needs factor >= 1")
-            need(s.get("original_max_position_embeddings", 1) > 0, "rope_scaling",
-                 "original_max_position_embeddings must be > 0")
+        self._check_rope_scaling(need)
         if self.extra.get("rope_interleave", True) is not True:
             raise ValueError("ModelConfig.extra['rope_interleave']=False: DeepSeek-V3 checkpoints use "
                              "interleaved rotary pairs; only rope_interleave=True is supported")
+
+    def _check_rope_scaling(self, need):
+        """rope_scaling: None, or a dict naming a supported type whose every key the rope reads."""
+        s = self.rope_scaling
+        need(s is None or isinstance(s, dict), "rope_scaling", "must be a dict or null")
+        if not s:
+            return
+        need("type" in s or "rope_type" in s, "rope_scaling", "names no 'rope_type' (or 'type')")
+        need(s.get("type", self.rope_type) == self.rope_type, "rope_scaling", "'type' and 'rope_type' differ")
+        need(self.rope_type in _ROPE_KEYS, "rope_scaling", f"unknown rope type; supported: {tuple(_ROPE_KEYS)}")
+        keys = _ROPE_KEYS[self.rope_type]
+        for k in sorted(s.keys() - {"type", "rope_type"}):
+            need(k in keys, "rope_scaling", f"{self.rope_type} rope does not use {k!r}; it reads {sorted(keys)}")
+            need(keys[k][0](s[k]), "rope_scaling", f"{k} must be {keys[k][1]}")
+        need(self.rope_type != "yarn" or "factor" in s, "rope_scaling", "yarn needs factor >= 1")
 
     # ---- derived values ----
     @property

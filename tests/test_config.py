@@ -123,3 +123,28 @@ def test_values_of_the_wrong_type_name_the_field(changes, field):
     from a comparison (or, for floats, bools and strings, accepted and misread)."""
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}=.*: "):
         ModelConfig.from_hf(ModelConfig.preset("tiny").to_hf() | changes)
+
+
+@pytest.mark.parametrize("rope_scaling, message", [
+    ({"factor": 4.0}, "names no 'rope_type'"),  # was read as no scaling at all
+    ({"rope_type": "default", "factor": 4.0}, "default rope does not use 'factor'"),
+    ({"type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}, "does not use 'partial_rotary_factor'"),
+    ({"type": "yarn", "rope_type": "default", "factor": 4.0}, "'type' and 'rope_type' differ"),
+    ({"type": "yarn", "factor": "4"}, "factor must be a number >= 1"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": None}, "must be a positive int"),
+    ({"type": "yarn", "factor": 4.0, "truncate": "no"}, "truncate must be true or false"),
+    ("yarn", "must be a dict or null"),
+])
+def test_rope_scaling_the_rope_would_misread_is_refused(rope_scaling, message):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.rope_scaling=.*: .*{message}"):
+        ModelConfig.from_hf(ModelConfig.preset("tiny").to_hf() | {"rope_scaling": rope_scaling})
+
+
+def test_every_key_transformers_yarn_reads_is_accepted():
+    """The required and optional keys of transformers' `_validate_yarn_rope_parameters` (less
+    rope_theta, a top-level field here) all pass."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.0,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": True}
+    assert ModelConfig.preset("tiny", rope_scaling=yarn).rope_type == "yarn"
+    null_beta = {"type": "yarn", "factor": 4.0, "beta_fast": None}  # HF: null means the default
+    assert ModelConfig.preset("tiny", rope_scaling=null_beta).rope_type == "yarn"
