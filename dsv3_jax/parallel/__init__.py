@@ -6,6 +6,7 @@ from dsv3_jax.parallel.mesh import (
                                     BATCH_AXES,
                                     RULES,
                                     batch_sharding,
+                                    check_fits,
                                     constrain,
                                     create_model,
                                     create_sharded,

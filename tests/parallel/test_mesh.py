@@ -159,3 +159,9 @@ def test_meshes_that_would_split_experts_or_heads_are_refused(spec, message):
                                 num_key_value_heads=2)
     with pytest.raises(ValueError, match=message):
         parallel.create_model(config, parallel.make_mesh(spec))
+
+
+def test_every_public_name_is_exported():
+    import dsv3_jax.parallel as parallel
+
+    assert [n for n in parallel.__all__ if not hasattr(parallel, n)] == []  # `import *` fails on any
