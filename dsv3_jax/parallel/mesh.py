@@ -256,13 +256,15 @@ def create_sharded(make, mesh: Mesh):
 
 
 def check_fits(config, mesh: Mesh) -> None:
-    """Refuse a mesh that would split what must stay whole: experts over `expert`, attention
-    heads over `tensor` (a silent fallback to replication would hide the mistake)."""
-    expert, tensor = mesh.shape["expert"], mesh.shape["tensor"]
-    if config.n_routed_experts % expert:
-        raise ValueError(f"mesh expert={expert} must divide n_routed_experts={config.n_routed_experts}")
-    if config.num_attention_heads % tensor:
-        raise ValueError(f"mesh tensor={tensor} must divide num_attention_heads={config.num_attention_heads}")
+    """Refuse a mesh whose axes do not divide what they split: experts over `expert`, the model
+    dimension over `fsdp`, attention heads and FFN hidden sizes over `tensor`. The rules would
+    keep such weights whole on every device, a silent fallback that hides the mistake until
+    memory runs out. (The vocabulary may stay whole: tokenizers have any size.)"""
+    needs = [("expert", "n_routed_experts"), ("fsdp", "hidden_size"), ("tensor", "num_attention_heads"),
+             ("tensor", "moe_intermediate_size")] + [("tensor", "intermediate_size")] * bool(config.num_dense_layers)
+    for axis, field in needs:
+        if getattr(config, field) % mesh.shape[axis]:
+            raise ValueError(f"mesh {axis}={mesh.shape[axis]} must divide {field}={getattr(config, field)}")
 
 
 def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None):

@@ -147,18 +147,30 @@ def test_micro_batched_batches_split_on_their_batch_dim():
     assert x.sharding.spec == P(None, ("data", "fsdp", "expert"), None)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("expert=8", r"mesh expert=8 must divide n_routed_experts=4"),
-    ("data=2,tensor=4", r"mesh tensor=4 must divide num_attention_heads=2"),
+@pytest.mark.parametrize("spec, changes, message", [
+    ("expert=8", {}, r"mesh expert=8 must divide n_routed_experts=4"),
+    ("data=2,tensor=4", {}, r"mesh tensor=4 must divide num_attention_heads=2"),
+    ("fsdp=8", dict(hidden_size=60), r"mesh fsdp=8 must divide hidden_size=60"),  # every weight stayed whole
+    ("data=4,tensor=2", dict(moe_intermediate_size=33), r"mesh tensor=2 must divide moe_intermediate_size=33"),
+    ("data=4,tensor=2", dict(intermediate_size=129), r"mesh tensor=2 must divide intermediate_size=129"),
 ])
-def test_meshes_that_would_split_experts_or_heads_are_refused(spec, message):
+def test_meshes_that_would_not_split_what_they_shard_are_refused(spec, changes, message):
     from dsv3_jax import parallel
     from dsv3_jax.config import ModelConfig
 
     config = ModelConfig.preset("tiny", n_routed_experts=4, n_group=2, topk_group=1, num_attention_heads=2,
-                                num_key_value_heads=2)
+                                num_key_value_heads=2, **changes)
     with pytest.raises(ValueError, match=message):
         parallel.create_model(config, parallel.make_mesh(spec))
+
+
+def test_an_unused_dense_hidden_size_need_not_divide():
+    """With no dense layer intermediate_size is no weight's size: any value is fine."""
+    from dsv3_jax import parallel
+    from dsv3_jax.config import ModelConfig
+
+    config = ModelConfig.preset("tiny", first_k_dense_replace=0, intermediate_size=129)
+    parallel.check_fits(config, parallel.make_mesh("data=4,tensor=2"))
 
 
 def test_every_public_name_is_exported():
