@@ -122,6 +122,29 @@ class _TokenRecord(grain.transforms.Map):
         return {"tokens": np.frombuffer(record, dtype="<i4").astype(np.int32)}
 
 
+class _JsonSafeState(grain.DatasetIterator):
+    """The packed iterator, restorable from a JSON checkpoint. Grain's packing marks "no partly
+    used document" with the slice (-1, -1) and tests it with `!=`; JSON brings it back as
+    [-1, -1], which read as a remainder and made a resumed stream differ from the uninterrupted
+    one. The slices are made tuples again before Grain sees them."""
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(_tuple_slices(state))
+
+
+def _tuple_slices(state):
+    if not isinstance(state, dict):
+        return state
+    return {k: {f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else _tuple_slices(v)
+            for k, v in state.items()}
+
+
 def _source(config: DataConfig, tokenizer: Tokenizer) -> grain.MapDataset:
     if config.paths and _kind(_files(config.paths)[0]) == "array_record":
         files = _files(config.paths)
@@ -146,4 +169,4 @@ def make_iterator(config: DataConfig, tokenizer: Tokenizer, process_index: int =
     batched = packed.batch(config.batch_size // process_count, drop_remainder=True).map(
         lambda b: {"tokens": b["tokens"], "segment_ids": b["tokens_segment_ids"],
                    "positions": b["tokens_positions"]})
-    return iter(batched)
+    return _JsonSafeState(iter(batched))

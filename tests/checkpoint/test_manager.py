@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.checkpoint.manager import CheckpointCorrupt, Checkpointer, abstract_like
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.pipeline import DataConfig, make_iterator
+from dsv3_jax.data.tokenizer import train_tokenizer
 
 MODEL = ModelConfig.preset("tiny")
 
@@ -78,3 +80,33 @@ def test_restore_subset_reads_only_the_named_leaves(tmp_path):
     with pytest.raises(ValueError, match=r"in this run's state but not stored: params/layer/bias"):
         ckpt.restore_subset(1, {"params": {"layer": {"bias": jax.ShapeDtypeStruct((4,), jnp.float32)}}})
     ckpt.close()
+
+
+def test_a_resumed_data_stream_is_the_uninterrupted_one(tmp_path):
+    """Saved at step k to disk and restored into a fresh iterator, each process's batches from k
+    on equal an uninterrupted run's: files of 1 to 600 words (many rows of seq_len), checkpoints
+    in the middle of a document and after several epochs."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, n in enumerate([1, 100, 3, 600, 17]):
+        (corpus / f"{i}.txt").write_text(" ".join(f"w{i}x{j}" for j in range(n)))
+    tok = train_tokenizer([(corpus / "1.txt").read_text()], 300)
+    data = DataConfig(paths=(str(corpus),), seq_len=16, batch_size=4, seed=1)
+    for p in range(2):
+        it = make_iterator(data, tok, p, 2)
+        full = [next(it) for _ in range(60)]
+        for k in (1, 23, 50):
+            it = make_iterator(data, tok, p, 2)
+            for _ in range(k):
+                next(it)
+            ckpt = Checkpointer(str(tmp_path / f"{p}-{k}"))
+            ckpt.save(k, _state(), it, MODEL, Train())
+            ckpt.close()
+            resumed = make_iterator(data, tok, p, 2)
+            ckpt = Checkpointer(str(tmp_path / f"{p}-{k}"))  # a fresh manager, as a restarted run has
+            ckpt.restore(k, abstract_like(_state()), resumed)
+            ckpt.close()
+            for want in full[k:]:
+                got = next(resumed)
+                for key in want:
+                    np.testing.assert_array_equal(got[key], want[key], err_msg=f"process {p}, resumed at {k}")
