@@ -64,8 +64,8 @@ def expert_transport(name: str, capacity_factor: float = 0.0):
     Read at trace time: a function jitted and traced before keeps the transport it was traced with.
     """
     choose_transport(name)
-    if not capacity_factor >= 0:
-        raise ValueError(f"expert capacity factor {capacity_factor}: must be >= 0 (0 = off)")
+    if not 0 <= capacity_factor < math.inf:
+        raise ValueError(f"expert capacity factor {capacity_factor}: must be a finite number >= 0 (0 = off)")
     token = _transport.set((name, float(capacity_factor)))
     try:
         yield

@@ -88,6 +88,10 @@ def test_transport_selection():
     with pytest.raises(ValueError, match="choose from"):
         with expert_transport("fast"):
             pass
+    for factor in (-1.0, float("nan"), float("inf")):  # inf failed at trace time: OverflowError in ceil
+        with pytest.raises(ValueError, match="must be a finite number >= 0"):
+            with expert_transport("dense", capacity_factor=factor):
+                pass
 
 
 def test_take_rows_gathers_both_ways_and_matches_a_plain_gather():
