@@ -86,6 +86,8 @@ def parse_mesh_spec(spec: str | dict | None, n_devices: int) -> dict[str, int]:
         if name in sizes:
             raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
         try:
+            if isinstance(size, bool) or not isinstance(size, (int, str)):
+                raise TypeError  # int() would truncate 2.5 to 2
             sizes[name] = int(size)
         except (TypeError, ValueError):
             raise ValueError(f"mesh spec {spec!r}: size of {name!r} is {size!r}, not an integer") from None

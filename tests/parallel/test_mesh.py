@@ -43,6 +43,8 @@ def test_mesh_spec_sizes(spec, sizes):
     ("model=8", "unknown axis 'model'"),
     ("data=2,data=4", "given twice"),
     ("data=two", "not an integer"),
+    ({"data": 8.9}, "is 8.9, not an integer"),  # was truncated to 8
+    ({"data": True, "expert": 8}, "is True, not an integer"),
     ("data=-1,expert=-1", "only one axis may be -1"),
     ("data=3,expert=-1", "do not split"),
     ("data=0", "positive or -1"),
