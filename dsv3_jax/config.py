@@ -38,6 +38,9 @@ _ROPE_KEYS: dict[str, dict[str, tuple]] = {
     },
 }
 
+# Other names transformers' DeepseekV3Config reads for our fields (its attribute_map).
+_HF_ALIASES = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -122,6 +125,10 @@ class ModelConfig:
         need(not self.tie_word_embeddings, "tie_word_embeddings", "DeepSeek-V3 has an untied head")
         need(not self.attention_bias, "attention_bias", "DeepSeek-V3 projections have no bias")
         self._check_rope_scaling(need)
+        for alias, field in _HF_ALIASES.items():
+            if self.extra.get(alias) is not None and self.extra[alias] != getattr(self, field):
+                raise ValueError(f"ModelConfig.extra[{alias!r}]={self.extra[alias]!r}: transformers reads it as "
+                                 f"{field}, which is {getattr(self, field)!r}; give {field} alone")
         if self.extra.get("rope_interleave", True) is not True:
             raise ValueError("ModelConfig.extra['rope_interleave']=False: DeepSeek-V3 checkpoints use "
                              "interleaved rotary pairs; only rope_interleave=True is supported")

@@ -148,3 +148,17 @@ def test_every_key_transformers_yarn_reads_is_accepted():
     assert ModelConfig.preset("tiny", rope_scaling=yarn).rope_type == "yarn"
     null_beta = {"type": "yarn", "factor": 4.0, "beta_fast": None}  # HF: null means the default
     assert ModelConfig.preset("tiny", rope_scaling=null_beta).rope_type == "yarn"
+
+
+@pytest.mark.parametrize("alias, field, value", [("num_local_experts", "n_routed_experts", 16),
+                                                 ("num_mtp_layers", "num_nextn_predict_layers", 0)])
+def test_transformers_aliases_are_not_ignored(alias, field, value):
+    """transformers reads `num_local_experts` / `num_mtp_layers` as our fields; we kept them as
+    unused extras (16 experts in the file, 256 or 8 in the model). Refused unless they agree."""
+    src = lambda: {k: v for k, v in ModelConfig.preset("tiny").to_hf().items() if k != field}
+    assert getattr(transformers.DeepseekV3Config(**src(), **{alias: value}), field) == value  # what HF makes of it
+    for given in (src(), src() | {field: ModelConfig.preset("tiny").to_hf()[field]}):
+        with pytest.raises(ValueError, match=rf"extra\['{alias}'\]={value}: transformers reads it as {field}"):
+            ModelConfig.from_hf(given | {alias: value})
+    agreeing = ModelConfig.from_hf(src() | {field: value, alias: value})
+    assert getattr(agreeing, field) == value and agreeing.to_hf()[alias] == value
