@@ -142,8 +142,10 @@ class ModelConfig:
         need("type" in s or "rope_type" in s, "rope_scaling", "names no 'rope_type' (or 'type')")
         need(s.get("type", self.rope_type) == self.rope_type, "rope_scaling", "'type' and 'rope_type' differ")
         need(self.rope_type in _ROPE_KEYS, "rope_scaling", f"unknown rope type; supported: {tuple(_ROPE_KEYS)}")
+        need(s.get("rope_theta", self.rope_theta) == self.rope_theta, "rope_scaling",  # transformers 5 adds it
+             f"its rope_theta differs from rope_theta={self.rope_theta}")
         keys = _ROPE_KEYS[self.rope_type]
-        for k in sorted(s.keys() - {"type", "rope_type"}):
+        for k in sorted(s.keys() - {"type", "rope_type", "rope_theta"}):
             need(k in keys, "rope_scaling", f"{self.rope_type} rope does not use {k!r}; it reads {sorted(keys)}")
             need(keys[k][0](s[k]), "rope_scaling", f"{k} must be {keys[k][1]}")
         need(self.rope_type != "yarn" or "factor" in s, "rope_scaling", "yarn needs factor >= 1")

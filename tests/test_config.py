@@ -134,6 +134,7 @@ def test_values_of_the_wrong_type_name_the_field(changes, field):
     ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": None}, "must be a positive int"),
     ({"type": "yarn", "factor": 4.0, "truncate": "no"}, "truncate must be true or false"),
     ("yarn", "must be a dict or null"),
+    ({"type": "yarn", "factor": 4.0, "rope_theta": 50000.0}, "its rope_theta differs from rope_theta=10000"),
 ])
 def test_rope_scaling_the_rope_would_misread_is_refused(rope_scaling, message):
     with pytest.raises(ValueError, match=rf"ModelConfig\.rope_scaling=.*: .*{message}"):
@@ -141,13 +142,18 @@ def test_rope_scaling_the_rope_would_misread_is_refused(rope_scaling, message):
 
 
 def test_every_key_transformers_yarn_reads_is_accepted():
-    """The required and optional keys of transformers' `_validate_yarn_rope_parameters` (less
-    rope_theta, a top-level field here) all pass."""
+    """The required and optional keys of transformers' `_validate_yarn_rope_parameters` all pass
+    (rope_theta when it agrees with the top-level field: transformers 5 adds it to a rope_scaling
+    dict it is given)."""
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.0,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": True}
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": True,
+            "rope_theta": 10000}
     assert ModelConfig.preset("tiny", rope_scaling=yarn).rope_type == "yarn"
     null_beta = {"type": "yarn", "factor": 4.0, "beta_fast": None}  # HF: null means the default
     assert ModelConfig.preset("tiny", rope_scaling=null_beta).rope_type == "yarn"
+    given = ModelConfig.preset("tiny").to_hf()
+    transformers.DeepseekV3Config(**given)  # edits given["rope_scaling"] in place
+    assert "rope_theta" in given["rope_scaling"] and ModelConfig.from_hf(given).rope_type == "yarn"
 
 
 @pytest.mark.parametrize("alias, field, value", [("num_local_experts", "n_routed_experts", 16),
