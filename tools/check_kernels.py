@@ -8,6 +8,7 @@ it also runs the routed experts expert-parallel over all of them, on each transp
 same problem on one device. Run it on a GPU with tokamax installed to check the GPU kernels.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -129,4 +130,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says so
     main()

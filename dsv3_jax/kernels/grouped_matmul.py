@@ -105,6 +105,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul impl {impl!r}: choose from {IMPLS}")
     w = w.astype(x.dtype)
+    if x.shape[0] == 0:  # no rows (an empty batch): nothing to tile or launch
+        return jnp.zeros((0, w.shape[2]), x.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     if impl == "tokamax":

@@ -38,6 +38,14 @@ def test_tiled_gradients_equal_ragged_dot_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+def test_no_rows_give_no_rows_and_zero_weight_gradients(impl):
+    x, w = jnp.zeros((0, 8)), jnp.ones((4, 8, 16))
+    out, dw = jax.value_and_grad(lambda w: grouped_matmul(x, w, jnp.zeros((4,), jnp.int32), impl=impl).sum())(w)
+    assert float(out) == 0.0 and dw.shape == w.shape and not np.asarray(dw).any()
+    assert grouped_matmul(x, w, jnp.zeros((4,), jnp.int32), impl=impl).shape == (0, 16)
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="grouped matmul impl 'cuda'"):
         grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.asarray([2, 2]), impl="cuda")
