@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 
 from dsv3_jax import kernels
@@ -87,8 +88,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f}: {e}") from None
         if self.remat not in REMATS:
             raise ValueError(f"TrainConfig.remat={self.remat!r}: choose from {REMATS}")
-        if not self.expert_capacity_factor >= 0:
-            raise ValueError(f"TrainConfig.expert_capacity_factor={self.expert_capacity_factor}: must be >= 0")
+        if not 0 <= self.expert_capacity_factor < math.inf:  # NaN fails too
+            raise ValueError(f"TrainConfig.expert_capacity_factor={self.expert_capacity_factor}: "
+                             "must be finite and >= 0")
         if self.expert_transport not in ("auto",) + TRANSPORTS:
             raise ValueError(f"TrainConfig.expert_transport={self.expert_transport!r}: "
                              f"choose from {('auto',) + TRANSPORTS}")

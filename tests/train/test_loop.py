@@ -212,6 +212,13 @@ def test_resumed_runs_keep_their_schedule_horizon(tmp_path):
         TrainConfig(schedule_steps=-5)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_expert_capacity_factor_must_be_finite_and_non_negative(value):
+    """Refused when the config is made, not later when a run enters the expert transport."""
+    with pytest.raises(ValueError, match=f"TrainConfig.expert_capacity_factor={value}: must be finite and >= 0"):
+        TrainConfig(expert_capacity_factor=value)
+
+
 def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
     """A crash after step 5 with the last checkpoint at step 3: the resumed run logs 4 and 5 again."""
     from dsv3_jax.train.metrics import MetricsWriter, read_metrics  # noqa: PLC0415
