@@ -55,6 +55,19 @@ def _resolve_horizon(ckpt: Checkpointer, tc: TrainConfig) -> TrainConfig:
     return dataclasses.replace(tc, schedule_steps=stored.get("schedule_steps") or stored["steps"])
 
 
+def _check_state_dtypes(ckpt: Checkpointer, tc: TrainConfig) -> None:
+    """A workdir keeps its parameter and moment dtypes: Orbax would convert the stored state to
+    the asked ones on restore, silently rounding float32 to bfloat16 (or widening it)."""
+    step = ckpt.latest_step()
+    if step is None:
+        return
+    stored = ckpt.read_config(step)["train"]
+    for f in ("param_dtype", "moments_dtype"):
+        if stored[f] != getattr(tc, f):
+            raise ValueError(f"{ckpt.directory} holds train.{f}={stored[f]} state but train.{f}={getattr(tc, f)} "
+                             "was asked; use the stored dtype or a new --workdir")
+
+
 def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelConfig):
     documents = None
     if not tokenizer_path and not os.path.exists(os.path.join(workdir, "tokenizer.json")):
@@ -100,6 +113,7 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     config = _resolve_model_config(ckpt, model_config)
     tc = _resolve_horizon(ckpt, tc)
+    _check_state_dtypes(ckpt, tc)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
     done = ckpt.latest_step()

@@ -96,6 +96,14 @@ def test_a_workdir_keeps_its_model(tmp_path, corpus, straight):
         train(str(workdir), MODEL.replace(hidden_size=96), TrainConfig(steps=20), corpus, progress=False)
 
 
+@pytest.mark.parametrize("field", ["param_dtype", "moments_dtype"])
+def test_a_workdir_keeps_its_state_dtypes(corpus, straight, field):
+    """Orbax would restore the float32 state as bfloat16 without a word."""
+    workdir, _ = straight
+    with pytest.raises(ValueError, match=rf"holds train.{field}=float32 state but train.{field}=bfloat16 was asked"):
+        train(str(workdir), MODEL, TrainConfig(steps=20, **{field: "bfloat16"}), corpus, progress=False)
+
+
 def test_export_hf_takes_the_workdir(tmp_path, straight):
     """`tools/export_hf.py WORKDIR` writes the latest step's model; it reads back bit for bit."""
     from dsv3_jax.convert import load_hf  # noqa: PLC0415
