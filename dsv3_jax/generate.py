@@ -44,9 +44,8 @@ def main(argv=None) -> int:
                 prompts += [line.rstrip("\r\n") for line in f if line.strip()]
         if not prompts:
             raise ValueError("give --prompt or --prompts-file")
-        model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype))
-        if tok is None:
-            raise FileNotFoundError(f"{args.ckpt} has no tokenizer.json; pass --tokenizer")
+        model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype),
+                                require_tokenizer=True)
         ids = [tok.encode(text).ids for text in prompts]
         pending = {r: [] for r in range(len(prompts))}
         shown = {r: "" for r in range(len(prompts))}

@@ -101,9 +101,8 @@ def main(argv=None) -> int:
     sub.choices["choice"].add_argument("--shots", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype))
-        if tok is None:
-            raise FileNotFoundError(f"{args.ckpt} has no tokenizer.json; pass --tokenizer")
+        model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype),
+                                require_tokenizer=True)
         if args.task == "bpb":
             with open(args.text, encoding="utf-8") as f:
                 text = f.read()

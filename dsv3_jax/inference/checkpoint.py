@@ -44,16 +44,20 @@ def _from_workdir(workdir: str, dtype) -> tuple[ModelConfig, DeepSeekV3]:
     return config, nnx.merge(graphdef, state["params"], state["bias"])
 
 
-def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=jnp.bfloat16
-               ) -> tuple[DeepSeekV3, Tokenizer | None]:
+def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=jnp.bfloat16,
+               require_tokenizer: bool = False) -> tuple[DeepSeekV3, Tokenizer | None]:
     """(model computing in `dtype`, tokenizer or None) from a workdir or a converted checkpoint.
 
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json if present; one
-    with more tokens than the model's vocabulary is refused.
+    with more tokens than the model's vocabulary is refused. With `require_tokenizer`, a missing
+    one is refused before the (long) model load.
     """
     path = os.path.abspath(os.fspath(path))  # Orbax refuses relative paths
+    tok_path = tokenizer or os.path.join(path, "tokenizer.json")
     if tokenizer and not os.path.isfile(tokenizer):  # before the (long) model load
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
+    if require_tokenizer and not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{path} has no tokenizer.json; pass --tokenizer")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         _, model = _from_workdir(path, dtype)
     elif os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
@@ -63,7 +67,6 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
     else:
         raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
                                 "checkpoint (config.json + params/)")
-    tok_path = tokenizer or os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_path):
         return model, None
     tok = read_tokenizer(tok_path)

@@ -81,3 +81,22 @@ def test_workdirs_without_a_usable_checkpoint_are_named(tmp_path, workdir):
             open(os.path.join(root, f), "wb").close()
     with pytest.raises(ValueError, match=r"broken/checkpoints/1: config unreadable"):
         load_model(broken)
+
+
+def test_generate_and_eval_name_a_missing_tokenizer_before_reading_weights(workdir, tmp_path, monkeypatch, capsys):
+    from dsv3_jax import generate  # noqa: PLC0415
+    from dsv3_jax.eval import __main__ as evaluate  # noqa: PLC0415
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(Checkpointer, "restore_subset", unread)
+    monkeypatch.setattr("dsv3_jax.convert.load_checkpoint", unread)
+    converted = tmp_path / "converted"  # config.json + params/, no tokenizer
+    (converted / "params").mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    for path in (workdir[0], converted):
+        for main, argv in ((generate.main, ["--ckpt", str(path), "--prompt", "hi"]),
+                           (evaluate.main, ["bpb", "--ckpt", str(path), "--text", "t.txt"])):
+            assert main(argv) == 2
+            assert capsys.readouterr().err == f"error: {path} has no tokenizer.json; pass --tokenizer\n"
