@@ -33,11 +33,18 @@ def dequantize(w8: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
     return w8.astype(np.float32) * _expand(scale_inv.astype(np.float32), w8.shape)
 
 
-def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weight [out, in] -> (e4m3 weight [out, in], fp32 scale_inv [ceil(out/128), ceil(in/128)])."""
+def quantize(w: np.ndarray, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """Weight [out, in] -> (e4m3 weight [out, in], fp32 scale_inv [ceil(out/128), ceil(in/128)]).
+
+    A non-finite value is refused (naming the weight `name`): its block's scale would be inf or
+    NaN, and the whole 128x128 block would dequantize to NaN.
+    """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"a weight of shape {w.shape}: block FP8 is for 2-d weights")
+    if not np.isfinite(w).all():
+        i, j = np.argwhere(~np.isfinite(w))[0]
+        raise ValueError(f"{name}[{i}, {j}] is {w[i, j]}: block FP8 cannot store inf or NaN")
     ob, ib = scale_shape(w.shape)
     padded = np.zeros((ob * BLOCK, ib * BLOCK), np.float32)
     padded[: w.shape[0], : w.shape[1]] = w

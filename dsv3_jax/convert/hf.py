@@ -214,7 +214,7 @@ def export_items(config: ModelConfig, leaves: Mapping[str, Any], quantize: bool 
 
         if quantize and names.is_fp8(leaf) and len(hf_shape) == 2:
             specs = [(name, fp8.FP8, hf_shape), (name + SCALE_SUFFIX, np.dtype(np.float32), fp8.scale_shape(hf_shape))]
-            items.append((specs, lambda: list(fp8.quantize(produce()[0]))))
+            items.append((specs, lambda: list(fp8.quantize(produce()[0], name))))
         else:
             items.append(([(name, np.dtype(dtype), hf_shape)], produce))
 
@@ -242,7 +242,8 @@ def save_hf(config: ModelConfig, params, hf_dir: str | os.PathLike, *, fp8_weigh
 
     `params` is a model, a nested pure dict, or a flat {path: leaf} dict (arrays, or
     `checkpoint.StoredLeaf`s that are read slice by slice). With `fp8_weights`
-    the projection weights are stored in the released 128x128 block-FP8 format. The directory is
+    the projection weights are stored in the released 128x128 block-FP8 format (one holding inf or
+    NaN is refused: its block would read back as NaN). The directory is
     written next to `hf_dir` under a temporary name and renamed at the end.
     """
     flat = {k: np.asarray(v) if isinstance(v, jax.Array) else v for k, v in flat_params(params).items()}

@@ -155,6 +155,17 @@ def test_fp8_weight_without_scale(src, tmp_path):
         load_hf(path)
 
 
+def test_fp8_export_refuses_a_non_finite_weight(src, tmp_path):
+    """An inf would make its block's scale inf and the whole 128x128 block read back as NaN."""
+    config, model = load_hf(src)
+    flat = {k: np.array(v) for k, v in flat_params(model).items()}
+    flat["moe_layers/mlp/experts/up_proj"][0, 2, 5, 3] = np.inf  # [MoE layer, E, D, F]; HF stores [F, D]
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight\[3, 5\] is inf: "
+                                         r"block FP8 cannot store inf or NaN$"):
+        save_hf(config, flat, tmp_path / "out" / "hf", fp8_weights=True)
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_headers_checked_before_anything_is_read(src, tmp_path, monkeypatch):
     """The MTP layer's eh_proj is among the last leaves; its wrong shape is found from the
     headers, before any tensor is read or any output written."""
