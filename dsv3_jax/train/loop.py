@@ -63,7 +63,7 @@ def _check_state_dtypes(ckpt: Checkpointer, tc: TrainConfig) -> None:
         return
     stored = ckpt.read_config(step)["train"]
     for f in ("param_dtype", "moments_dtype"):
-        if stored[f] != getattr(tc, f):
+        if stored.get(f, getattr(tc, f)) != getattr(tc, f):  # a field older workdirs lack: nothing to compare
             raise ValueError(f"{ckpt.directory} holds train.{f}={stored[f]} state but train.{f}={getattr(tc, f)} "
                              "was asked; use the stored dtype or a new --workdir")
 
