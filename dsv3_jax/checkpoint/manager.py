@@ -66,9 +66,11 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=args).state
         except Exception as e:
-            raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored "
-                                    f"({type(e).__name__}: {e}); remove that step directory to fall back "
-                                    "to an earlier checkpoint") from e
+            raise self._unrestorable(step, f"{type(e).__name__}: {e}") from e
+
+    def _unrestorable(self, step: int, why: str) -> CheckpointCorrupt:
+        return CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored ({why}); remove that "
+                                 "step directory to fall back to an earlier checkpoint")
 
     def _check_fits(self, step: int, abstract_state, subset: bool = False) -> None:
         """Compare the stored state's leaves with the target's before Orbax does: its errors for a
@@ -78,8 +80,7 @@ class Checkpointer:
             path = epath.Path(self.directory) / str(step) / "state"
             stored = _leaves(ocp.PyTreeCheckpointHandler().metadata(path).tree)
         except Exception as e:
-            raise CheckpointCorrupt(f"{where} cannot be restored (state metadata unreadable: {type(e).__name__}: "
-                                    f"{e}); remove that step directory to fall back to an earlier checkpoint") from e
+            raise self._unrestorable(step, f"state metadata unreadable: {type(e).__name__}: {e}") from e
         target = _leaves(abstract_state)
         unused = [] if subset else [k for k in stored if k not in target]
         problems = [f"{label}: " + ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")

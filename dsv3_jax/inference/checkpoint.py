@@ -36,9 +36,8 @@ def _from_workdir(workdir: str, dtype) -> tuple[ModelConfig, DeepSeekV3]:
                                                   param_dtype=jnp.dtype(saved["train"]["param_dtype"])))
         graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
         mesh = parallel.make_mesh(None, jax.devices()[:1])
-        place = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          tree, parallel.param_shardings(tree, mesh))
-        state = ckpt.restore_subset(step, {"params": place(params), "bias": place(bias)})
+        state = ckpt.restore_subset(step, {"params": parallel.abstract_sharded(params, mesh),
+                                           "bias": parallel.abstract_sharded(bias, mesh)})
     finally:
         ckpt.close()
     return config, nnx.merge(graphdef, state["params"], state["bias"])

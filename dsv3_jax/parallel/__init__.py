@@ -5,6 +5,7 @@ from dsv3_jax.parallel.mesh import (
                                     AXES,
                                     BATCH_AXES,
                                     RULES,
+                                    abstract_sharded,
                                     batch_sharding,
                                     check_fits,
                                     constrain,
@@ -22,7 +23,7 @@ from dsv3_jax.parallel.mesh import (
                                     shard_like,
 )
 
-__all__ = ["AXES", "BATCH_AXES", "RULES", "batch_sharding", "check_fits", "choose_transport", "constrain",
+__all__ = ["AXES", "BATCH_AXES", "RULES", "abstract_sharded", "batch_sharding", "check_fits", "choose_transport", "constrain",
            "create_model", "create_sharded", "expert_transport", "flat_shardings", "initialize_distributed",
            "logical_to_spec",
            "make_mesh", "param_shardings", "parse_mesh_spec", "place", "process_rows", "routed_experts",

@@ -176,6 +176,13 @@ def param_shardings(abstract_state, mesh: Mesh):
     return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
 
 
+def abstract_sharded(abstract_state, mesh: Mesh):
+    """The pytree's shapes and dtypes as ShapeDtypeStructs carrying `param_shardings`: a restore or
+    lowering target laid out over `mesh`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+                        param_shardings(abstract_state, mesh))
+
+
 def flat_shardings(abstract_state, mesh: Mesh) -> dict[str, NamedSharding]:
     """{'moe_layers/mlp/experts/gate_proj': NamedSharding, ...}: the converters' flat param paths."""
     pure = nnx.to_pure_dict(param_shardings(abstract_state, mesh))

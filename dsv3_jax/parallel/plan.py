@@ -39,7 +39,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference.cache import cache_bytes_per_token
 from dsv3_jax.model.transformer import remat
 from dsv3_jax.parallel.expert import ExpertRows, expert_ffn
-from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, param_shardings, parse_mesh_spec
+from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, abstract_sharded, parse_mesh_spec
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy
 
@@ -346,12 +346,8 @@ def abstract_train_state(config: ModelConfig, tc: TrainConfig, mesh):
     tx = make_optimizer(tc)
     opt = jax.eval_shape(tx.init, params)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-
-    def attach(tree):
-        shardings = param_shardings(tree, mesh)
-        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
-
-    return graphdef, tx, TrainState(scalar, scalar, attach(params), attach(bias), attach(opt))
+    return graphdef, tx, TrainState(scalar, scalar, abstract_sharded(params, mesh), abstract_sharded(bias, mesh),
+                                    abstract_sharded(opt, mesh))
 
 
 def lower_train_step(s: Setup, mesh):
