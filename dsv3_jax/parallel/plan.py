@@ -172,9 +172,20 @@ def local_config(config: ModelConfig, tensor: int) -> ModelConfig:
                           moe_intermediate_size=div(config.moe_intermediate_size))
 
 
+_TRACED: dict[tuple, int] = {}  # _loss_residuals by its arguments' reprs (a config holds a dict: no hash)
+
+
 def _loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention: str, policy: str = "none") -> int:
     """Residual bytes of the training loss (LM + MTP cross-entropy + balance) at [batch, seq],
-    under remat `policy`."""
+    under remat `policy`. Each distinct question is traced once per process: a sweep over
+    meshes asks the same ones again (same tensor split, same depth)."""
+    key = (repr(config), batch, seq, repr(recipe), attention, policy)
+    if key not in _TRACED:
+        _TRACED[key] = _trace_loss_residuals(config, batch, seq, recipe, attention, policy)
+    return _TRACED[key]
+
+
+def _trace_loss_residuals(config: ModelConfig, batch: int, seq: int, recipe, attention: str, policy: str) -> int:
     graphdef, params, bias = abstract_model(config)
     tokens = jnp.zeros((batch, seq), jnp.int32)
 
