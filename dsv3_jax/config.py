@@ -196,7 +196,7 @@ class ModelConfig:
                 src = json.load(f)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "hf_keys"}
         kwargs: dict[str, Any] = {k: v for k, v in src.items() if k in names}
-        kwargs["rope_scaling"] = src.get("rope_scaling")  # absent means no scaling, not the 671B default
+        kwargs = {**HF_ABSENT, **kwargs}
         if "rope_parameters" in src:  # transformers 5 writes rope_theta inside rope_parameters
             rp = dict(src["rope_parameters"] or {})
             kwargs["rope_theta"] = rp.pop("rope_theta", kwargs.get("rope_theta", 10000))
@@ -216,7 +216,7 @@ class ModelConfig:
                 if k not in self.hf_keys:
                     del values[k]
         values.update(self.extra)
-        absent = {**{f.name: f.default for f in dataclasses.fields(self)}, "rope_scaling": None}
+        absent = {**{f.name: f.default for f in dataclasses.fields(self)}, **HF_ABSENT}
         out = {k: values[k] for k in self.hf_keys if k in values}
         out.update({k: v for k, v in values.items()
                     if k not in out and (not self.hf_keys or k not in absent or v != absent[k])})
@@ -231,6 +231,11 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# What transformers' DeepseekV3Config takes for a key config.json lacks, where that differs from
+# our (the released model's) defaults: no rope scaling, 4096 positions.
+HF_ABSENT = {"rope_scaling": None, "max_position_embeddings": 4096}
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

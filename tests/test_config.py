@@ -36,6 +36,19 @@ def test_reads_what_transformers_5_writes(tmp_path):
     assert ModelConfig.preset("tiny").rope_scaling == {**ours.rope_scaling}  # our dicts were not edited
 
 
+def test_absent_keys_mean_what_transformers_takes_them_to_mean():
+    """A hand-written config.json without max_position_embeddings or rope scaling: HF reads 4096
+    positions and no scaling (not the released model's 163840 and YaRN); writing it back keeps
+    them absent."""
+    given = {k: v for k, v in ModelConfig.preset("tiny").to_hf().items()
+             if k not in ("max_position_embeddings", "rope_scaling")}
+    hf = transformers.DeepseekV3Config(**given)
+    ours = ModelConfig.from_hf(given)
+    assert ours.max_position_embeddings == hf.max_position_embeddings
+    assert ours.rope_scaling is None and hf.rope_parameters["rope_type"] == "default"
+    assert ours.to_hf() == given
+
+
 def test_directory_file_and_dict_sources_agree(tmp_path):
     ModelConfig.preset("small").save_hf(tmp_path)
     assert ModelConfig.from_hf(tmp_path) == ModelConfig.from_hf(tmp_path / "config.json") == ModelConfig.preset("small")
