@@ -2,7 +2,8 @@
 
 Streams each continuation as it is decoded (latent cache; --speculative drafts with the MTP
 module). DIR is a training workdir (latest checkpoint + tokenizer.json) or a converted checkpoint
-(config.json + params/) with --tokenizer.
+(config.json + params/) with --tokenizer. --mesh (training's syntax) shards the model over all
+devices and splits the prompts over the mesh's batch axes; default: one device.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import jax.numpy as jnp
 
+from dsv3_jax import parallel
 from dsv3_jax.data.tokenizer import eos_id
 from dsv3_jax.inference import generate, load_model
 
@@ -36,8 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--mesh", help="e.g. expert=-1 or fsdp=2,expert=4 over all devices (default: one device)")
     args = p.parse_args(argv)
     try:
+        mesh = parallel.make_mesh(args.mesh) if args.mesh else None
         prompts = list(args.prompt)
         if args.prompts_file:
             with open(args.prompts_file) as f:
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
         if not prompts:
             raise ValueError("give --prompt or --prompts-file")
         model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype),
-                                require_tokenizer=True)
+                                require_tokenizer=True, mesh=mesh)
         ids = [tok.encode(text).ids for text in prompts]
         pending = {r: [] for r in range(len(prompts))}
         shown = {r: "" for r in range(len(prompts))}
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
 
         result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, stop_tokens=[eos_id(tok)], seed=args.seed,
-                          speculative=args.speculative, stream=stream)
+                          speculative=args.speculative, mesh=mesh, stream=stream)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

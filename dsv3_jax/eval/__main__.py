@@ -3,18 +3,22 @@
 bpb: bits per byte of a UTF-8 text (BOS first when the config has one), sliding window.
 choice: MMLU-style records {"question", "choices": [...], "answer": index or letter}; each choice
 is scored by the summed log-likelihood of " {choice}" after a K-shot prompt (the first K records
-are the examples and are not scored). Prints one JSON line.
+are the examples and are not scored). Prints one JSON line. --mesh (training's syntax) shards the
+model over all devices and runs the scoring on that mesh; default: one device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import parallel
 from dsv3_jax.eval.scoring import bits_per_byte, choice_scores
 from dsv3_jax.inference import check_prompts, load_model
 
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
         s.add_argument("--ckpt", required=True)
         s.add_argument("--tokenizer")
         s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+        s.add_argument("--mesh", help="e.g. expert=-1 or fsdp=2,expert=4 over all devices (default: one device)")
     sub.choices["bpb"].add_argument("--text", required=True)
     sub.choices["bpb"].add_argument("--window", type=int, default=512)
     sub.choices["bpb"].add_argument("--stride", type=int)
@@ -101,16 +106,18 @@ def main(argv=None) -> int:
     sub.choices["choice"].add_argument("--shots", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        mesh = parallel.make_mesh(args.mesh) if args.mesh else None
         model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype),
-                                require_tokenizer=True)
-        if args.task == "bpb":
-            with open(args.text, encoding="utf-8") as f:
-                text = f.read()
-            ids = text_tokens(tok, text, model.config.bos_token_id)
-            check_prompts([ids], model.config.vocab_size)
-            out = bits_per_byte(model, ids, len(text.encode("utf-8")), window=args.window, stride=args.stride)
-        else:
-            out = run_choice(model, tok, read_records(args.data), args.shots)
+                                require_tokenizer=True, mesh=mesh)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # expert-parallel MoE
+            if args.task == "bpb":
+                with open(args.text, encoding="utf-8") as f:
+                    text = f.read()
+                ids = text_tokens(tok, text, model.config.bos_token_id)
+                check_prompts([ids], model.config.vocab_size)
+                out = bits_per_byte(model, ids, len(text.encode("utf-8")), window=args.window, stride=args.stride)
+            else:
+                out = run_choice(model, tok, read_records(args.data), args.shots)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from dsv3_jax import parallel
@@ -22,20 +23,20 @@ from dsv3_jax.data.tokenizer import read_tokenizer
 from dsv3_jax.model import DeepSeekV3, RouterBias
 
 
-def _from_workdir(workdir: str, dtype) -> tuple[ModelConfig, DeepSeekV3]:
-    """The latest step's parameters and router biases on one device, whatever mesh trained them;
-    the optimizer state is never read (it is twice the parameters)."""
+def _from_workdir(workdir: str, dtype, mesh: Mesh) -> tuple[ModelConfig, DeepSeekV3]:
+    """The latest step's parameters (cast to `dtype`) and router biases, restored straight into
+    their shardings over `mesh`, whatever mesh trained them; the optimizer state is never read (it
+    is twice the parameters)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-        saved = ckpt.read_config(step)
-        config = ModelConfig.from_hf(saved["model"])
-        model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                  param_dtype=jnp.dtype(saved["train"]["param_dtype"])))
+        config = ModelConfig.from_hf(ckpt.read_config(step)["model"])
+        parallel.check_fits(config, mesh)
+        # Orbax casts each stored leaf to its target's dtype on restore
+        model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
         graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
-        mesh = parallel.make_mesh(None, jax.devices()[:1])
         state = ckpt.restore_subset(step, {"params": parallel.abstract_sharded(params, mesh),
                                            "bias": parallel.abstract_sharded(bias, mesh)})
     finally:
@@ -44,8 +45,13 @@ def _from_workdir(workdir: str, dtype) -> tuple[ModelConfig, DeepSeekV3]:
 
 
 def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=jnp.bfloat16,
-               require_tokenizer: bool = False) -> tuple[DeepSeekV3, Tokenizer | None]:
+               require_tokenizer: bool = False, mesh: Mesh | None = None) -> tuple[DeepSeekV3, Tokenizer | None]:
     """(model computing in `dtype`, tokenizer or None) from a workdir or a converted checkpoint.
+
+    Parameters are held in `dtype` from either source (a workdir's are cast from training's
+    param_dtype), except the routers' kernels and biases, fp32 in every model. Each lands directly
+    in its sharding by `parallel`'s rules over `mesh` (default: one device); a mesh whose axes do
+    not divide the model is refused as in training (`parallel.check_fits`).
 
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json if present; one
     with more tokens than the model's vocabulary is refused. With `require_tokenizer`, a missing
@@ -57,12 +63,14 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
     if require_tokenizer and not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json; pass --tokenizer")
+    mesh = parallel.make_mesh(None, jax.devices()[:1]) if mesh is None else mesh
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        _, model = _from_workdir(path, dtype)
+        _, model = _from_workdir(path, dtype, mesh)
     elif os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
         from dsv3_jax.convert import load_checkpoint  # noqa: PLC0415
 
-        _, model = load_checkpoint(path, dtype=dtype, param_dtype=dtype)
+        parallel.check_fits(ModelConfig.from_hf(path), mesh)
+        _, model = load_checkpoint(path, dtype=dtype, param_dtype=dtype, mesh=mesh)
     else:
         raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
                                 "checkpoint (config.json + params/)")

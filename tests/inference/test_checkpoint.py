@@ -1,11 +1,14 @@
-"""Loading a training workdir for inference: any device count, only what inference needs, clear errors."""
+"""Loading a training workdir or a converted checkpoint for inference: any device count or mesh,
+only what inference needs, clear errors; generate and eval on a mesh."""
 
+import json
 import os
 import subprocess
 import sys
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
@@ -13,17 +16,27 @@ from flax import nnx, traverse_util
 from dsv3_jax import parallel
 from dsv3_jax.checkpoint.manager import Checkpointer
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.data.tokenizer import train_tokenizer
-from dsv3_jax.inference import load_model
+from dsv3_jax.convert import save_checkpoint
+from dsv3_jax.data.tokenizer import eos_id, read_tokenizer, train_tokenizer
+from dsv3_jax.eval import bits_per_byte, choice_scores
+from dsv3_jax.inference import generate, load_model
+from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.step import init_state
 
 MODEL = ModelConfig.preset("tiny", num_hidden_layers=2)
+MESH = "fsdp=2,expert=2,tensor=2"  # batch split 4 ways
+MESH_SHAPE = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+EXPERTS_SPEC = jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")  # [layers, E, D, F] by the rules
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _flat(state) -> dict:
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/").items()}
+    return {k: np.asarray(v) for k, v in _leaves(state).items()}
+
+
+def _leaves(state) -> dict:
+    return traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +50,15 @@ def workdir(tmp_path_factory):
     ckpt.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()), MODEL, TrainConfig())
     ckpt.close()
     return path, {**_flat(state.params), **_flat(state.bias)}
+
+
+@pytest.fixture(scope="module")
+def converted(workdir, tmp_path_factory):
+    """The workdir's parameters as a converted checkpoint (config.json + params/) with a tokenizer.json."""
+    path = tmp_path_factory.mktemp("converted") / "ckpt"
+    save_checkpoint(MODEL, workdir[1], path)
+    train_tokenizer(["the quick brown fox jumps over the lazy dog " * 20], 300).save(str(path / "tokenizer.json"))
+    return path
 
 
 def test_a_workdir_trained_on_8_devices_loads_on_one(workdir, tmp_path):
@@ -100,3 +122,124 @@ def test_generate_and_eval_name_a_missing_tokenizer_before_reading_weights(workd
                            (evaluate.main, ["bpb", "--ckpt", str(path), "--text", "t.txt"])):
             assert main(argv) == 2
             assert capsys.readouterr().err == f"error: {path} has no tokenizer.json; pass --tokenizer\n"
+
+
+@pytest.mark.parametrize("source", ["workdir", "converted"])
+def test_load_model_onto_a_mesh(source, workdir, converted):
+    """Each parameter in the rules' sharding, in `dtype` (the routers' fp32) from either source,
+    with the stored values, as on one device."""
+    path, saved = (workdir[0] if source == "workdir" else converted), workdir[1]
+    mesh = parallel.make_mesh(MESH)
+    model, _ = load_model(path, dtype=jnp.bfloat16, mesh=mesh)
+    got, single = _leaves(nnx.state(model)), _leaves(nnx.state(load_model(path, dtype=jnp.bfloat16)[0]))
+    rules = parallel.flat_shardings(nnx.state(nnx.eval_shape(lambda: DeepSeekV3(MODEL, rngs=nnx.Rngs(0)))), mesh)
+    assert got.keys() == saved.keys() == rules.keys()
+    assert saved["embed/embedding"].dtype == np.float32  # training's param_dtype
+    for k, x in got.items():
+        assert x.sharding == rules[k], k
+        dtype = jnp.float32 if "/router/" in k else jnp.bfloat16
+        assert x.dtype == single[k].dtype == dtype, k
+        np.testing.assert_array_equal(np.asarray(x), saved[k].astype(dtype), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(single[k]), err_msg=k)
+
+
+def _spy(real, seen: list):
+    """`real` recording, per call, the mesh it runs on (its `mesh` argument, else the current
+    one), the spec of the routed experts' weights, and its result."""
+    def run(model, *args, **kwargs):
+        mesh = kwargs.get("mesh") or jax.sharding.get_abstract_mesh()
+        out = real(model, *args, **kwargs)
+        seen.append((dict(mesh.shape), model.moe_layers.mlp.experts.gate_proj[...].sharding.spec, out))
+        return out
+    return run
+
+
+def _greedy(model, prompts: list[list[int]], n: int, stop: int) -> list[list[int]]:
+    """Greedy continuations by the plain forward over each whole sequence (no cache), one device."""
+    forward = nnx.jit(lambda m, tokens: m(tokens).logits)
+    seqs, new = [list(p) for p in prompts], [[] for _ in prompts]
+    for _ in range(n):
+        rows = np.zeros((len(seqs), 16), np.int32)  # right-padded: causal, so padding is never seen
+        for r, s in enumerate(seqs):
+            rows[r, : len(s)] = s
+        logits = np.asarray(forward(model, rows))
+        for r, s in enumerate(seqs):
+            if stop not in new[r]:
+                new[r].append(int(np.argmax(logits[r, len(s) - 1])))
+                s.append(new[r][-1])
+    return new
+
+
+def test_generate_cli_on_a_mesh_gives_the_one_device_greedy_tokens(workdir, converted, monkeypatch, capsys):
+    """--mesh loads the workdir sharded over the 8 devices; its 3 prompts are split over the 4
+    batch shards; the greedy tokens are one device's (by the plain forward, no cache)."""
+    from dsv3_jax import generate as cli  # noqa: PLC0415
+
+    seen = []
+    monkeypatch.setattr(cli, "generate", _spy(generate, seen))
+    tokenizer = str(converted / "tokenizer.json")
+    tok = read_tokenizer(tokenizer)
+    prompts = ["the quick brown", "a", "the lazy dog jumps over the"]
+    assert cli.main(["--ckpt", str(workdir[0]), "--tokenizer", tokenizer, "--max-new-tokens", "5", "--dtype",
+                     "float32", "--mesh", MESH] + [a for p in prompts for a in ("--prompt", p)]) == 0
+    (mesh_shape, experts, result), = seen
+    assert (mesh_shape, experts) == (MESH_SHAPE, EXPERTS_SPEC)
+    single, _ = load_model(workdir[0], dtype=jnp.float32)
+    want = _greedy(single, [tok.encode(p).ids for p in prompts], 5, eos_id(tok))
+    assert result.tokens == want
+    assert capsys.readouterr().out == "".join(f"--- {p}\n{tok.decode(t)}\n" for p, t in zip(prompts, want))
+
+
+def test_eval_cli_scores_on_a_mesh(converted, tmp_path, monkeypatch, capsys):
+    """Both subcommands with --mesh score under the mesh, with the sharded model; results as one device's."""
+    from dsv3_jax.eval import __main__ as cli  # noqa: PLC0415
+
+    seen = []
+    monkeypatch.setattr(cli, "bits_per_byte", _spy(bits_per_byte, seen))
+    monkeypatch.setattr(cli, "choice_scores", _spy(choice_scores, seen))
+    tok = read_tokenizer(str(converted / "tokenizer.json"))
+    single, _ = load_model(converted, dtype=jnp.float32)
+    text = tmp_path / "t.txt"
+    text.write_text("the lazy dog jumps over the quick brown fox")
+    assert cli.main(["bpb", "--ckpt", str(converted), "--text", str(text), "--window", "32", "--dtype", "float32",
+                     "--mesh", MESH]) == 0
+    want = bits_per_byte(single, cli.text_tokens(tok, text.read_text(), MODEL.bos_token_id), len(text.read_bytes()),
+                         window=32)  # rows [8, 32], the choices' shape too: one compile
+    got = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(got.pop("bits_per_byte"), want.pop("bits_per_byte"), rtol=1e-5)
+    np.testing.assert_allclose(got.pop("nats_per_token"), want.pop("nats_per_token"), rtol=1e-5)
+    assert got == want
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": ["fox", "dog"], "answer": 0}) + "\n"
+                            for q in ("the quick brown", "the lazy")))
+    assert cli.main(["choice", "--ckpt", str(converted), "--data", str(data), "--dtype", "float32",
+                     "--mesh", MESH]) == 0
+    assert json.loads(capsys.readouterr().out)["questions"] == 2
+    assert [s[:2] for s in seen] == [(MESH_SHAPE, EXPERTS_SPEC)] * 2
+    contexts = [tok.encode(f"Question: {q}\nAnswer:").ids for q in ("the quick brown", "the lazy")]
+    conts = [tok.encode(f" {c}", add_special_tokens=False).ids for c in ("fox", "dog")]
+    np.testing.assert_allclose(seen[1][2], choice_scores(single, [c for c in contexts for _ in conts],
+                                                         conts * len(contexts)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh, message", [
+    ("data=3", "mesh spec 'data=3': 3 x 1 x 1 x 1 = 3 devices, but there are 8"),
+    ("tensor=8", "mesh tensor=8 must divide num_attention_heads=4"),
+])
+def test_generate_and_eval_refuse_a_bad_mesh_before_reading_weights(workdir, converted, monkeypatch, capsys,
+                                                                     mesh, message):
+    from dsv3_jax import generate as gen_cli  # noqa: PLC0415
+    from dsv3_jax.eval import __main__ as eval_cli  # noqa: PLC0415
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(Checkpointer, "restore_subset", unread)
+    monkeypatch.setattr("dsv3_jax.convert.load_checkpoint", unread)
+    tokenizer = str(converted / "tokenizer.json")
+    for path in (workdir[0], converted):
+        for main, argv in ((gen_cli.main, ["--ckpt", str(path), "--prompt", "hi"]),
+                           (eval_cli.main, ["bpb", "--ckpt", str(path), "--text", "t.txt"]),
+                           (eval_cli.main, ["choice", "--ckpt", str(path), "--data", "q.jsonl"])):
+            assert main(argv + ["--tokenizer", tokenizer, "--mesh", mesh]) == 2
+            assert capsys.readouterr().err == f"error: {message}\n"
