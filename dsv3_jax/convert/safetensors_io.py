@@ -33,7 +33,25 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the config or the format (names the tensor/file)."""
 
 
-class Reader:
+class TensorIndex:
+    """What both checkpoint readers share: `entries` by tensor name, each file's path first."""
+
+    entries: dict[str, tuple]
+
+    def _check_index(self, weight_map: dict | None, index: str) -> None:
+        """Every tensor the index file `index` lists was found in some file."""
+        for name, file in (weight_map or {}).items():
+            if name not in self.entries:
+                raise CheckpointError(f"tensor {name}: {index} lists it in {file}, which lacks it")
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+
+class Reader(TensorIndex):
     """The tensors of a HF checkpoint directory (one file, or shards listed by the index)."""
 
     def __init__(self, directory: str | os.PathLike):
@@ -62,16 +80,7 @@ class Reader:
                     raise CheckpointError(f"tensor {name} is in {path} but {INDEX} says "
                                           f"{weight_map.get(name)}")
                 self.entries[name] = (path, entry)
-        if weight_map is not None:
-            for name, file in weight_map.items():
-                if name not in self.entries:
-                    raise CheckpointError(f"tensor {name}: {INDEX} lists it in {file}, which lacks it")
-
-    def names(self) -> set[str]:
-        return set(self.entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        self._check_index(weight_map, INDEX)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])

@@ -24,7 +24,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 
-from dsv3_jax.convert.safetensors_io import CheckpointError
+from dsv3_jax.convert.safetensors_io import CheckpointError, TensorIndex
 
 INDEX = "pytorch_model.bin.index.json"
 SINGLE = "pytorch_model.bin"
@@ -94,7 +94,7 @@ def torch_files(src: str) -> tuple[list[str], dict[str, str] | None]:
     return [os.path.join(src, found[0])], None
 
 
-class TorchReader:
+class TorchReader(TensorIndex):
     """The tensors of PyTorch pickles (the safetensors `Reader` interface), read from the mapped files."""
 
     def __init__(self, src: str | os.PathLike):
@@ -114,15 +114,7 @@ class TorchReader:
                 if dtype is None:
                     raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {t.dtype}")
                 self.entries[name] = (path, tuple(t.shape), dtype)
-        for name, file in (weight_map or {}).items():
-            if name not in self.entries:
-                raise CheckpointError(f"tensor {name}: {INDEX} lists it in {file}, which lacks it")
-
-    def names(self) -> set[str]:
-        return set(self.entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        self._check_index(weight_map, INDEX)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]

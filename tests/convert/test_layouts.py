@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import torch
 from convert_testlib import hf_logits, load_tensors, make_hf, model_args, to_torch, write_official
+from safetensors.numpy import save_file
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.convert import CheckpointError, detect_layout, load_checkpoint, load_hf, save_hf
 from dsv3_jax.convert.hf import flat_params
 from dsv3_jax.convert.official import model_args_config
+from dsv3_jax.convert.safetensors_io import Reader
+from dsv3_jax.convert.torch_io import TorchReader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENS = np.random.RandomState(0).randint(0, 96, (2, 16)).astype(np.int32)
@@ -251,3 +254,17 @@ def test_pickle_that_is_not_a_state_dict(tmp_path, official_bf16):
         f.truncate(100)
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable torch\.save file"):
         _load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_an_index_naming_a_tensor_no_file_holds(tmp_path, kind):
+    """The error names the index file of the checkpoint's own format."""
+    index = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}[kind]
+    shard = {"safetensors": "model-1.safetensors", "bin": "pytorch_model-1.bin"}[kind]
+    if kind == "bin":
+        torch.save({"a": torch.ones(2)}, tmp_path / shard)
+    else:
+        save_file({"a": np.ones(2, np.float32)}, tmp_path / shard)
+    (tmp_path / index).write_text(json.dumps({"metadata": {}, "weight_map": {"a": shard, "b": shard}}))
+    with pytest.raises(CheckpointError, match=rf"tensor b: {index} lists it in {shard}, which lacks it"):
+        (Reader if kind == "safetensors" else TorchReader)(tmp_path)
