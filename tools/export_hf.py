@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsv3_jax.convert import open_params, save_hf  # noqa: E402
-from dsv3_jax.inference import load_model  # noqa: E402
+from dsv3_jax.inference.checkpoint import load_model, stored_param_dtype  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -41,7 +41,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the temporary output is removed
     try:
         if os.path.isdir(os.path.join(args.ckpt_dir, "checkpoints")):  # a training workdir
-            model, _ = load_model(args.ckpt_dir)
+            model, _ = load_model(args.ckpt_dir, dtype=stored_param_dtype(args.ckpt_dir))
             config, params = model.config, model
         else:
             config, params = open_params(args.ckpt_dir)

@@ -23,16 +23,32 @@ from dsv3_jax.data.tokenizer import read_tokenizer
 from dsv3_jax.model import DeepSeekV3, RouterBias
 
 
+def _latest(ckpt: Checkpointer, workdir: str) -> tuple[int, dict]:
+    """(latest step, its stored {"model": HF config, "train": TrainConfig fields})."""
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    return step, ckpt.read_config(step)
+
+
+def stored_param_dtype(workdir: str | os.PathLike) -> jnp.dtype:
+    """The param_dtype a training workdir's latest checkpoint holds its parameters in."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return jnp.dtype(_latest(ckpt, workdir)[1]["train"]["param_dtype"])
+    finally:
+        ckpt.close()
+
+
 def _from_workdir(workdir: str, dtype, mesh: Mesh) -> tuple[ModelConfig, DeepSeekV3]:
     """The latest step's parameters (cast to `dtype`) and router biases, restored straight into
     their shardings over `mesh`, whatever mesh trained them; the optimizer state is never read (it
     is twice the parameters)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-        config = ModelConfig.from_hf(ckpt.read_config(step)["model"])
+        step, saved = _latest(ckpt, workdir)
+        config = ModelConfig.from_hf(saved["model"])
         parallel.check_fits(config, mesh)
         # Orbax casts each stored leaf to its target's dtype on restore
         model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))

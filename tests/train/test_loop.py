@@ -111,12 +111,21 @@ def test_export_hf_takes_the_workdir(tmp_path, straight):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, os.path.join(root, "tools", "export_hf.py"), str(workdir), str(tmp_path / "hf")],
                    check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-    model, _ = load_model(workdir)
+    model, _ = load_model(workdir, dtype=np.float32)  # the run's param_dtype: what the export keeps
+    dtypes = {v["dtype"] for shard in (tmp_path / "hf").glob("*.safetensors")
+              for k, v in _safetensors_header(shard).items() if k != "__metadata__"}
+    assert dtypes == {"F32"}
     _, exported = load_hf(tmp_path / "hf")
     want, got = flat_params(model), flat_params(exported)
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def _safetensors_header(path) -> dict:
+    """The JSON header of a safetensors file (its layout: an 8-byte little-endian length, then it)."""
+    with open(path, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, corpus, straight):
