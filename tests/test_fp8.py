@@ -75,6 +75,18 @@ def np_fp8_linear(x, w, g, pow2=False):
     return y, dx, dw
 
 
+def np_expert_col_fake_quantize(x, sizes, pow2=False):
+    """x [M,K] rounded on 128x1 tiles that restart at each expert: per expert (then the padding
+    rows past the last one), per 128-row chunk of its rows, one scale per column."""
+    out = np.zeros(x.shape, np.float32)
+    bounds = np.cumsum([0, *sizes, x.shape[0] - sum(sizes)])
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        for r in range(lo, hi, 128):
+            chunk = x[r:min(r + 128, hi)]
+            out[r:r + len(chunk)] = np_dequantize(*np_quantize(chunk, (128, 1), pow2), (128, 1))[:len(chunk)]
+    return out
+
+
 def rel(a, b):
     """Max abs difference relative to the max magnitude of b."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -275,17 +287,36 @@ def test_recipe_rejects_impossible_settings(kw):
 # --- grouped (experts) -------------------------------------------------------------------------
 
 
-def test_grouped_matches_numpy_recipe():
-    sizes = [70, 0, 150, 36]  # a tile of 128 rows straddles experts
-    Mg, Kg, Ng = sum(sizes), 200, 136
-    x, w, g = randn(10, (Mg, Kg)), randn(11, (4, Kg, Ng), 0.05), randn(12, (Mg, Ng))
-    gs = jnp.asarray(sizes)
-    f = jax.jit(lambda x, w: fp8.grouped_matmul(x, w, gs, fp8.Recipe()))
-    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+@pytest.mark.parametrize("sizes,M", [([70, 0, 150, 36, 200], 486), ([129, 129, 129], 388), ([0, 0], 200),
+                                     ([128, 256], 384)], ids=["ragged+padding", "most-tiles", "all-padding", "aligned"])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_expert_col_tiles_match_numpy(sizes, M, pow2):
+    """128x1 tiles per expert: ragged sizes, an empty expert, padding rows past the groups, and
+    the most tiles the static count allows (every group one row past a whole tile)."""
+    x = randn(21, (M, 300)) * np.exp2(np.arange(M) % 17 - 8.0)[:, None]  # rows of very different scales
+    x[:, 256:] = 0  # all-zero tiles: scale 1
+    got = jax.jit(fp8.grouped_fake_quantize, static_argnums=2)(jnp.asarray(x), jnp.asarray(sizes), pow2)
+    np.testing.assert_array_equal(np.asarray(got), np_expert_col_fake_quantize(x, sizes, pow2))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_grouped_matches_numpy_recipe(pow2):
+    """Forward and dx per token row; dw from 128x1 tiles of each expert's own rows. Row 69 (the
+    last of expert 0) and the padding rows past the groups are large, so tiles of 128 rows from
+    row 0 (straddling experts 0 and 2, and expert 3 and the padding) would change dw of 2 and 3."""
+    sizes = [70, 0, 150, 50]
+    Mg, Kg, Ng = sum(sizes) + 20, 200, 136
+    x, w, g = randn(10, (Mg, Kg)).copy(), randn(11, (4, Kg, Ng), 0.05), randn(12, (Mg, Ng)).copy()
+    x[69] *= 1e4
+    g[69] *= 1e4
+    x[sum(sizes):] *= 1e6
+    g[sum(sizes):] *= 1e6
+    f = jax.jit(lambda x, w, gs: fp8.grouped_matmul(x, w, gs, fp8.Recipe(pow2_scales=pow2)))
+    gs = jnp.asarray(sizes)  # traced: an argument of the jitted function
+    y, vjp = jax.vjp(lambda x, w: f(x, w, gs), jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
-    deq = lambda a, tile: np_dequantize(*np_quantize(a, tile), tile)[: a.shape[0], : a.shape[1]]
+    deq = lambda a, tile: np_dequantize(*np_quantize(a, tile, pow2), tile)[: a.shape[0], : a.shape[1]]
     x_row, g_row = deq(x, (1, 128)), deq(g, (1, 128))
-    x_col, g_col = deq(x_row, (128, 1)), deq(g, (128, 1))
     starts = np.cumsum([0] + sizes)
     for e in range(4):
         r = slice(starts[e], starts[e + 1])
@@ -293,7 +324,7 @@ def test_grouped_matches_numpy_recipe():
         if sizes[e]:
             assert rel(y[r], x_row[r] @ w_e) < 1e-6
             assert rel(dx[r], g_row[r] @ w_e.T) < 1e-6
-            assert rel(dw[e], x_col[r].T @ g_col[r]) < 1e-6
+            assert rel(dw[e], deq(x_row[r], (128, 1)).T @ deq(g[r], (128, 1))) < 1e-6  # the expert's own tiles
         else:
             assert not np.any(np.asarray(dw[e]))
 
