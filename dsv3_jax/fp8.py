@@ -15,7 +15,8 @@ instead: each `mma_k`-wide partial sum is added to an accumulator truncated to t
 mantissa bits, which is promoted to FP32 every `promotion_interval` elements.
 
 `Recipe(native=True)` runs the same chunked product with real FP8 `dot_general`s (cuBLASLt FP8
-GEMMs on Hopper) on the same grid, or as one Pallas kernel (`kernels.scaled_matmul`, opt-in).
+GEMMs on Hopper) on the same grid, or as one Pallas kernel (`kernels.scaled_matmul`, the default
+on one GPU).
 Linear inputs are cached for the backward pass in FP8.
 """
 

@@ -193,8 +193,8 @@ def test_expert_parallel_blocks_layout_equals_local(n, skew, transport):
 def test_expert_parallel_under_the_fp8_recipe(transport):
     """The FP8 grouped matmul's custom gradient under the expert shard_map. Forward and input
     gradient quantize per token row (1x128 tiles), so they match the local run; the weight
-    gradients quantize 128-row tiles of whatever rows each device holds, so they agree to E4M3's
-    precision (2^-4), not bitwise."""
+    gradients quantize 128-row tiles of each expert's rows in the order its device receives them
+    (not the local run's order), so they agree to E4M3's precision (2^-4), not bitwise."""
     from dsv3_jax import fp8
 
     args = _problem(40, False)
