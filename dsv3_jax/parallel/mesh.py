@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -268,12 +269,18 @@ def check_fits(config, mesh: Mesh) -> None:
     """Refuse a mesh whose axes do not divide what they split: experts over `expert`, the model
     dimension over `fsdp`, attention heads and FFN hidden sizes over `tensor`. The rules would
     keep such weights whole on every device, a silent fallback that hides the mistake until
-    memory runs out. (The vocabulary may stay whole: tokenizers have any size.)"""
+    memory runs out. The vocabulary may stay whole (tokenizers have any size), with a warning
+    that says how to split it."""
     needs = [("expert", "n_routed_experts"), ("fsdp", "hidden_size"), ("tensor", "num_attention_heads"),
              ("tensor", "moe_intermediate_size")] + [("tensor", "intermediate_size")] * bool(config.num_dense_layers)
     for axis, field in needs:
         if getattr(config, field) % mesh.shape[axis]:
             raise ValueError(f"mesh {axis}={mesh.shape[axis]} must divide {field}={getattr(config, field)}")
+    tensor = mesh.shape["tensor"]
+    if config.vocab_size % tensor:
+        warnings.warn(f"mesh tensor={tensor} does not divide vocab_size={config.vocab_size}: the embedding and the "
+                      f"LM head stay whole on every tensor shard; a vocab_size padded to a multiple of {tensor} "
+                      "(any size >= the tokenizer's) splits them", stacklevel=2)
 
 
 def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None):

@@ -1,5 +1,7 @@
 """Mesh specs, the rules table, placement of host arrays, batches."""
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -173,6 +175,19 @@ def test_an_unused_dense_hidden_size_need_not_divide():
 
     config = ModelConfig.preset("tiny", first_k_dense_replace=0, intermediate_size=129)
     parallel.check_fits(config, parallel.make_mesh("data=4,tensor=2"))
+
+
+def test_a_vocabulary_the_tensor_axis_does_not_divide_stays_whole_with_a_warning():
+    from dsv3_jax import parallel
+    from dsv3_jax.config import ModelConfig
+
+    mesh = parallel.make_mesh("data=2,tensor=4")
+    with pytest.warns(UserWarning, match=r"mesh tensor=4 does not divide vocab_size=514: the embedding and the LM "
+                                         r"head stay whole .* padded to a multiple of 4"):
+        parallel.check_fits(ModelConfig.preset("tiny", vocab_size=514), mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.check_fits(ModelConfig.preset("tiny", vocab_size=516), mesh)
 
 
 def test_every_public_name_is_exported():
