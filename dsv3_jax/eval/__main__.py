@@ -10,7 +10,6 @@ model over all devices and runs the scoring on that mesh; default: one device.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 
@@ -69,7 +68,7 @@ def text_tokens(tok, text: str, bos: int | None) -> list[int]:
     return ([bos] if bos is not None else []) + tok.encode(text, add_special_tokens=False).ids
 
 
-def run_choice(model, tok, records: list[dict], shots: int) -> dict:
+def run_choice(model, tok, records: list[dict], shots: int, mesh=None) -> dict:
     if shots < 0:
         raise ValueError(f"--shots={shots}: must be >= 0")
     if len(records) <= shots:
@@ -83,7 +82,7 @@ def run_choice(model, tok, records: list[dict], shots: int) -> dict:
             conts.append(tok.encode(f" {choice}", add_special_tokens=False).ids)  # no BOS inside a continuation
             owner.append(i)
     check_prompts([c + x for c, x in zip(contexts, conts)], model.config.vocab_size)
-    scores = choice_scores(model, contexts, conts)
+    scores = choice_scores(model, contexts, conts, mesh=mesh)
     owner = np.array(owner)
     correct = [int(np.argmax(scores[owner == i]) == _answer(r)) for i, r in enumerate(records[shots:])]
     return {"accuracy": float(np.mean(correct)), "questions": len(correct), "shots": shots}
@@ -109,15 +108,15 @@ def main(argv=None) -> int:
         mesh = parallel.make_mesh(args.mesh) if args.mesh else None
         model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype),
                                 require_tokenizer=True, mesh=mesh)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # expert-parallel MoE
-            if args.task == "bpb":
-                with open(args.text, encoding="utf-8") as f:
-                    text = f.read()
-                ids = text_tokens(tok, text, model.config.bos_token_id)
-                check_prompts([ids], model.config.vocab_size)
-                out = bits_per_byte(model, ids, len(text.encode("utf-8")), window=args.window, stride=args.stride)
-            else:
-                out = run_choice(model, tok, read_records(args.data), args.shots)
+        if args.task == "bpb":
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+            ids = text_tokens(tok, text, model.config.bos_token_id)
+            check_prompts([ids], model.config.vocab_size)
+            out = bits_per_byte(model, ids, len(text.encode("utf-8")), window=args.window, stride=args.stride,
+                                mesh=mesh)
+        else:
+            out = run_choice(model, tok, read_records(args.data), args.shots, mesh)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
 """Log-likelihood scoring: bits per byte with a sliding window, and multiple choice.
 
 Both run the plain (uncached) forward over fixed-shape batches [batch, window], so one compile
-serves a whole evaluation.
+serves a whole evaluation. With a `mesh` (the one the model's parameters are sharded over) the
+batch rows are split over its batch axes and the MoE runs expert-parallel, as in `generate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Sequence
@@ -16,12 +18,14 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding
 
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def token_logprobs(model: DeepSeekV3, tokens: np.ndarray) -> np.ndarray:
-    """tokens [B,T] -> [B,T-1] fp32: log p(tokens[:, t+1] | tokens[:, :t+1])."""
+def token_logprobs(model: DeepSeekV3, tokens: np.ndarray, mesh=None) -> np.ndarray:
+    """tokens [B,T] -> [B,T-1] fp32: log p(tokens[:, t+1] | tokens[:, :t+1]); B splits over
+    `mesh`'s batch axes (module docstring)."""
     if model not in _JITTED:
         graphdef = nnx.graphdef(model)
 
@@ -32,7 +36,15 @@ def token_logprobs(model: DeepSeekV3, tokens: np.ndarray) -> np.ndarray:
             return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
 
         _JITTED[model] = run
-    return np.asarray(_JITTED[model](nnx.state(model), jnp.asarray(tokens, jnp.int32)))
+    tokens = jnp.asarray(tokens, jnp.int32) if mesh is None else jax.device_put(tokens, batch_sharding(mesh))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return np.asarray(_JITTED[model](nnx.state(model), tokens))
+
+
+def _rows(batch: int, mesh) -> int:
+    """`batch` rounded up to a multiple of the mesh's batch shards."""
+    shards = 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in BATCH_AXES)
+    return -(-batch // shards) * shards
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -53,7 +65,7 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def bits_per_byte(model: DeepSeekV3, tokens: Sequence[int], n_bytes: int, *, window: int = 512,
-                  stride: int | None = None, batch: int = 8) -> dict:
+                  stride: int | None = None, batch: int = 8, mesh=None) -> dict:
     """Bits per byte of a token sequence that encodes `n_bytes` bytes of text.
 
     sum over scored tokens of -log2 p(token | up to window-1 earlier tokens) / n_bytes; the
@@ -64,7 +76,7 @@ def bits_per_byte(model: DeepSeekV3, tokens: Sequence[int], n_bytes: int, *, win
         raise ValueError(f"need at least 2 tokens to score, got {tokens.size}")
     if n_bytes <= 0:
         raise ValueError(f"n_bytes={n_bytes}: must be > 0")
-    window = min(window, model.config.max_position_embeddings)
+    window, batch = min(window, model.config.max_position_embeddings), _rows(batch, mesh)
     spans = windows(tokens.size, window, window // 2 if stride is None else stride)
     nll = 0.0
     for i in range(0, len(spans), batch):
@@ -72,7 +84,7 @@ def bits_per_byte(model: DeepSeekV3, tokens: Sequence[int], n_bytes: int, *, win
         rows = np.zeros((batch, window), np.int32)
         for r, (b, e, _) in enumerate(chunk):
             rows[r, : e - b] = tokens[b:e]
-        logp = token_logprobs(model, rows)
+        logp = token_logprobs(model, rows, mesh)
         for r, (b, e, s) in enumerate(chunk):
             nll -= float(logp[r, s - b - 1: e - b - 1].astype(np.float64).sum())
     scored = tokens.size - 1
@@ -81,7 +93,7 @@ def bits_per_byte(model: DeepSeekV3, tokens: Sequence[int], n_bytes: int, *, win
 
 
 def choice_scores(model: DeepSeekV3, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                  *, batch: int = 8) -> np.ndarray:
+                  *, batch: int = 8, mesh=None) -> np.ndarray:
     """Summed log-likelihood of each continuation after its context -> [N] fp64."""
     seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
     if any(len(c) == 0 or len(x) == 0 for c, x in zip(contexts, continuations)):
@@ -90,12 +102,13 @@ def choice_scores(model: DeepSeekV3, contexts: Sequence[Sequence[int]], continua
     if longest > max_pos:
         raise ValueError(f"a prompt of {longest} tokens exceeds max_position_embeddings={max_pos}")
     length = min(max(16, 1 << (longest - 1).bit_length()), max_pos)  # padded to a power of two, within the model
+    batch = _rows(batch, mesh)
     out = np.zeros(len(seqs))
     for i in range(0, len(seqs), batch):
         rows = np.zeros((batch, length), np.int32)
         for r, s in enumerate(seqs[i: i + batch]):
             rows[r, : len(s)] = s
-        logp = token_logprobs(model, rows).astype(np.float64)
+        logp = token_logprobs(model, rows, mesh).astype(np.float64)
         for r in range(min(batch, len(seqs) - i)):
             c, x = len(contexts[i + r]), len(continuations[i + r])
             out[i + r] = logp[r, c - 1: c - 1 + x].sum()

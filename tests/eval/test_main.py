@@ -32,7 +32,7 @@ def test_text_gets_one_bos(bos_tokenizer):
 def test_continuations_carry_no_bos(bos_tokenizer, monkeypatch):
     seen = {}
 
-    def scores(model, contexts, conts):
+    def scores(model, contexts, conts, mesh=None):
         seen.update(contexts=contexts, conts=conts)
         return jnp.asarray([0.0, 1.0] * (len(conts) // 2))
 

@@ -76,3 +76,21 @@ def test_bad_window_and_stride(model):
         bits_per_byte(model, tokens, 30, window=8, stride=0)
     with pytest.raises(ValueError, match="window=1"):
         bits_per_byte(model, tokens, 30, window=1)
+
+
+def test_scoring_on_a_mesh_equals_one_device(model):
+    """A batch of 3 rows over 4 batch shards is rounded up to 4 rows; the sharded model scores as
+    the one-device one."""
+    from dsv3_jax import parallel  # noqa: PLC0415
+
+    mesh = parallel.make_mesh("data=2,expert=2,tensor=2")
+    sharded = parallel.create_model(CONFIG, mesh, seed=0, dtype=jnp.float32)
+    tokens = np.random.RandomState(3).randint(0, CONFIG.vocab_size, 40)
+    want, got = (bits_per_byte(m, tokens, 100, window=16, batch=3, mesh=ms) for m, ms in ((model, None),
+                                                                                            (sharded, mesh)))
+    np.testing.assert_allclose(got.pop("nats_per_token"), want.pop("nats_per_token"), rtol=1e-5)
+    np.testing.assert_allclose(got.pop("bits_per_byte"), want.pop("bits_per_byte"), rtol=1e-5)
+    assert got == want
+    contexts, conts = [[1, 2, 3], [4, 5]], [[6], [7, 8]]
+    np.testing.assert_allclose(choice_scores(sharded, contexts, conts, batch=3, mesh=mesh),
+                               choice_scores(model, contexts, conts), rtol=1e-5)
