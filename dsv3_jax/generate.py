@@ -3,7 +3,9 @@
 Streams each continuation as it is decoded (latent cache; --speculative drafts with the MTP
 module). DIR is a training workdir (latest checkpoint + tokenizer.json) or a converted checkpoint
 (config.json + params/) with --tokenizer. --mesh (training's syntax) shards the model over all
-devices and splits the prompts over the mesh's batch axes; default: one device.
+devices and splits the prompts over the mesh's batch axes; default: one device. Multi-process
+runs take training's --coordinator / --num-processes / --process-id; every process is given the
+same prompts, and process 0 prints.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import jax.numpy as jnp
 
 from dsv3_jax import parallel
@@ -38,9 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--mesh", help="e.g. expert=-1 or fsdp=2,expert=4 over all devices (default: one device)")
+    parallel.add_mesh_arguments(p, "one device")
     args = p.parse_args(argv)
     try:
+        parallel.start_processes(args)
         mesh = parallel.make_mesh(args.mesh) if args.mesh else None
         prompts = list(args.prompt)
         if args.prompts_file:
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
             pending[row] += new
             text = complete_text(tok, pending[row])
             if len(prompts) == 1:  # one prompt: print as it comes
-                print(text[len(shown[row]):], end="", flush=True)
+                say(text[len(shown[row]):], end="", flush=True)
             shown[row] = text
 
         result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -69,13 +73,19 @@ def main(argv=None) -> int:
         return 2
     final = {r: tok.decode(pending[r]) for r in pending}  # with any bytes that never completed a character
     if len(prompts) == 1:
-        print(final[0][len(shown[0]):])
+        say(final[0][len(shown[0]):])
     else:
         for text, r in zip(prompts, range(len(prompts))):
-            print(f"--- {text}\n{final[r]}")
+            say(f"--- {text}\n{final[r]}")
     if args.speculative:
-        print(f"[MTP acceptance {result.acceptance_rate:.1%} over {result.drafted} drafts]", file=sys.stderr)
+        say(f"[MTP acceptance {result.acceptance_rate:.1%} over {result.drafted} drafts]", file=sys.stderr)
     return 0
+
+
+def say(*args, **kwargs) -> None:
+    """print, on process 0 only (every process decodes the same rows)."""
+    if jax.process_index() == 0:
+        print(*args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ bpb: bits per byte of a UTF-8 text (BOS first when the config has one), sliding 
 choice: MMLU-style records {"question", "choices": [...], "answer": index or letter}; each choice
 is scored by the summed log-likelihood of " {choice}" after a K-shot prompt (the first K records
 are the examples and are not scored). Prints one JSON line. --mesh (training's syntax) shards the
-model over all devices and runs the scoring on that mesh; default: one device.
+model over all devices and runs the scoring on that mesh; default: one device. Multi-process runs
+take training's --coordinator / --num-processes / --process-id, and process 0 prints.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         s.add_argument("--ckpt", required=True)
         s.add_argument("--tokenizer")
         s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-        s.add_argument("--mesh", help="e.g. expert=-1 or fsdp=2,expert=4 over all devices (default: one device)")
+        parallel.add_mesh_arguments(s, "one device")
     sub.choices["bpb"].add_argument("--text", required=True)
     sub.choices["bpb"].add_argument("--window", type=int, default=512)
     sub.choices["bpb"].add_argument("--stride", type=int)
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     sub.choices["choice"].add_argument("--shots", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        parallel.start_processes(args)
         mesh = parallel.make_mesh(args.mesh) if args.mesh else None
         model, tok = load_model(args.ckpt, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype),
                                 require_tokenizer=True, mesh=mesh)
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(out))
+    if jax.process_index() == 0:
+        print(json.dumps(out))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Both run the plain (uncached) forward over fixed-shape batches [batch, window], so one compile
 serves a whole evaluation. With a `mesh` (the one the model's parameters are sharded over) the
-batch rows are split over its batch axes and the MoE runs expert-parallel, as in `generate`.
+batch rows are split over its batch axes and the MoE runs expert-parallel, as in `generate`
+(over several processes, each passes the same tokens and gets every score).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding
+from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding, fetch, place
 
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -36,9 +37,10 @@ def token_logprobs(model: DeepSeekV3, tokens: np.ndarray, mesh=None) -> np.ndarr
             return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
 
         _JITTED[model] = run
-    tokens = jnp.asarray(tokens, jnp.int32) if mesh is None else jax.device_put(tokens, batch_sharding(mesh))
+    tokens = np.asarray(tokens, np.int32)
+    tokens = jnp.asarray(tokens) if mesh is None else place(tokens, batch_sharding(mesh))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return np.asarray(_JITTED[model](nnx.state(model), tokens))
+        return fetch(_JITTED[model](nnx.state(model), tokens))
 
 
 def _rows(batch: int, mesh) -> int:

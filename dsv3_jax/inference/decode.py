@@ -28,7 +28,7 @@ from dsv3_jax.inference.sampling import Sampling, probabilities, sample
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.model.mla import LatentCache
 from dsv3_jax.model.transformer import Cache, full_depth, scan_unroll
-from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding
+from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding, fetch, place
 
 MIN_BUCKET = 16
 SLOT_ROUNDING = 64  # the room for new tokens is rounded up to this
@@ -197,7 +197,8 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
     the new tokens); a prompt that does not fit raises ValueError. `speculative` drafts with the
     MTP module (identical output distribution; `GenerateResult.acceptance_rate`). With a
     `mesh`, rows are split over its batch axes (padded to a multiple) and the MoE runs
-    expert-parallel. `stream(row, new_token_ids)` is called after every step (this waits for
+    expert-parallel; over several processes, each passes the same prompts and gets every row's
+    result. `stream(row, new_token_ids)` is called after every step (this waits for
     each step; without it the host runs ahead of the device).
     """
     config = model.config
@@ -226,16 +227,16 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
         lengths[i] = len(p)
-    if mesh is not None:
-        tokens = jax.device_put(tokens, batch_sharding(mesh))
-        lengths = jax.device_put(lengths, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    if mesh is not None:  # every process passes the same prompts; each places its rows
+        tokens = place(tokens, batch_sharding(mesh))
+        lengths = place(lengths, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
     dtype = model.embed.dtype
     state = nnx.state(model)
     static = dict(sampling=sampling, stops=tuple(int(t) for t in stop_tokens), max_new=max_new_tokens)
     reported = [0] * rows
 
     def flush(s: DecodeState) -> None:
-        out, count = jax.device_get((s.out, s.count))
+        out, count = fetch(s.out), fetch(s.count)
         for r in range(rows):
             if count[r] > reported[r]:
                 stream(r, out[r, reported[r]: count[r]].tolist())
@@ -250,14 +251,14 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
         while steps < max_new_tokens - 1:
             if stream is not None:
                 flush(s)  # waits for the newest step anyway
-                if bool(finished):
+                if bool(fetch(finished)):
                     break
-            elif before is not None and bool(before):  # the newest step had nothing to do
+            elif before is not None and bool(fetch(before)):  # the newest step had nothing to do
                 break  # (checking one step behind keeps a step queued on the device)
             before = finished
             s, finished = one_step(state, s)
             steps += 1
         if stream is not None:
             flush(s)
-        out, count, drafted, accepted = jax.device_get((s.out, s.count, s.drafted, s.accepted))
+        out, count, drafted, accepted = (fetch(x) for x in (s.out, s.count, s.drafted, s.accepted))
     return GenerateResult([out[r, : count[r]].tolist() for r in range(rows)], steps, int(drafted), int(accepted))

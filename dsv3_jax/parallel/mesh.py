@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "expert", "tensor")
@@ -314,6 +315,28 @@ def shard_batch(local: np.ndarray, mesh: Mesh, global_batch: int | None = None, 
     global_batch = local.shape[batch_dim] * jax.process_count() if global_batch is None else global_batch
     shape = local.shape[:batch_dim] + (global_batch,) + local.shape[batch_dim + 1:]
     return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim, batch_dim), local, shape)
+
+
+def add_mesh_arguments(p, default: str) -> None:
+    """A command's --mesh and multi-process flags (`start_processes` acts on the latter)."""
+    p.add_argument("--mesh", help=f"e.g. data=2,expert=4 (-1: the rest; default: {default})")
+    p.add_argument("--coordinator", help="multi-process runs: HOST:PORT of process 0 (TPU pods and "
+                   "SLURM/MPI clusters are detected without it)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+
+
+def start_processes(args) -> None:
+    """`initialize_distributed` when `add_mesh_arguments`' flags ask for more than one process."""
+    if args.coordinator or (args.num_processes or 1) > 1:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """x's whole value on this host, gathered from the other processes when it spans them (then
+    a collective: every process must call it)."""
+    return np.asarray(x if x.is_fully_addressable or x.is_fully_replicated
+                      else multihost_utils.process_allgather(x, tiled=True))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -52,16 +52,11 @@ def main(argv=None) -> int:
                    help="projection GEMMs: bf16 (default), fp8_emulated or fp8_native (DeepSeek's FP8 recipe)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any field of model (ModelConfig), train (TrainConfig) or data (DataConfig)")
-    p.add_argument("--mesh", help="e.g. data=2,expert=4 (-1: the rest; default: all devices on data)")
-    p.add_argument("--coordinator", help="multi-process runs: HOST:PORT of process 0 (TPU pods and "
-                   "SLURM/MPI clusters are detected without it)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    parallel.add_mesh_arguments(p, "all devices on data")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        if args.coordinator or (args.num_processes or 1) > 1:
-            parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        parallel.start_processes(args)
         model, train_cfg, data = build_configs(args)
         history = train(args.workdir, model, train_cfg, data, args.tokenizer,
                         progress=not args.no_progress and jax.process_index() == 0, mesh=args.mesh)

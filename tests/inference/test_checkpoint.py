@@ -3,6 +3,7 @@ only what inference needs, clear errors; generate and eval on a mesh."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -170,24 +171,78 @@ def _greedy(model, prompts: list[list[int]], n: int, stop: int) -> list[list[int
     return new
 
 
-def test_generate_cli_on_a_mesh_gives_the_one_device_greedy_tokens(workdir, converted, monkeypatch, capsys):
+PROMPTS = ["the quick brown", "a", "the lazy dog jumps over the"]
+
+
+@pytest.fixture(scope="module")
+def greedy_text(workdir, converted):
+    """(tokens, the generate CLI's output) for PROMPTS, 5 new tokens: one device, plain forward."""
+    tok = read_tokenizer(str(converted / "tokenizer.json"))
+    single, _ = load_model(workdir[0], dtype=jnp.float32)
+    want = _greedy(single, [tok.encode(p).ids for p in PROMPTS], 5, eos_id(tok))
+    return want, "".join(f"--- {p}\n{tok.decode(t)}\n" for p, t in zip(PROMPTS, want))
+
+
+def _generate_args(workdir, converted) -> list[str]:
+    return (["--ckpt", str(workdir[0]), "--tokenizer", str(converted / "tokenizer.json"), "--max-new-tokens", "5",
+             "--dtype", "float32", "--mesh", MESH] + [a for p in PROMPTS for a in ("--prompt", p)])
+
+
+def test_generate_cli_on_a_mesh_gives_the_one_device_greedy_tokens(workdir, converted, greedy_text, monkeypatch,
+                                                                    capsys):
     """--mesh loads the workdir sharded over the 8 devices; its 3 prompts are split over the 4
     batch shards; the greedy tokens are one device's (by the plain forward, no cache)."""
     from dsv3_jax import generate as cli  # noqa: PLC0415
 
     seen = []
     monkeypatch.setattr(cli, "generate", _spy(generate, seen))
-    tokenizer = str(converted / "tokenizer.json")
-    tok = read_tokenizer(tokenizer)
-    prompts = ["the quick brown", "a", "the lazy dog jumps over the"]
-    assert cli.main(["--ckpt", str(workdir[0]), "--tokenizer", tokenizer, "--max-new-tokens", "5", "--dtype",
-                     "float32", "--mesh", MESH] + [a for p in prompts for a in ("--prompt", p)]) == 0
+    assert cli.main(_generate_args(workdir, converted)) == 0
     (mesh_shape, experts, result), = seen
     assert (mesh_shape, experts) == (MESH_SHAPE, EXPERTS_SPEC)
-    single, _ = load_model(workdir[0], dtype=jnp.float32)
-    want = _greedy(single, [tok.encode(p).ids for p in prompts], 5, eos_id(tok))
-    assert result.tokens == want
-    assert capsys.readouterr().out == "".join(f"--- {p}\n{tok.decode(t)}\n" for p, t in zip(prompts, want))
+    assert result.tokens == greedy_text[0]
+    assert capsys.readouterr().out == greedy_text[1]
+
+
+def _two_processes(args: list[str], start: str) -> list[str]:
+    """`python -m ARGS` in two CPU processes x 4 devices (jax.distributed over loopback, gloo) ->
+    each one's stdout from the first `start` on ("" without one). Gloo writes connection notes
+    to the same stdout from its own threads, unbuffered: they come before Python's buffered
+    output, which is flushed at exit, and may break each other's lines."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, "-m", *args, "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for i in range(2)]
+    try:  # bytes, decoded here: text mode would turn a generated "\r" into "\n"
+        outs = [tuple(b.decode() for b in p.communicate(timeout=300)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    return [out[out.index(start):] if start in out else "" for out, _ in outs]
+
+
+def test_generate_and_eval_clis_over_two_processes(workdir, converted, greedy_text, tmp_path):
+    """The mesh over two processes: process 0 prints one device's greedy text and bits per byte,
+    process 1 nothing."""
+    assert _two_processes(["dsv3_jax.generate", *_generate_args(workdir, converted)], "--- ") == [greedy_text[1], ""]
+    text = tmp_path / "t.txt"
+    text.write_text("the lazy dog jumps over the quick brown fox")
+    out, other = _two_processes(["dsv3_jax.eval", "bpb", "--ckpt", str(converted), "--text", str(text), "--window",
+                                 "32", "--dtype", "float32", "--mesh", MESH], "{")
+    tok = read_tokenizer(str(converted / "tokenizer.json"))
+    from dsv3_jax.eval.__main__ import text_tokens  # noqa: PLC0415
+
+    want = bits_per_byte(load_model(converted, dtype=jnp.float32)[0],
+                         text_tokens(tok, text.read_text(), MODEL.bos_token_id), len(text.read_bytes()), window=32)
+    got = json.loads(out)
+    np.testing.assert_allclose(got.pop("bits_per_byte"), want.pop("bits_per_byte"), rtol=1e-5)
+    np.testing.assert_allclose(got.pop("nats_per_token"), want.pop("nats_per_token"), rtol=1e-5)
+    assert (got, other) == (want, "")
 
 
 def test_eval_cli_scores_on_a_mesh(converted, tmp_path, monkeypatch, capsys):
