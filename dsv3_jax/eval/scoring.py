@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding, fetch, place
+from dsv3_jax.parallel.mesh import batch_sharding, fetch, padded_rows, place
 
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -41,12 +41,6 @@ def token_logprobs(model: DeepSeekV3, tokens: np.ndarray, mesh=None) -> np.ndarr
     tokens = jnp.asarray(tokens) if mesh is None else place(tokens, batch_sharding(mesh))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return fetch(_JITTED[model](nnx.state(model), tokens))
-
-
-def _rows(batch: int, mesh) -> int:
-    """`batch` rounded up to a multiple of the mesh's batch shards."""
-    shards = 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in BATCH_AXES)
-    return -(-batch // shards) * shards
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -78,7 +72,7 @@ def bits_per_byte(model: DeepSeekV3, tokens: Sequence[int], n_bytes: int, *, win
         raise ValueError(f"need at least 2 tokens to score, got {tokens.size}")
     if n_bytes <= 0:
         raise ValueError(f"n_bytes={n_bytes}: must be > 0")
-    window, batch = min(window, model.config.max_position_embeddings), _rows(batch, mesh)
+    window, batch = min(window, model.config.max_position_embeddings), padded_rows(batch, mesh)
     spans = windows(tokens.size, window, window // 2 if stride is None else stride)
     nll = 0.0
     for i in range(0, len(spans), batch):
@@ -104,7 +98,7 @@ def choice_scores(model: DeepSeekV3, contexts: Sequence[Sequence[int]], continua
     if longest > max_pos:
         raise ValueError(f"a prompt of {longest} tokens exceeds max_position_embeddings={max_pos}")
     length = min(max(16, 1 << (longest - 1).bit_length()), max_pos)  # padded to a power of two, within the model
-    batch = _rows(batch, mesh)
+    batch = padded_rows(batch, mesh)
     out = np.zeros(len(seqs))
     for i in range(0, len(seqs), batch):
         rows = np.zeros((batch, length), np.int32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -20,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.inference import speculative
 from dsv3_jax.inference.cache import init_cache, init_mtp_cache
@@ -28,7 +26,7 @@ from dsv3_jax.inference.sampling import Sampling, probabilities, sample
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.model.mla import LatentCache
 from dsv3_jax.model.transformer import Cache, full_depth, scan_unroll
-from dsv3_jax.parallel.mesh import BATCH_AXES, batch_sharding, fetch, place
+from dsv3_jax.parallel.mesh import batch_sharding, fetch, padded_rows, place
 
 MIN_BUCKET = 16
 SLOT_ROUNDING = 64  # the room for new tokens is rounded up to this
@@ -220,8 +218,7 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
                          f"max_position_embeddings={config.max_position_embeddings}")
     P = min(P, size)
     rows = len(prompts)
-    shards = 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in BATCH_AXES)
-    B = -(-rows // shards) * shards
+    B = padded_rows(rows, mesh)
     tokens = np.zeros((B, P), np.int32)
     lengths = np.ones((B,), np.int32)
     for i, p in enumerate(prompts):
@@ -229,7 +226,7 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
         lengths[i] = len(p)
     if mesh is not None:  # every process passes the same prompts; each places its rows
         tokens = place(tokens, batch_sharding(mesh))
-        lengths = place(lengths, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+        lengths = place(lengths, batch_sharding(mesh, ndim=1))
     dtype = model.embed.dtype
     state = nnx.state(model)
     static = dict(sampling=sampling, stops=tuple(int(t) for t in stop_tokens), max_new=max_new_tokens)

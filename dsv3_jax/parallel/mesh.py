@@ -300,6 +300,13 @@ def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=N
 # batches and processes
 
 
+def padded_rows(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up to a multiple of the mesh's batch shards (data x fsdp x expert), so a
+    batch of them splits evenly; `rows` itself without a mesh."""
+    shards = 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in BATCH_AXES)
+    return -(-rows // shards) * shards
+
+
 def process_rows(mesh: Mesh, global_batch: int) -> slice:
     """The rows of a [global_batch, T] batch this process feeds (a contiguous block)."""
     idx = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1))
