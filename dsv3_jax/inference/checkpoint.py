@@ -1,9 +1,10 @@
-"""Load a model (and its tokenizer) for inference from either kind of checkpoint directory.
+"""Load a model from either kind of checkpoint directory: with its tokenizer for inference
+(`load_model`), or as the weights a new training run starts from (`load_weights`).
 
 - a training workdir: `checkpoints/` (the latest step's parameters and router biases) and
   `tokenizer.json`;
 - a converted checkpoint (`convert.save_checkpoint` / `tools/convert_hf.py`): `config.json` and
-  `params/`, with the tokenizer passed separately.
+  `params/`, with the tokenizer passed separately (or a tokenizer.json put beside them).
 """
 
 from __future__ import annotations
@@ -41,23 +42,56 @@ def stored_param_dtype(workdir: str | os.PathLike) -> jnp.dtype:
         ckpt.close()
 
 
-def _from_workdir(workdir: str, dtype, mesh: Mesh) -> tuple[ModelConfig, DeepSeekV3]:
-    """The latest step's parameters (cast to `dtype`) and router biases, restored straight into
-    their shardings over `mesh`, whatever mesh trained them; the optimizer state is never read (it
-    is twice the parameters)."""
+def _is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def stored_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of a training workdir's latest checkpoint or of a converted checkpoint."""
+    path = os.path.abspath(os.fspath(path))
+    if _is_workdir(path):
+        ckpt = Checkpointer(os.path.join(path, "checkpoints"))
+        try:
+            return ModelConfig.from_hf(_latest(ckpt, path)[1]["model"])
+        finally:
+            ckpt.close()
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
+        return ModelConfig.from_hf(path)
+    raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
+                            "checkpoint (config.json + params/)")
+
+
+def _from_workdir(workdir: str, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
+    """The latest step's parameters (cast to `param_dtype`) and router biases, restored straight
+    into their shardings over `mesh`, whatever mesh trained them; the optimizer state is never read
+    (it is twice the parameters)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         step, saved = _latest(ckpt, workdir)
         config = ModelConfig.from_hf(saved["model"])
         parallel.check_fits(config, mesh)
         # Orbax casts each stored leaf to its target's dtype on restore
-        model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+        model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
         graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
         state = ckpt.restore_subset(step, {"params": parallel.abstract_sharded(params, mesh),
                                            "bias": parallel.abstract_sharded(bias, mesh)})
     finally:
         ckpt.close()
-    return config, nnx.merge(graphdef, state["params"], state["bias"])
+    return nnx.merge(graphdef, state["params"], state["bias"])
+
+
+def load_weights(path: str | os.PathLike, *, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
+    """The model of a workdir (its latest step) or of a converted checkpoint, computing in `dtype`
+    with its parameters held in `param_dtype` (the routers' kernels and biases fp32 in every model),
+    each restored straight into its sharding by `parallel`'s rules over `mesh`. A mesh the model
+    does not fit is refused before any weight is read (`parallel.check_fits`)."""
+    path = os.path.abspath(os.fspath(path))  # Orbax refuses relative paths
+    if _is_workdir(path):
+        return _from_workdir(path, dtype, param_dtype, mesh)
+    from dsv3_jax.convert import load_checkpoint  # noqa: PLC0415
+
+    parallel.check_fits(stored_config(path), mesh)
+    return load_checkpoint(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)[1]
 
 
 def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=jnp.bfloat16,
@@ -80,16 +114,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | None = None, dtype=j
     if require_tokenizer and not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json; pass --tokenizer")
     mesh = parallel.make_mesh(None, jax.devices()[:1]) if mesh is None else mesh
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        _, model = _from_workdir(path, dtype, mesh)
-    elif os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
-        from dsv3_jax.convert import load_checkpoint  # noqa: PLC0415
-
-        parallel.check_fits(ModelConfig.from_hf(path), mesh)
-        _, model = load_checkpoint(path, dtype=dtype, param_dtype=dtype, mesh=mesh)
-    else:
-        raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/) nor a converted "
-                                "checkpoint (config.json + params/)")
+    model = load_weights(path, dtype=dtype, param_dtype=dtype, mesh=mesh)
     if not os.path.isfile(tok_path):
         return model, None
     tok = read_tokenizer(tok_path)

@@ -2,7 +2,9 @@
 
 Trains a DeepSeek-V3-shaped model; with no --data, on the embedded corpus with a byte-level BPE
 tokenizer trained on it (cached in the workdir). Running again with the same workdir and a
-larger --steps continues from the last checkpoint.
+larger --steps continues from the last checkpoint. `--init-from DIR` starts from the weights
+of a converted checkpoint (tools/convert_hf.py) or another run's workdir instead of a random
+model, with their model config and tokenizer.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ from dsv3_jax.checkpoint.manager import CheckpointCorrupt
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
 from dsv3_jax.fp8 import PRECISIONS
+from dsv3_jax.inference.checkpoint import stored_config
 from dsv3_jax.train.config import TrainConfig, parse_overrides
 from dsv3_jax.train.loop import NonFiniteError, train
 
 
 def build_configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     sets = parse_overrides(args.set)
-    model = ModelConfig.preset(args.preset, **sets["model"])
+    if args.init_from and args.preset:
+        raise ValueError("--init-from takes the model from the checkpoint; drop --preset "
+                         "(--set model.FIELD=VALUE changes fields that keep the parameters' shapes)")
+    if args.init_from:
+        model = stored_config(args.init_from).replace(**sets["model"])
+    else:
+        model = ModelConfig.preset(args.preset or "small", **sets["model"])
     train_kw = {"steps": args.steps, **sets["train"]}
     data_kw = {**({"paths": tuple(args.data)} if args.data else {}), **sets["data"]}
     for flag, section, field in ((args.batch_size, data_kw, "batch_size"), (args.seq_len, data_kw, "seq_len"),
@@ -39,7 +48,10 @@ def build_configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsv3_jax.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="model preset: tiny, small, bench, v3_671b")
+    p.add_argument("--preset", help="model preset: tiny, small (default), bench, v3_671b")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from these weights (a converted checkpoint or a training workdir) with their model "
+                        "config and tokenizer, instead of a random model; a fresh optimizer and schedules")
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="total step target")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", nargs="+", help="text / JSONL / ArrayRecord files or directories")
@@ -59,7 +71,8 @@ def main(argv=None) -> int:
         parallel.start_processes(args)
         model, train_cfg, data = build_configs(args)
         history = train(args.workdir, model, train_cfg, data, args.tokenizer,
-                        progress=not args.no_progress and jax.process_index() == 0, mesh=args.mesh)
+                        progress=not args.no_progress and jax.process_index() == 0, mesh=args.mesh,
+                        init_from=args.init_from)
     except (ValueError, FileNotFoundError, NonFiniteError, CheckpointCorrupt) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from dsv3_jax import parallel
@@ -19,6 +21,8 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.corpus import embedded_documents
 from dsv3_jax.data.pipeline import DataConfig, make_iterator, read_documents
 from dsv3_jax.data.tokenizer import load_or_train_tokenizer
+from dsv3_jax.inference.checkpoint import load_weights, stored_config
+from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.metrics import MetricsWriter, plot
@@ -29,18 +33,22 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient stopped being finite; the state was not updated."""
 
 
+def _differences(stored: ModelConfig, asked: ModelConfig) -> str:
+    """'field: stored X, asked Y, ...' over the fields two model configs differ in."""
+    return ", ".join(f"{f.name}: stored {getattr(stored, f.name)!r}, asked {getattr(asked, f.name)!r}"
+                     for f in dataclasses.fields(ModelConfig)
+                     if f.compare and getattr(stored, f.name) != getattr(asked, f.name))
+
+
 def _resolve_model_config(ckpt: Checkpointer, asked: ModelConfig) -> ModelConfig:
     """A workdir with checkpoints keeps its model: refuse a different one."""
     step = ckpt.latest_step()
     if step is None:
         return asked
     stored = ModelConfig.from_hf(ckpt.read_config(step)["model"])
-    diff = [f.name for f in dataclasses.fields(ModelConfig)
-            if f.compare and getattr(stored, f.name) != getattr(asked, f.name)]
-    if diff:
-        raise ValueError(f"{ckpt.directory} holds a run of a different model ("
-                         + ", ".join(f"{k}: stored {getattr(stored, k)!r}, asked {getattr(asked, k)!r}" for k in diff)
-                         + "); use a new --workdir")
+    if stored != asked:
+        raise ValueError(f"{ckpt.directory} holds a run of a different model ({_differences(stored, asked)}); "
+                         "use a new --workdir")
     return stored
 
 
@@ -68,6 +76,33 @@ def _check_state_dtypes(ckpt: Checkpointer, tc: TrainConfig) -> None:
                              "was asked; use the stored dtype or a new --workdir")
 
 
+def _init_tokenizer(init_from: str) -> str:
+    """The tokenizer a run started from `init_from`'s weights must use: the one beside them."""
+    path = os.path.join(init_from, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{init_from} has no tokenizer.json; pass --tokenizer (the tokenizer its weights "
+                                "were trained with: a new one would not match their embedding)")
+    return path
+
+
+def _pretrained(init_from: str, config: ModelConfig, tc: TrainConfig, mesh) -> DeepSeekV3:
+    """`init_from`'s weights as a model of `config`: its stored config with overrides that keep
+    every parameter's shape and dtype (e.g. routed_scaling_factor, rope_scaling)."""
+    dtype, param_dtype = jnp.dtype(tc.dtype), jnp.dtype(tc.param_dtype)
+    model = load_weights(init_from, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    if model.config == config:
+        return model
+    asked = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+    def shapes(m):
+        return {jax.tree_util.keystr(k): (v.shape, v.dtype) for k, v in jax.tree.leaves_with_path(nnx.state(m))}
+
+    if shapes(asked) != shapes(model):
+        raise ValueError(f"{init_from}: the asked model changes the shapes of its parameters "
+                         f"({_differences(model.config, config)}); a run started from these weights keeps them")
+    return nnx.merge(nnx.graphdef(asked), nnx.state(model))
+
+
 def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelConfig):
     documents = None
     if not tokenizer_path and not os.path.exists(os.path.join(workdir, "tokenizer.json")):
@@ -90,10 +125,16 @@ def _check_token_ids(micro: list[dict], vocab_size: int, step: int) -> None:
 
 def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
           tokenizer_path: str | None = None, progress: bool = True, mesh: str | dict | None = None,
-          devices=None, on_log: Callable[[dict], None] | None = None) -> list[dict]:
+          devices=None, on_log: Callable[[dict], None] | None = None, init_from: str | None = None) -> list[dict]:
     """Train to `train_config.steps` (continuing from workdir's latest checkpoint); returns the
     metrics logged by this call. Always checkpoints the last step it reaches. A workdir already
     at or past that step is left as it is, with a one-line note on stderr.
+
+    `init_from` (a converted checkpoint or a training workdir) starts a new run from its weights
+    (parameters and router biases) instead of a random model: fresh optimizer, step counter, data
+    and schedules; the tokenizer is the one beside the weights unless `tokenizer_path` is given.
+    `model_config` is its stored config (`inference.checkpoint.stored_config`), changed only in
+    fields that keep the parameters' shapes. A workdir that already holds a checkpoint resumes it.
 
     `mesh` is a spec such as "data=2,expert=4" over `devices` (default: all devices, all on
     data); parameters, optimizer state and batches are sharded by `dsv3_jax.parallel`'s rules,
@@ -114,6 +155,12 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
     config = _resolve_model_config(ckpt, model_config)
     tc = _resolve_horizon(ckpt, tc)
     _check_state_dtypes(ckpt, tc)
+    if init_from and ckpt.latest_step() is not None:
+        init_from = None  # the run started from it goes on from its own checkpoint
+    if init_from:
+        init_from = os.path.abspath(init_from)
+        stored_config(init_from)  # a path that holds no weights is refused before any work
+        tokenizer_path = tokenizer_path or _init_tokenizer(init_from)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
     done = ckpt.latest_step()
@@ -124,11 +171,12 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
                   f"(give --steps above {done} to train further)", file=sys.stderr)
         return []
     with jax.set_mesh(mesh):
-        return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log)
+        model = _pretrained(init_from, config, tc, mesh) if init_from else None
+        return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log, model)
 
 
-def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log) -> list[dict]:
-    graphdef, tx, state = init_state(config, tc, mesh)
+def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log, model) -> list[dict]:
+    graphdef, tx, state = init_state(config, tc, mesh, model)
     start = ckpt.latest_step()
     if start is not None:  # the target's shardings are this run's: a different mesh is fine
         state = ckpt.restore(start, abstract_like(state), data)

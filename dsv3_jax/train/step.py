@@ -19,7 +19,7 @@ from flax import nnx
 
 from dsv3_jax import fp8, kernels, parallel
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import RouterBias
+from dsv3_jax.model import DeepSeekV3, RouterBias
 from dsv3_jax.model.transformer import full_depth, remat, scan_unroll
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
@@ -132,12 +132,15 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
     return train_step
 
 
-def init_state(config: ModelConfig, c: TrainConfig, mesh) -> tuple[nnx.GraphDef, optax.GradientTransformation,
-                                                                    TrainState]:
-    """A fresh TrainState created sharded over `mesh` (parameters by the rules, optimizer
-    moments like their parameters, counters replicated); call under `jax.set_mesh(mesh)`."""
-    model = parallel.create_model(config, mesh, seed=c.seed, dtype=jnp.dtype(c.dtype),
-                                  param_dtype=jnp.dtype(c.param_dtype))
+def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | None = None
+               ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
+    """A fresh TrainState sharded over `mesh` (parameters by the rules, optimizer moments like
+    their parameters, counters replicated): of `model`'s weights (already sharded so, e.g.
+    `inference.checkpoint.load_weights`), else of a new model from `c.seed`. Call under
+    `jax.set_mesh(mesh)`."""
+    if model is None:
+        model = parallel.create_model(config, mesh, seed=c.seed, dtype=jnp.dtype(c.dtype),
+                                      param_dtype=jnp.dtype(c.param_dtype))
     graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
     tx = make_optimizer(c)
     opt_state = jax.jit(tx.init, out_shardings=parallel.param_shardings(jax.eval_shape(tx.init, params), mesh))(params)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,54 @@ def test_export_hf_takes_the_workdir(tmp_path, straight):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
 
+def test_a_new_run_starts_from_pretrained_weights(tmp_path, corpus, straight):
+    """`--init-from` a workdir (through the CLI), and the API from the converted checkpoint of the
+    same weights with an override that keeps their shapes. With the learning rate and the bias
+    step at 0, one step leaves every parameter and router bias as the source holds it (a random
+    model would not be); each run counts from step 1 and keeps the source's tokenizer."""
+    from dsv3_jax.convert import save_checkpoint  # noqa: PLC0415
+    from dsv3_jax.convert.hf import flat_params  # noqa: PLC0415
+    from dsv3_jax.inference import load_model  # noqa: PLC0415
+    from dsv3_jax.inference.checkpoint import stored_config  # noqa: PLC0415
+
+    source, _ = straight
+    want, _ = load_model(source, dtype=np.float32)  # the run's param_dtype
+    converted = tmp_path / "converted"
+    save_checkpoint(MODEL, want, converted)
+    shutil.copy(source / "tokenizer.json", converted / "tokenizer.json")
+    cli = ["--init-from", str(source), "--workdir", str(tmp_path / "a"), "--no-progress", "--data", *corpus.paths,
+           "--seq-len", "32", "--batch-size", "8", "--set", "train.peak_lr=0", "--set", "train.bias_gamma=0"]
+    assert main([*cli, "--steps", "1"]) == 0
+    history = train(str(tmp_path / "b"), MODEL.replace(seq_aux=False), TrainConfig(steps=1, peak_lr=0, bias_gamma=0),
+                    corpus, progress=False, devices=jax.devices()[:1], init_from=str(converted))
+    assert [r["step"] for r in history] == [1]
+    assert stored_config(tmp_path / "b").seq_aux is False
+    for run in ("a", "b"):
+        got, _ = load_model(tmp_path / run, dtype=np.float32)
+        assert flat_params(got).keys() == flat_params(want).keys()
+        for k, v in flat_params(want).items():
+            np.testing.assert_array_equal(np.asarray(flat_params(got)[k]), np.asarray(v), err_msg=f"{run}: {k}")
+        assert (tmp_path / run / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+        assert json.loads((tmp_path / run / "metrics.jsonl").read_text())["step"] == 1
+    assert main([*cli, "--steps", "2"]) == 0  # the same command again goes on from the run's own checkpoint
+    assert [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")] == [1, 2]
+
+
+def test_init_from_refuses_what_does_not_fit(tmp_path, corpus, straight):
+    source, _ = straight
+    bare = tmp_path / "bare"  # the run's weights without its tokenizer
+    bare.mkdir()
+    shutil.copytree(source / "checkpoints", bare / "checkpoints")
+    run = dict(progress=False, devices=jax.devices()[:1])
+    with pytest.raises(FileNotFoundError, match=r"bare has no tokenizer.json; pass --tokenizer"):
+        train(str(tmp_path / "a"), MODEL, TrainConfig(steps=1), corpus, init_from=str(bare), **run)
+    with pytest.raises(ValueError, match=r"changes the shapes of its parameters \(hidden_size: stored 64, asked 96\)"):
+        train(str(tmp_path / "b"), MODEL.replace(hidden_size=96), TrainConfig(steps=1), corpus,
+              init_from=str(source), **run)
+    with pytest.raises(FileNotFoundError, match=r"neither a training workdir \(checkpoints/\) nor a converted"):
+        train(str(tmp_path / "c"), MODEL, TrainConfig(steps=1), corpus, init_from=str(tmp_path), **run)
+
+
 def _safetensors_header(path) -> dict:
     """The JSON header of a safetensors file (its layout: an 8-byte little-endian length, then it)."""
     with open(path, "rb") as f:
@@ -195,6 +244,7 @@ def test_a_run_already_at_its_steps_says_so(tmp_path, corpus, straight):
     (["--data"], "argument --data: expected at least one argument"),  # not the embedded corpus
     (["--data", "/nonexistent/file.txt"], "data path not found: /nonexistent/file.txt"),
     (["--set", "model.n_group=3"], "ModelConfig.n_group=3"),
+    (["--init-from", "/nonexistent/run"], "--init-from takes the model from the checkpoint; drop --preset"),
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, args, message):
     """In this process: each error comes before any device work."""
