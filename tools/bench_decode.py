@@ -1,12 +1,13 @@
 """Cached decode benchmark:
 `python tools/bench.py decode --preset bench --batch 32 --prompt-len 1024 --new-tokens 64 [--mtp]`.
 
-Random bf16 weights, random prompts (all of --prompt-len tokens), greedy. Prints ONE JSON line:
-decode tokens/s (new tokens after the first / decode time), prefill seconds, ms per step, the HBM
-roofline (weights read per step + cache bytes, at 4.8 TB/s) and the % of it reached, cache
-bytes per token; with --mtp also the speculative acceptance rate and speed-up over plain decode.
-The roofline assumes every routed expert is read each step (32 tokens x top-6 of 64 experts
-touch nearly all, as PERF.md counts) and leaves out the embedding table and the MTP module.
+Random weights (or `--ckpt`'s) in bf16 (`--dtype`; float32 on CPU), random prompts (all of
+--prompt-len tokens), greedy. Prints ONE JSON line: decode tokens/s (new tokens after the first /
+decode time), prefill seconds, ms per step, the HBM roofline (weights read per step + cache
+bytes, at 4.8 TB/s) and the % of it reached, cache bytes per token; with --mtp also the
+speculative acceptance rate and speed-up over plain decode. The roofline assumes every routed
+expert is read each step (32 tokens x top-6 of 64 experts touch nearly all, as PERF.md counts)
+and leaves out the embedding table and the MTP module.
 `--profile DIR` traces one more generate call (`tools/profile_summary.py DIR --steps 1`).
 """
 

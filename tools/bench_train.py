@@ -1,13 +1,14 @@
 """Training-step benchmark: `python tools/bench.py train --preset bench --batch 4 --seq 4096 [--precision fp8_native]`.
 
-One device, random bf16-compute / fp32-parameter model, random tokens (one document per row),
-the real jitted train step (`train.step`: loss + MTP + balance, AdamW, bias update) with donated
-state. Prints ONE JSON line: tokens/s and MFU from the median step time over the timed steps
-(after `--warmup` untimed ones, the first of which compiles), FLOPs per token from
-`tools/count_flops.py` (PERF.md's convention, against 989 TFLOP/s dense bf16), compile seconds
-and peak device memory (`memory_stats`, null where the backend has none). `--profile DIR` also
-writes a jax.profiler trace of two timed steps and the compiled program's HLO text (where
-the time goes, op by op and by model scope: `tools/profile_summary.py DIR`).
+The local devices (`--mesh`; default all on data), random bf16-compute / fp32-parameter model,
+random tokens (one document per row), the real jitted train step (`train.step`: loss + MTP +
+balance, AdamW, bias update) with donated state. Prints ONE JSON line: tokens/s and MFU from the
+median step time over the timed steps (after `--warmup` untimed ones, the first of which
+compiles), FLOPs per token from `tools/count_flops.py` (PERF.md's convention, against 989 TFLOP/s
+dense bf16 per device), compile seconds and peak memory of the first device (`memory_stats`, null
+where the backend has none). `--profile DIR` also writes a jax.profiler trace of two more
+(untimed) steps and the compiled program's HLO text (where the time goes, op by op and by model
+scope: `tools/profile_summary.py DIR`).
 """
 
 from __future__ import annotations

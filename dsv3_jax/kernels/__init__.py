@@ -1,7 +1,7 @@
 """Backend-chosen ops. Each module exposes one function; the portable XLA version runs everywhere.
 
-`use(attention=..., grouped_matmul=..., latent_attention=..., scaled_matmul=...)` overrides the
-backend's choice while tracing.
+`use(attention=..., grouped_matmul=..., latent_attention=..., scaled_matmul=..., expert_layout=...)`
+overrides the backend's choice while tracing.
 """
 
 from dsv3_jax.kernels.choice import use, validate

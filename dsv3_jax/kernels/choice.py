@@ -1,8 +1,8 @@
 """Which implementation each backend-chosen op runs: "auto" (by backend) or forced by name.
 
 `use(...)` sets the choice for everything traced inside it (the train step wraps its loss in
-it from `TrainConfig.attention_impl` / `grouped_matmul_impl`); each op's `default_impl` asks
-`forced` first. Read at trace time, like `fp8.use`.
+it from `TrainConfig.attention_impl`, `grouped_matmul_impl`, `scaled_matmul_impl` and
+`expert_layout`); each op's `default_impl` asks `forced` first. Read at trace time, like `fp8.use`.
 """
 
 from __future__ import annotations
