@@ -1,4 +1,5 @@
-"""The Grain input pipeline: documents -> shuffled per epoch -> tokens -> packed [B,T] batches.
+"""The Grain input pipeline: documents -> shuffled per epoch -> tokens -> packed [B,T] batches;
+held-out batches for evaluation packed the same way, from separate files, in file order.
 
 Sources: plain text files (one document per file), JSONL (one document per line, a text field)
 and pre-tokenized ArrayRecord files (each record a document's token ids as little-endian
@@ -11,6 +12,7 @@ iterator's state is checkpointable with the model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 
@@ -34,10 +36,15 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8  # global sequences per micro-batch, over all processes
     seed: int = 0
+    val_paths: tuple[str, ...] = ()  # held-out files (same formats); empty = no evaluation
+    val_batches: int = 8  # held-out batches per evaluation: the first ones of val_paths
 
     def __post_init__(self):
-        if isinstance(self.paths, str):  # one path given bare (e.g. --set data.paths=FILE)
-            object.__setattr__(self, "paths", (self.paths,))
+        for f in ("paths", "val_paths"):
+            if isinstance(getattr(self, f), str):  # one path given bare (e.g. --set data.paths=FILE)
+                object.__setattr__(self, f, (getattr(self, f),))
+        if self.val_batches < 1:
+            raise ValueError(f"DataConfig.val_batches={self.val_batches}: must be >= 1")
         if self.seq_len < 2:
             raise ValueError(f"DataConfig.seq_len={self.seq_len}: must be >= 2 (a token and its target)")
         if self.batch_size < 1:
@@ -145,28 +152,56 @@ def _tuple_slices(state):
             for k, v in state.items()}
 
 
-def _source(config: DataConfig, tokenizer: Tokenizer) -> grain.MapDataset:
-    if config.paths and _kind(_files(config.paths)[0]) == "array_record":
-        files = _files(config.paths)
-        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)), _TokenRecord(config.paths)
-    docs = read_documents(config.paths, config.text_field) if config.paths else embedded_documents()
+def _source(paths: tuple[str, ...], text_field: str, tokenizer: Tokenizer) -> grain.MapDataset:
+    if paths and _kind(_files(paths)[0]) == "array_record":
+        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(_files(paths))), _TokenRecord(paths)
+    docs = read_documents(paths, text_field) if paths else embedded_documents()
     return grain.MapDataset.source(docs), _Tokenize(tokenizer)
+
+
+def _shared(paths, text_field, tokenizer, batch_size, process_index, process_count):
+    """This process's share of the documents (every process_count-th) and their tokenizer map."""
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must divide over {process_count} processes")
+    ds, to_tokens = _source(paths, text_field, tokenizer)
+    if not len(ds):  # only ArrayRecord files can hold no documents: empty text files are refused
+        raise ValueError(f"no documents in {list(paths)}")
+    if len(ds) < process_count:
+        raise ValueError(f"{len(ds)} documents cannot be shared by {process_count} processes")
+    return ds[process_index::process_count], to_tokens
+
+
+def _batches(docs: grain.MapDataset, config: DataConfig, process_count: int) -> grain.IterDataset:
+    """Tokenized documents packed into rows of seq_len and batched, this process's rows each."""
+    packed = grain.experimental.ConcatThenSplitIterDataset(docs.to_iter_dataset(),
+                                                           length_struct={"tokens": config.seq_len})
+    return packed.batch(config.batch_size // process_count, drop_remainder=True).map(
+        lambda b: {"tokens": b["tokens"], "segment_ids": b["tokens_segment_ids"],
+                   "positions": b["tokens_positions"]})
 
 
 def make_iterator(config: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
                   process_count: int = 1) -> grain.DatasetIterator:
     """An endless iterator of {"tokens", "segment_ids", "positions"}: int32 [B/processes, T]."""
-    if config.batch_size % process_count:
-        raise ValueError(f"batch_size={config.batch_size} must divide over {process_count} processes")
-    ds, to_tokens = _source(config, tokenizer)
-    if not len(ds):  # only ArrayRecord files can hold no documents: empty text files are refused
-        raise ValueError(f"no documents in {list(config.paths)}")
-    if len(ds) < process_count:
-        raise ValueError(f"{len(ds)} documents cannot be shared by {process_count} processes")
-    ds = ds[process_index::process_count].shuffle(seed=config.seed).repeat().map(to_tokens)
-    packed = grain.experimental.ConcatThenSplitIterDataset(
-        ds.to_iter_dataset(), length_struct={"tokens": config.seq_len})
-    batched = packed.batch(config.batch_size // process_count, drop_remainder=True).map(
-        lambda b: {"tokens": b["tokens"], "segment_ids": b["tokens_segment_ids"],
-                   "positions": b["tokens_positions"]})
-    return _JsonSafeState(iter(batched))
+    ds, to_tokens = _shared(config.paths, config.text_field, tokenizer, config.batch_size, process_index,
+                            process_count)
+    return _JsonSafeState(iter(_batches(ds.shuffle(seed=config.seed).repeat().map(to_tokens), config,
+                                        process_count)))
+
+
+def eval_batches(config: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
+                 process_count: int = 1) -> list[dict]:
+    """The held-out batches every evaluation of a run scores: the first `val_batches` of
+    `val_paths`, packed like training's batches from the documents in file order (one pass, no
+    shuffle), this process's rows of each. Files too short for them are refused (every process
+    must score as many batches)."""
+    if not config.val_paths:
+        raise ValueError("data.val_paths is empty: no held-out files to evaluate on")
+    ds, to_tokens = _shared(config.val_paths, config.text_field, tokenizer, config.batch_size, process_index,
+                            process_count)
+    batches = list(itertools.islice(_batches(ds.map(to_tokens), config, process_count), config.val_batches))
+    if len(batches) < config.val_batches:
+        raise ValueError(f"data.val_paths {list(config.val_paths)} hold {len(batches)} batches of "
+                         f"{config.batch_size} x {config.seq_len} tokens, fewer than data.val_batches="
+                         f"{config.val_batches}; lower it or give more held-out text")
+    return batches

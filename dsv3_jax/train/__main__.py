@@ -34,7 +34,8 @@ def build_configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     else:
         model = ModelConfig.preset(args.preset or "small", **sets["model"])
     train_kw = {"steps": args.steps, **sets["train"]}
-    data_kw = {**({"paths": tuple(args.data)} if args.data else {}), **sets["data"]}
+    data_kw = {**({"paths": tuple(args.data)} if args.data else {}),
+               **({"val_paths": tuple(args.val_data)} if args.val_data else {}), **sets["data"]}
     for flag, section, field in ((args.batch_size, data_kw, "batch_size"), (args.seq_len, data_kw, "seq_len"),
                                  (args.text_field, data_kw, "text_field"), (args.seed, train_kw, "seed"),
                                  (args.precision, train_kw, "precision")):
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="total step target")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", nargs="+", help="text / JSONL / ArrayRecord files or directories")
+    p.add_argument("--val-data", nargs="+", metavar="PATH",
+                   help="held-out files (same formats): their LM loss is logged as val_lm_loss every "
+                        "train.eval_every steps (default: at each checkpoint) and at the last step")
     p.add_argument("--text-field", help="JSONL field with the text (default: text)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
     p.add_argument("--batch-size", type=int, help="global sequences per micro-batch")

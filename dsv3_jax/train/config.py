@@ -60,6 +60,7 @@ class TrainConfig:
     mask_documents: bool = False  # True: attention stays within a packed document (the paper did not: SPEC)
     log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10
     checkpoint_every: int = 100
+    eval_every: int = 0  # steps between held-out evaluations when data.val_paths is set (0: at each checkpoint)
     keep_checkpoints: int = 3
     seed: int = 0
 
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule_steps={self.schedule_steps}: must be >= 1 (or unset: steps)")
         if self.scan_unroll < 0:
             raise ValueError(f"TrainConfig.scan_unroll={self.scan_unroll}: must be >= 0 (0: by backend)")
+        if self.eval_every < 0:
+            raise ValueError(f"TrainConfig.eval_every={self.eval_every}: must be >= 0 (0: at each checkpoint)")
         if self.ramp_start_accum is not None and not 1 <= self.ramp_start_accum <= self.grad_accum:
             raise ValueError(f"TrainConfig.ramp_start_accum={self.ramp_start_accum}: must be in [1, grad_accum]")
         if self.moments_dtype not in ("float32", "bfloat16"):

@@ -19,14 +19,14 @@ from dsv3_jax import parallel
 from dsv3_jax.checkpoint.manager import Checkpointer, abstract_like
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.corpus import embedded_documents
-from dsv3_jax.data.pipeline import DataConfig, make_iterator, read_documents
+from dsv3_jax.data.pipeline import DataConfig, eval_batches, make_iterator, read_documents
 from dsv3_jax.data.tokenizer import load_or_train_tokenizer
 from dsv3_jax.inference.checkpoint import load_weights, stored_config
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.metrics import MetricsWriter, plot
-from dsv3_jax.train.step import init_state, jit_train_step
+from dsv3_jax.train.step import init_state, jit_eval_step, jit_train_step
 
 
 class NonFiniteError(RuntimeError):
@@ -114,12 +114,12 @@ def _tokenizer(workdir, tokenizer_path, data: DataConfig, model_config: ModelCon
     return tok
 
 
-def _check_token_ids(micro: list[dict], vocab_size: int, step: int) -> None:
+def _check_token_ids(batches: list[dict], vocab_size: int, where: str) -> None:
     """Pre-tokenized data may hold ids the model has no embedding for (ArrayRecord records)."""
-    for m in micro:
+    for m in batches:
         lo, hi = int(m["tokens"].min()), int(m["tokens"].max())
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"step {step}: the data holds token id {lo if lo < 0 else hi}, outside the model's "
+            raise ValueError(f"{where}: the data holds token id {lo if lo < 0 else hi}, outside the model's "
                              f"vocabulary [0, {vocab_size}) (model.vocab_size)")
 
 
@@ -163,6 +163,9 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
         tokenizer_path = tokenizer_path or _init_tokenizer(init_from)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
+    val = eval_batches(data_config, tokenizer, jax.process_index(), jax.process_count()) \
+        if data_config.val_paths else []
+    _check_token_ids(val, config.vocab_size, "data.val_paths")
     done = ckpt.latest_step()
     if done is not None and done >= tc.steps:  # before building the state: nothing to compile
         ckpt.close()
@@ -172,16 +175,28 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
         return []
     with jax.set_mesh(mesh):
         model = _pretrained(init_from, config, tc, mesh) if init_from else None
-        return _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log, model)
+        return _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_log, model)
 
 
-def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log, model) -> list[dict]:
+def _evaluate(eval_fn, state, val: list[dict], mesh, batch_size: int) -> float:
+    """The held-out LM loss: the mean over every scored token of the `val` batches."""
+    total, count = 0.0, 0.0
+    for b in val:
+        loss, n = jax.device_get(eval_fn(state.params, state.bias, {
+            k: parallel.shard_batch(v, mesh, batch_size) for k, v in b.items()}))
+        total, count = total + float(loss) * float(n), count + float(n)
+    return total / max(count, 1.0)
+
+
+def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_log, model) -> list[dict]:
     graphdef, tx, state = init_state(config, tc, mesh, model)
     start = ckpt.latest_step()
     if start is not None:  # the target's shardings are this run's: a different mesh is fine
         state = ckpt.restore(start, abstract_like(state), data)
     start = int(state.step)
     step_fn = jit_train_step(graphdef, config, tc, tx, schedule.planned_micro_batches(tc), state, mesh)
+    eval_fn = jit_eval_step(graphdef, config, tc, state, mesh) if val else None
+    eval_every = tc.eval_every or tc.checkpoint_every
 
     log_every = tc.log_every or (1 if tc.steps <= 1000 else 10)
     writer = MetricsWriter(workdir, start)
@@ -194,7 +209,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log, m
         while step < tc.steps and stop["signal"] is None:
             A = schedule.accum_at(tc, step)
             micro = [next(data) for _ in range(A)]
-            _check_token_ids(micro, config.vocab_size, step + 1)
+            _check_token_ids(micro, config.vocab_size, f"step {step + 1}")
             batch = {k: parallel.shard_batch(np.stack([m[k] for m in micro]), mesh, data_config.batch_size,
                                              batch_dim=1) for k in micro[0]}  # [A,B,T] global
             t0 = time.perf_counter()
@@ -212,7 +227,10 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, progress, on_log, m
                       "max_violation_per_layer": [float(v) for v in m["max_violation_per_layer"]],
                       "tokens_per_sec": float(batch["tokens"].size / seconds), "step_seconds": seconds,
                       "tokens_seen": int(state.micro_batches) * data_config.batch_size * data_config.seq_len}
-            if step % log_every == 0 or step == tc.steps:
+            evaluate = eval_fn is not None and (step % eval_every == 0 or step == tc.steps)
+            if evaluate:
+                record["val_lm_loss"] = _evaluate(eval_fn, state, val, mesh, data_config.batch_size)
+            if step % log_every == 0 or step == tc.steps or evaluate:
                 writer.write(record)
                 history.append(record)
                 if on_log is not None:

@@ -55,6 +55,9 @@ def plot(workdir: str, num_mtp_layers: int, out: str = "training.png") -> str | 
     a, b = fig.subplots(1, 2)
     for key in ("loss", "lm_loss", "mtp_loss"):
         a.plot(steps, [r[key] for r in records], label=key)
+    held_out = [(r["step"], r["val_lm_loss"]) for r in records if "val_lm_loss" in r]
+    if held_out:
+        a.plot(*zip(*held_out), "o-", label="val_lm_loss")
     a.set_xlabel("step"), a.set_ylabel("nats/token"), a.set_title("loss"), a.legend()
     vio = np.array([r["max_violation_per_layer"] for r in records])
     n_main = vio.shape[1] - num_mtp_layers

@@ -62,12 +62,14 @@ def layers_per_scan(config: ModelConfig, c: TrainConfig) -> int:
     return full_depth(config) if jax.default_backend() == "gpu" else 1
 
 
-def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.GradientTransformation,
-                    planned_micro_batches: int):
+def make_losses(graphdef, config: ModelConfig, c: TrainConfig):
+    """losses(params, bias, micro) -> {"lm_loss", "mtp_loss", "balance_loss", "load", "tokens"}:
+    the model on one micro-batch (tokens / segment_ids / positions [B,T]) under the run's
+    precision, kernels and attention masking; the LM and MTP losses are means over their tokens."""
     N = config.num_nextn_predict_layers
     recipe = fp8.recipe_for(c.precision, c.fp8_pow2_scales)
 
-    def micro_loss(params, bias, micro, lam):
+    def losses(params, bias, micro):
         model = nnx.merge(graphdef, params, bias)
         tokens, seg = micro["tokens"], micro["segment_ids"]
         B, T = tokens.shape
@@ -90,9 +92,19 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
 
         lm, n_tokens = ce(out.hidden_states, 1)
         mtp = sum(ce(out.mtp_hidden_states[k], k + 2)[0] for k in range(N)) / N if N else jnp.zeros(())
-        total = lm + lam * mtp + c.balance_alpha * out.balance_loss
-        return total, {"lm_loss": lm, "mtp_loss": mtp, "balance_loss": out.balance_loss,
-                       "load": out.expert_load, "tokens": n_tokens}
+        return {"lm_loss": lm, "mtp_loss": mtp, "balance_loss": out.balance_loss, "load": out.expert_load,
+                "tokens": n_tokens}
+
+    return losses
+
+
+def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.GradientTransformation,
+                    planned_micro_batches: int):
+    losses = make_losses(graphdef, config, c)
+
+    def micro_loss(params, bias, micro, lam):
+        aux = losses(params, bias, micro)
+        return aux["lm_loss"] + lam * aux["mtp_loss"] + c.balance_alpha * aux["balance_loss"], aux
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """batch: tokens / segment_ids / positions, int32 [A, B, T] (A micro-batches)."""
@@ -130,6 +142,19 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         return new, metrics
 
     return train_step
+
+
+def jit_eval_step(graphdef, config: ModelConfig, c: TrainConfig, state: TrainState, mesh):
+    """eval_step(params, bias, batch [B,T]) -> (mean LM loss, token count) of a held-out batch,
+    jitted with the state's parameter shardings and the batch split over the mesh's batch axes."""
+    losses = make_losses(graphdef, config, c)
+
+    def eval_step(params, bias, batch):
+        out = losses(params, bias, batch)
+        return out["lm_loss"], out["tokens"]
+
+    shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.bias))
+    return jax.jit(eval_step, in_shardings=(*shardings, parallel.batch_sharding(mesh)))
 
 
 def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | None = None

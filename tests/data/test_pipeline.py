@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.data.pipeline import DataConfig, make_iterator, read_documents
+from dsv3_jax.data.pipeline import DataConfig, eval_batches, make_iterator, read_documents
 from dsv3_jax.data.tokenizer import EOS, load_or_train_tokenizer, train_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
@@ -170,8 +170,31 @@ def test_a_given_tokenizer_stays_with_the_workdir(tmp_path):
         load_or_train_tokenizer(str(other), str(work), None, 300)
 
 
+def test_held_out_batches_are_the_files_token_stream_in_order(corpus, tokenizer):
+    """One pass, no shuffle: row after row, the batches hold the documents' tokens (each followed
+    by EOS) in file order, the same on every call."""
+    cfg = DataConfig(val_paths=(str(corpus),), seq_len=32, batch_size=2, val_batches=3)
+    batches = eval_batches(cfg, tokenizer)
+    assert [b["tokens"].shape for b in batches] == [(2, 32)] * 3
+    eos = tokenizer.token_to_id(EOS)
+    stream = np.concatenate([tokenizer.encode(d).ids + [eos] for d in read_documents((str(corpus),))])
+    flat = np.concatenate([b["tokens"].reshape(-1) for b in batches])
+    np.testing.assert_array_equal(flat, stream[:flat.size])
+    np.testing.assert_array_equal(eval_batches(cfg, tokenizer)[2]["tokens"], batches[2]["tokens"])
+
+
+def test_held_out_files_must_fill_their_batches(corpus, tokenizer):
+    with pytest.raises(ValueError, match=r"hold \d+ batches of 4 x 512 tokens, fewer than data.val_batches=100"):
+        eval_batches(DataConfig(val_paths=(str(corpus),), seq_len=512, batch_size=4, val_batches=100), tokenizer)
+    with pytest.raises(ValueError, match="data.val_paths is empty"):
+        eval_batches(DataConfig(), tokenizer)
+
+
 def test_data_config_checks():
     assert DataConfig(paths="notes.txt").paths == ("notes.txt",)  # one bare path, not its characters
+    assert DataConfig(val_paths="held_out.txt").val_paths == ("held_out.txt",)
+    with pytest.raises(ValueError, match="val_batches=0"):
+        DataConfig(val_batches=0)
     with pytest.raises(ValueError, match="seq_len=1"):
         DataConfig(seq_len=1)
     with pytest.raises(ValueError, match="batch_size=0"):

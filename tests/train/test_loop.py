@@ -1,5 +1,6 @@
 """End-to-end runs of the training loop on the tiny preset (one compile per distinct program)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,6 +125,34 @@ def test_export_hf_takes_the_workdir(tmp_path, straight):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
 
+def test_held_out_loss_is_the_models_loss_on_the_held_out_tokens(tmp_path, corpus):
+    """Logged every eval_every steps and at the last; at the last step it is the mean next-token
+    NLL of the checkpoint's model over the held-out batches, computed here from its full logits
+    (fp32 compute, so the two agree to rounding)."""
+    from dsv3_jax.data.pipeline import eval_batches  # noqa: PLC0415
+    from dsv3_jax.inference import load_model  # noqa: PLC0415
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    words = "a held out text about routing tokens to experts and keeping their load even".split()
+    for i in range(3):
+        (held_out / f"{i}.txt").write_text(" ".join(np.random.RandomState(i).choice(words, 150)) + "\n")
+    data = dataclasses.replace(corpus, val_paths=(str(held_out),), val_batches=2)
+    history = _train(tmp_path / "run", data, steps=5, schedule_steps=5, eval_every=2, dtype="float32")
+    assert [r["step"] for r in history if "val_lm_loss" in r] == [2, 4, 5]
+    model, tok = load_model(tmp_path / "run", dtype=np.float32)
+    nll, count = 0.0, 0
+    for b in eval_batches(data, tok):
+        seg = b["segment_ids"]
+        logits = np.asarray(model(jnp.asarray(b["tokens"]), token_mask=jnp.asarray(seg != 0)).logits, np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        picked = np.take_along_axis(logp[:, :-1], b["tokens"][:, 1:, None], -1)[..., 0]
+        valid = (seg[:, :-1] != 0) & (seg[:, 1:] != 0)
+        nll, count = nll - picked[valid].sum(), count + valid.sum()
+    np.testing.assert_allclose(history[-1]["val_lm_loss"], nll / count, rtol=2e-5)
+
+
 def test_a_new_run_starts_from_pretrained_weights(tmp_path, corpus, straight):
     """`--init-from` a workdir (through the CLI), and the API from the converted checkpoint of the
     same weights with an override that keeps their shapes. With the learning rate and the bias
@@ -139,7 +169,8 @@ def test_a_new_run_starts_from_pretrained_weights(tmp_path, corpus, straight):
     save_checkpoint(MODEL, want, converted)
     shutil.copy(source / "tokenizer.json", converted / "tokenizer.json")
     cli = ["--init-from", str(source), "--workdir", str(tmp_path / "a"), "--no-progress", "--data", *corpus.paths,
-           "--seq-len", "32", "--batch-size", "8", "--set", "train.peak_lr=0", "--set", "train.bias_gamma=0"]
+           "--seq-len", "32", "--batch-size", "8", "--set", "train.peak_lr=0", "--set", "train.bias_gamma=0",
+           "--val-data", *corpus.paths, "--set", "data.val_batches=1"]
     assert main([*cli, "--steps", "1"]) == 0
     history = train(str(tmp_path / "b"), MODEL.replace(seq_aux=False), TrainConfig(steps=1, peak_lr=0, bias_gamma=0),
                     corpus, progress=False, devices=jax.devices()[:1], init_from=str(converted))
@@ -153,7 +184,8 @@ def test_a_new_run_starts_from_pretrained_weights(tmp_path, corpus, straight):
         assert (tmp_path / run / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
         assert json.loads((tmp_path / run / "metrics.jsonl").read_text())["step"] == 1
     assert main([*cli, "--steps", "2"]) == 0  # the same command again goes on from the run's own checkpoint
-    assert [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")] == [1, 2]
+    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and all("val_lm_loss" in r for r in records)  # last steps
 
 
 def test_init_from_refuses_what_does_not_fit(tmp_path, corpus, straight):
@@ -245,6 +277,8 @@ def test_a_run_already_at_its_steps_says_so(tmp_path, corpus, straight):
     (["--data", "/nonexistent/file.txt"], "data path not found: /nonexistent/file.txt"),
     (["--set", "model.n_group=3"], "ModelConfig.n_group=3"),
     (["--init-from", "/nonexistent/run"], "--init-from takes the model from the checkpoint; drop --preset"),
+    (["--set", "train.eval_every=-1"], "TrainConfig.eval_every=-1: must be >= 0"),
+    (["--val-data", "/nonexistent/held_out.txt"], "data path not found: /nonexistent/held_out.txt"),
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, args, message):
     """In this process: each error comes before any device work."""
@@ -306,7 +340,7 @@ def test_data_must_fit_the_model(tmp_path, corpus):
         train(str(tmp_path), MODEL, TrainConfig(steps=1), DataConfig(seq_len=512), progress=False)
     assert not os.path.exists(tmp_path / "checkpoints")
     ok = {"tokens": np.array([[0, 5, MODEL.vocab_size - 1]])}
-    _check_token_ids([ok], MODEL.vocab_size, 1)
+    _check_token_ids([ok], MODEL.vocab_size, "step 1")
     for bad in (MODEL.vocab_size, -1):  # e.g. pre-tokenized ArrayRecord data of another tokenizer
         with pytest.raises(ValueError, match=f"step 3: the data holds token id {bad}, outside"):
-            _check_token_ids([ok, {"tokens": np.array([[1, bad]])}], MODEL.vocab_size, 3)
+            _check_token_ids([ok, {"tokens": np.array([[1, bad]])}], MODEL.vocab_size, "step 3")
