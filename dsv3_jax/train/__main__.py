@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         return 2
     if history:
         first, last = history[0], history[-1]
-        print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.3f} -> {last['loss']:.3f}; "
+        held_out = f"; held-out LM loss {last['val_lm_loss']:.3f}" if "val_lm_loss" in last else ""
+        print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.3f} -> {last['loss']:.3f}{held_out}; "
               f"{args.workdir}/metrics.jsonl, {args.workdir}/training.png")
     return 0
 

@@ -204,6 +204,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
     previous = {s: signal.signal(s, lambda n, _: stop.update(signal=n)) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True)
     history: list[dict] = []
+    held_out = {}  # the last held-out loss, for the progress bar
     step = start
     try:
         while step < tc.steps and stop["signal"] is None:
@@ -230,6 +231,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
             evaluate = eval_fn is not None and (step % eval_every == 0 or step == tc.steps)
             if evaluate:
                 record["val_lm_loss"] = _evaluate(eval_fn, state, val, mesh, data_config.batch_size)
+                held_out = {"val": f"{record['val_lm_loss']:.3f}"}
             if step % log_every == 0 or step == tc.steps or evaluate:
                 writer.write(record)
                 history.append(record)
@@ -237,7 +239,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
                     on_log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                            maxvio=f"{record['max_violation']:.2f}")
+                            maxvio=f"{record['max_violation']:.2f}", **held_out)
             if step % tc.checkpoint_every == 0:
                 ckpt.save(step, state, data, config, tc)
         if ckpt.latest_step() != step:  # the last step reached is always saved

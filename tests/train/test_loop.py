@@ -153,7 +153,7 @@ def test_held_out_loss_is_the_models_loss_on_the_held_out_tokens(tmp_path, corpu
     np.testing.assert_allclose(history[-1]["val_lm_loss"], nll / count, rtol=2e-5)
 
 
-def test_a_new_run_starts_from_pretrained_weights(tmp_path, corpus, straight):
+def test_a_new_run_starts_from_pretrained_weights(tmp_path, capsys, corpus, straight):
     """`--init-from` a workdir (through the CLI), and the API from the converted checkpoint of the
     same weights with an override that keeps their shapes. With the learning rate and the bias
     step at 0, one step leaves every parameter and router bias as the source holds it (a random
@@ -188,6 +188,7 @@ def test_a_new_run_starts_from_pretrained_weights(tmp_path, corpus, straight):
     assert main([*cli, "--steps", "2"]) == 0  # the same command again goes on from the run's own checkpoint
     records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and all("val_lm_loss" in r for r in records)  # last steps
+    assert f"held-out LM loss {records[-1]['val_lm_loss']:.3f}" in capsys.readouterr().out
 
 
 def test_init_from_refuses_what_does_not_fit(tmp_path, corpus, straight):
