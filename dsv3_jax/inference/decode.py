@@ -233,7 +233,7 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
     reported = [0] * rows
 
     def flush(s: DecodeState) -> None:
-        out, count = fetch(s.out), fetch(s.count)
+        out, count = fetch((s.out, s.count))
         for r in range(rows):
             if count[r] > reported[r]:
                 stream(r, out[r, reported[r]: count[r]].tolist())
@@ -257,5 +257,5 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
             steps += 1
         if stream is not None:
             flush(s)
-        out, count, drafted, accepted = (fetch(x) for x in (s.out, s.count, s.drafted, s.accepted))
+        out, count, drafted, accepted = fetch((s.out, s.count, s.drafted, s.accepted))
     return GenerateResult([out[r, : count[r]].tolist() for r in range(rows)], steps, int(drafted), int(accepted))

@@ -339,11 +339,15 @@ def start_processes(args) -> None:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
-def fetch(x: jax.Array) -> np.ndarray:
-    """x's whole value on this host, gathered from the other processes when it spans them (then
-    a collective: every process must call it)."""
-    return np.asarray(x if x.is_fully_addressable or x.is_fully_replicated
-                      else multihost_utils.process_allgather(x, tiled=True))
+def fetch(tree):
+    """A pytree of arrays -> their whole values on this host (numpy), gathered from the other
+    processes where an array spans them (then a collective: every process must call it). Arrays
+    this host holds whole come in one `jax.device_get`, their copies started together."""
+    local = lambda x: x.is_fully_addressable or x.is_fully_replicated  # noqa: E731
+    if all(local(x) for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    return jax.tree.map(lambda x: np.asarray(x if local(x) else multihost_utils.process_allgather(x, tiled=True)),
+                        tree)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -163,9 +163,6 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
         tokenizer_path = tokenizer_path or _init_tokenizer(init_from)
     tokenizer = _tokenizer(workdir, tokenizer_path, data_config, config)
     data = make_iterator(data_config, tokenizer, jax.process_index(), jax.process_count())
-    val = eval_batches(data_config, tokenizer, jax.process_index(), jax.process_count()) \
-        if data_config.val_paths else []
-    _check_token_ids(val, config.vocab_size, "data.val_paths")
     done = ckpt.latest_step()
     if done is not None and done >= tc.steps:  # before building the state: nothing to compile
         ckpt.close()
@@ -173,17 +170,21 @@ def train(workdir: str, model_config: ModelConfig, train_config: TrainConfig, da
             print(f"{workdir} is already at step {done}; --steps {tc.steps} asks for nothing more "
                   f"(give --steps above {done} to train further)", file=sys.stderr)
         return []
+    val = eval_batches(data_config, tokenizer, jax.process_index(), jax.process_count()) \
+        if data_config.val_paths else []
+    _check_token_ids(val, config.vocab_size, "data.val_paths")
+    val = [{k: parallel.shard_batch(v, mesh, data_config.batch_size) for k, v in b.items()} for b in val]  # once
     with jax.set_mesh(mesh):
         model = _pretrained(init_from, config, tc, mesh) if init_from else None
         return _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_log, model)
 
 
-def _evaluate(eval_fn, state, val: list[dict], mesh, batch_size: int) -> float:
-    """The held-out LM loss: the mean over every scored token of the `val` batches."""
+def _evaluate(eval_fn, state, val: list[dict]) -> float:
+    """The held-out LM loss: the mean over every scored token of the `val` batches (global
+    arrays, placed once)."""
     total, count = 0.0, 0.0
     for b in val:
-        loss, n = jax.device_get(eval_fn(state.params, state.bias, {
-            k: parallel.shard_batch(v, mesh, batch_size) for k, v in b.items()}))
+        loss, n = jax.device_get(eval_fn(state.params, state.bias, b))
         total, count = total + float(loss) * float(n), count + float(n)
     return total / max(count, 1.0)
 
@@ -230,7 +231,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
                       "tokens_seen": int(state.micro_batches) * data_config.batch_size * data_config.seq_len}
             evaluate = eval_fn is not None and (step % eval_every == 0 or step == tc.steps)
             if evaluate:
-                record["val_lm_loss"] = _evaluate(eval_fn, state, val, mesh, data_config.batch_size)
+                record["val_lm_loss"] = _evaluate(eval_fn, state, val)
                 held_out = {"val": f"{record['val_lm_loss']:.3f}"}
             if step % log_every == 0 or step == tc.steps or evaluate:
                 writer.write(record)
