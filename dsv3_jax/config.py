@@ -267,7 +267,8 @@ PRESETS: dict[str, ModelConfig] = {
         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
         num_nextn_predict_layers=1, max_position_embeddings=1024, rope_scaling=None,
     ),
-    # The GPU benchmark shape (PERF.md): 2.95B parameters, 0.68B active.
+    # The GPU benchmark shape (PERF.md: 2.95B parameters, 0.68B active) plus one MTP module (3.18B);
+    # tools/bench.py train leaves the MTP module out unless asked (--mtp-depth), as PERF.md and the HF peer do.
     "bench": ModelConfig(
         hidden_size=2048, intermediate_size=5632, moe_intermediate_size=512, num_hidden_layers=12,
         num_attention_heads=16, num_key_value_heads=16, q_lora_rank=768, kv_lora_rank=512,

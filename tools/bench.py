@@ -1,14 +1,15 @@
-"""Benchmarks that print JSON lines: `python tools/bench.py train|decode|attention ...`.
+"""Benchmarks that print JSON lines: `python tools/bench.py train|decode|attention|peer ...`.
 
 Each subcommand lives in its own module beside this file (bench_train.py, bench_decode.py,
-bench_attention.py).
+bench_attention.py, bench_peer.py: the HF transformers peer).
 """
 
 import os
 import runpy
 import sys
 
-SUBCOMMANDS = {"train": "bench_train.py", "decode": "bench_decode.py", "attention": "bench_attention.py"}
+SUBCOMMANDS = {"train": "bench_train.py", "decode": "bench_decode.py", "attention": "bench_attention.py",
+               "peer": "bench_peer.py"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:

@@ -1,12 +1,17 @@
-"""Training-step benchmark: `python tools/bench.py train --preset bench --batch 4 --seq 4096 [--precision fp8_native]`.
+"""Training-step benchmark: `python tools/bench.py train --preset bench --batch 4 --seq 4096 [--peer]`.
 
 The local devices (`--mesh`; default all on data), random bf16-compute / fp32-parameter model,
-random tokens (one document per row), the real jitted train step (`train.step`: loss + MTP +
-balance, AdamW, bias update) with donated state. Prints ONE JSON line: tokens/s and MFU from the
-median step time over the timed steps (after `--warmup` untimed ones, the first of which
-compiles), FLOPs per token from `tools/count_flops.py` (PERF.md's convention, against 989 TFLOP/s
-dense bf16 per device), compile seconds and peak memory of the first device (`memory_stats`, null
-where the backend has none). `--profile DIR` also writes a jax.profiler trace of two more
+random tokens (one document per row), the real jitted train step (`train.step`: loss, balance,
+AdamW, bias update) with donated state. The model is the preset's main model, PERF.md's bench
+shape (2.95B parameters at `bench`), which is also what the HF peer trains; `--mtp-depth N` adds
+N MTP modules (the preset's is left out by default). Prints ONE JSON line: tokens/s and MFU from
+the median step time over the timed steps (after `--warmup` untimed ones, the first of which
+compiles), FLOPs per token from `tools/count_flops.py` (PERF.md's convention, the MTP modules'
+share included when they train, against 989 TFLOP/s dense bf16 per device), compile seconds and
+peak memory of the first device (`memory_stats`, null where the backend has none). `--peer` first
+runs the HF transformers peer (`tools/bench_peer.py`) at the same shape, batch and steps in a child
+process, so neither holds the other's device memory, and adds its line and our tokens/s per
+device over its tokens/s. `--profile DIR` also writes a jax.profiler trace of two more
 (untimed) steps and the compiled program's HLO text (where the time goes, op by op and by model
 scope: `tools/profile_summary.py DIR`).
 """
@@ -17,6 +22,7 @@ import argparse
 import gzip
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -38,6 +44,10 @@ PEAK_BF16_FLOPS = 989e12
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench")
+    p.add_argument("--mtp-depth", type=int, default=0, help="MTP modules trained (0: the main model only, "
+                   "PERF.md's bench shape and the HF peer's model)")
+    p.add_argument("--peer", action="store_true", help="also run the HF transformers peer and print the ratio")
+    p.add_argument("--peer-experts", default="eager", help="the peer's experts_implementation: eager|grouped_mm")
     p.add_argument("--precision", default="bf16", choices=fp8.PRECISIONS)
     p.add_argument("--pow2-scales", action="store_true", help="FP8 scales rounded up to powers of two")
     p.add_argument("--batch", type=int, default=4)
@@ -63,8 +73,13 @@ def main() -> None:
     p.add_argument("--scaled-matmul", default="auto", help="TrainConfig.scaled_matmul_impl: auto|xla|pallas "
                    "(fp8_native's GEMMs)")
     args = p.parse_args()
+    if args.mtp_depth < 0:
+        p.error(f"--mtp-depth {args.mtp_depth}: 0 or more MTP modules")
+    if args.peer and args.mtp_depth:
+        p.error("--peer compares like for like, and the HF peer's model has no MTP module: drop --mtp-depth")
+    peer = run_peer(args) if args.peer else None  # before this process takes device memory
 
-    config = ModelConfig.preset(args.preset)
+    config = ModelConfig.preset(args.preset, num_nextn_predict_layers=args.mtp_depth)
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
                      moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
                      expert_capacity_factor=args.expert_capacity,
@@ -80,6 +95,7 @@ def main() -> None:
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T))}
     with jax.set_mesh(mesh):
         graphdef, tx, state = init_state(config, tc, mesh)
+        params = sum(x.size for x in jax.tree.leaves(state.params))
         step_fn = jit_train_step(graphdef, config, tc, tx, 10**6, state, mesh)
         batch = {k: parallel.shard_batch(v, mesh, B, batch_dim=1) for k, v in host.items()}
         t0 = time.perf_counter()
@@ -103,14 +119,15 @@ def main() -> None:
 
     step_s = float(np.median(times))
     tokens_per_s = B * T / step_s
-    fpt = flops_per_token(config, T)
+    fpt = flops_per_token(config, T, mtp=args.mtp_depth > 0)
     stats = jax.devices()[0].memory_stats() or {}
     with fp8.use(fp8.recipe_for(tc.precision)), kernels.use(expert_layout=tc.expert_layout):
         layout = expert_layout()  # as the step traced it
     n_dev = mesh.devices.size
     peak = stats.get("peak_bytes_in_use")
-    print(json.dumps({
-        "preset": args.preset, "precision": args.precision, "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
+    result = {
+        "preset": args.preset, "mtp_depth": args.mtp_depth, "params": params, "precision": args.precision,
+        "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
                                                   tc.expert_transport],
@@ -123,7 +140,21 @@ def main() -> None:
         "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,
         "peak_memory_gib": None if peak is None else peak / 2**30, "loss": float(metrics["loss"]),
         "max_violation_per_layer": [round(float(v), 3) for v in metrics["max_violation_per_layer"]],
-    }))
+    }
+    if peer is not None:
+        result.update(peer=peer, vs_peer=result["tokens_per_s_per_device"] / peer["tokens_per_s"])
+    print(json.dumps(result))
+
+
+def run_peer(args) -> dict:
+    """`tools/bench_peer.py` at this run's preset, batch, sequence and steps: its JSON line."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peer.py")
+    cmd = [sys.executable, script, "--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--experts", args.peer_experts]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the HF peer failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

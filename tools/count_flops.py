@@ -6,10 +6,12 @@ N_active counts every matmul weight a token goes through in the main model: MLA 
 dense FFNs, per MoE layer the router, the shared experts and top-K routed experts, and the LM
 head; the embedding lookup is not a matmul and is excluded. 6 = forward (2) + backward (4).
 The attention core costs 2 * 2 * S * H * (d_qk + d_v) per token forward for all S keys, halved by
-the causal mask, times 3 for forward + backward. Recompute is not counted. The MTP module
-(eh_proj, one MoE decoder layer and a second pass through the LM head) is left out of
-PERF.md's 4.83 GFLOP/token at the bench shape; `mtp=True` adds it (6.74 there, 1.59 of it the
-second head pass).
+the causal mask, times 3 for forward + backward. Recompute is not counted. `mtp=True` adds each
+MTP module's share (eh_proj, one MoE decoder layer and a second pass through the LM head). PERF.md's
+bench shape has no MTP module (2.95B parameters): 4.83 GFLOP/token; with the `bench` preset's one
+it would be 6.74, 1.59 of it the second head pass. The released 671B shape: 250.4 GFLOP/token at
+4,096 tokens (260.6 with its MTP module), DeepSeek's own "250 GFLOPS per token" (Insights into
+DeepSeek-V3, ISCA 2025, Table 2).
 """
 
 from __future__ import annotations

@@ -193,15 +193,15 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
     """dW[e] = x_e^T g_e as one Pallas (Triton) kernel: x [M, K], g [M, N] -> [E, K, N] in
     `dtype`, accumulated in fp32 (the weight's dtype: no separate fp32 copy to round).
 
-    Program (e, i, j) owns the [128, 128] block (i, j) of expert e's gradient and walks that
-    expert's rows in blocks of 64 (rows past the group masked to zero), so nothing but the
-    result is written and rows outside every group (the padding) cost nothing. Measured
+    Program (e, i, j) owns the [bk, bn] block (i, j) of expert e's gradient (`_wg_tiles`) and
+    walks that expert's rows in blocks of bm (rows past the group masked to zero), so nothing
+    but the result is written and rows outside every group (the padding) cost nothing. Measured
     ~1.0 ms against the tiled form's ~3.6 ms for one bench-shape projection on an H200
     (docs/benchmarks.md). K and N must be multiples of 128 (`_weight_grad` falls back).
     """
     M, K = x.shape
     N = g.shape[1]
-    bm, bk, bn = _WG_BLOCK
+    (bm, bk, bn), stages = _wg_tiles(N)
     ends = jnp.cumsum(group_sizes)
     axes = varying(x) | varying(g) | varying(ends)  # inside shard_map: every operand typed alike
     x, g, ends = (as_varying(a, axes) for a in (x, g, ends))
@@ -224,16 +224,21 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
     return pl.pallas_call(
         kernel, out_shape=struct_like((E, K, N), dtype, x), grid=(E, K // bk, N // bn),
         out_specs=pl.BlockSpec((None, bk, bn), lambda e, i, j: (e, i, j)), interpret=interpret,
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=3),
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=stages),
     )(starts, ends, x, g)
 
 
-_WG_BLOCK = (64, 128, 128)  # rows per step, K block, N block (fastest measured on the H200)
+def _wg_tiles(N: int) -> tuple[tuple[int, int, int], int]:
+    """The weight-gradient kernel's (rows per step, K block, N block) and pipeline stages:
+    [128, 256] gradient blocks over 4 stages where 256 divides N, else [128, 128] over 3. On the
+    H200 at the bench shape, 8 warps: 0.83 against 0.97-1.02 ms for K 2048 -> N 512, 0.98 against
+    1.01-1.05 ms for 512 -> 2048 (fastest of 20 settings, docs/benchmarks.md)."""
+    return ((64, 128, 256), 4) if N % 256 == 0 else ((64, 128, 128), 3)
 
 
 def _weight_grad(x, g, group_sizes, E: int, precision, dtype):
     """The grouped weight gradient in `dtype`: the Pallas kernel where its blocks tile [K, N], else tiled."""
-    if x.shape[1] % _WG_BLOCK[1] or g.shape[1] % _WG_BLOCK[2]:
+    if x.shape[1] % 128 or g.shape[1] % 128:
         return _tiled_weight_grad(x, g, group_sizes, E, 128, precision).astype(dtype)
     return _pallas_weight_grad(x, g, group_sizes, E, precision, dtype)
 

@@ -69,15 +69,17 @@ def per_group_weight_grad(x, g, sizes):
     return np.stack([x[e - n:e].astype(np.float64).T @ g[e - n:e] for e, n in zip(ends, sizes)])
 
 
-@pytest.mark.parametrize("sizes", [[70, 0, 131, 3, 0, 40], [0, 0, 0, 0, 0, 0], [300, 0, 0, 0, 0, 0]])
-def test_pallas_weight_gradient_matches_numpy(sizes):
+@pytest.mark.parametrize("sizes, n", [([70, 0, 131, 3, 0, 40], 128), ([0, 0, 0, 0, 0, 0], 128),
+                                      ([300, 0, 0, 0, 0, 0], 128), ([70, 0, 131, 3, 0, 40], 256)])
+def test_pallas_weight_gradient_matches_numpy(sizes, n):
     """The GPU weight-gradient kernel (run in Pallas interpret mode): unaligned group starts,
-    empty groups, groups longer than one row block, and padding rows after the groups; written
-    in fp32 or rounded once to bf16 (the weights' dtype) from the fp32 accumulator."""
+    empty groups, groups longer than one row block, and padding rows after the groups, with
+    128- and 256-wide gradient blocks (N 128, 256); written in fp32 or rounded once to bf16
+    (the weights' dtype) from the fp32 accumulator."""
     from dsv3_jax.kernels.grouped_matmul import _pallas_weight_grad
 
     rs = np.random.RandomState(3)
-    x, g = rs.randn(300, 256).astype(np.float32), rs.randn(300, 128).astype(np.float32)
+    x, g = rs.randn(300, 256).astype(np.float32), rs.randn(300, n).astype(np.float32)
     args = (jnp.asarray(x), jnp.asarray(g), jnp.asarray(sizes, jnp.int32), len(sizes), jax.lax.Precision.HIGHEST)
     want = per_group_weight_grad(x, g, sizes)
     np.testing.assert_allclose(_pallas_weight_grad(*args, interpret=True), want, rtol=1e-5, atol=1e-4)
