@@ -193,11 +193,13 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
     """dW[e] = x_e^T g_e as one Pallas (Triton) kernel: x [M, K], g [M, N] -> [E, K, N] in
     `dtype`, accumulated in fp32 (the weight's dtype: no separate fp32 copy to round).
 
-    Program (e, i, j) owns the [bk, bn] block (i, j) of expert e's gradient (`_wg_tiles`) and
+    Program (j, i, e) owns the [bk, bn] block (i, j) of expert e's gradient (`_wg_tiles`) and
     walks that expert's rows in blocks of bm (rows past the group masked to zero), so nothing
-    but the result is written and rows outside every group (the padding) cost nothing. Measured
-    ~1.0 ms against the tiled form's ~3.6 ms for one bench-shape projection on an H200
-    (docs/benchmarks.md). K and N must be multiples of 128 (`_weight_grad` falls back).
+    but the result is written and rows outside every group (the padding) cost nothing. The
+    expert is the grid's slowest axis: the programs running together share one expert's rows,
+    which stay in L2 (on an H200 at the bench shape 0.56-0.60 ms a projection against 0.82-0.90
+    with the expert fastest; the tiled form took ~3.6). K and N must be multiples of 128
+    (`_weight_grad` falls back).
     """
     M, K = x.shape
     N = g.shape[1]
@@ -208,7 +210,7 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
     starts = ends - group_sizes
 
     def kernel(starts_ref, ends_ref, x_ref, g_ref, out_ref):
-        e, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        j, i, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         start, end = starts_ref[e], ends_ref[e]
 
         def step(r, acc):  # acc [bk, bn] += x[rows, i-block]^T g[rows, j-block]
@@ -222,8 +224,8 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
         out_ref[...] = acc.astype(out_ref.dtype)
 
     return pl.pallas_call(
-        kernel, out_shape=struct_like((E, K, N), dtype, x), grid=(E, K // bk, N // bn),
-        out_specs=pl.BlockSpec((None, bk, bn), lambda e, i, j: (e, i, j)), interpret=interpret,
+        kernel, out_shape=struct_like((E, K, N), dtype, x), grid=(N // bn, K // bk, E),
+        out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, e: (e, i, j)), interpret=interpret,
         compiler_params=None if interpret else plt.CompilerParams(num_warps=8, num_stages=stages),
     )(starts, ends, x, g)
 
@@ -231,8 +233,8 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
 def _wg_tiles(N: int) -> tuple[tuple[int, int, int], int]:
     """The weight-gradient kernel's (rows per step, K block, N block) and pipeline stages:
     [128, 256] gradient blocks over 4 stages where 256 divides N, else [128, 128] over 3. On the
-    H200 at the bench shape, 8 warps: 0.83 against 0.97-1.02 ms for K 2048 -> N 512, 0.98 against
-    1.01-1.05 ms for 512 -> 2048 (fastest of 20 settings, docs/benchmarks.md)."""
+    H200 at the bench shape, 8 warps: 0.56 / 0.60 ms for K 2048 -> N 512 / 512 -> 2048 against
+    0.72 / 0.62 for [128, 128] blocks (docs/benchmarks.md)."""
     return ((64, 128, 256), 4) if N % 256 == 0 else ((64, 128, 128), 3)
 
 
