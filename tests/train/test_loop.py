@@ -13,10 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from dsv3_jax import parallel
 from dsv3_jax.checkpoint.manager import CheckpointCorrupt
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.pipeline import DataConfig
+from dsv3_jax.train import loop
 from dsv3_jax.train.__main__ import main
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.loop import NonFiniteError, train
@@ -189,6 +192,36 @@ def test_a_new_run_starts_from_pretrained_weights(tmp_path, capsys, corpus, stra
     records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and all("val_lm_loss" in r for r in records)  # last steps
     assert f"held-out LM loss {records[-1]['val_lm_loss']:.3f}" in capsys.readouterr().out
+
+
+def test_init_from_lands_in_a_mesh_that_splits_the_parameters(tmp_path, monkeypatch, corpus, straight):
+    """`--init-from` a one-device run's workdir onto fsdp x expert x tensor: each parameter and
+    router bias is restored straight into its rule sharding (the routed experts split 8 ways, not
+    whole on every device) and, with the learning rate and the bias step at 0, one step leaves
+    every value as the source holds it. The data-parallel test above splits no parameter."""
+    from dsv3_jax.convert.hf import flat_params  # noqa: PLC0415
+    from dsv3_jax.inference import load_model  # noqa: PLC0415
+
+    source, _ = straight
+    mesh = "fsdp=2,expert=2,tensor=2"
+    loaded = []
+    pretrained = loop._pretrained
+    monkeypatch.setattr(loop, "_pretrained", lambda *a: loaded.append(pretrained(*a)) or loaded[-1])
+    assert main(["--init-from", str(source), "--workdir", str(tmp_path), "--no-progress", "--data", *corpus.paths,
+                 "--seq-len", "32", "--batch-size", "8", "--set", "train.peak_lr=0", "--set", "train.bias_gamma=0",
+                 "--mesh", mesh, "--steps", "1"]) == 0
+    (model,) = loaded
+    rules = parallel.flat_shardings(nnx.state(model), parallel.make_mesh(mesh))
+    got = flat_params(model)  # the step donated these arrays: their shardings remain
+    assert got.keys() == rules.keys()
+    for k, v in got.items():
+        assert v.sharding.is_equivalent_to(rules[k], v.ndim), f"{k}: {v.sharding.spec}, rule {rules[k].spec}"
+    experts = got["moe_layers/mlp/experts/gate_proj"]  # [layers, experts, hidden, moe hidden]
+    assert experts.shape == (1, 8, 64, 32) and experts.sharding.shard_shape(experts.shape) == (1, 4, 32, 16)
+    want, after = (flat_params(load_model(d, dtype=np.float32)[0]) for d in (source, tmp_path))  # one device
+    assert after.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(v), err_msg=k)
 
 
 def test_init_from_refuses_what_does_not_fit(tmp_path, corpus, straight):
