@@ -24,11 +24,9 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from count_flops import flops_per_token  # noqa: E402
+from count_flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
-
-PEAK_BF16_FLOPS = 989e12
 
 
 def peer_model(config: ModelConfig, experts: str) -> DeepseekV3ForCausalLM:

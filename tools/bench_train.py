@@ -30,15 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from count_flops import flops_per_token  # noqa: E402
+from count_flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
 
 from dsv3_jax import fp8, kernels, parallel  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.parallel.expert import expert_layout  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
 from dsv3_jax.train.step import init_state, jit_train_step, layers_per_scan  # noqa: E402
-
-PEAK_BF16_FLOPS = 989e12
 
 
 def main() -> None:

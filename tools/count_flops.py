@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
 
+PEAK_BF16_FLOPS = 989e12  # MFU's denominator (PERF.md): an H100/H200's dense bf16 FLOP/s
+
 
 def active_params(c: ModelConfig) -> dict[str, int]:
     """Matmul weights one token goes through, per part of the model."""
