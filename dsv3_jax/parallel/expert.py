@@ -202,9 +202,22 @@ def expert_block(rows: int, n_experts: int) -> int:
 
 def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -> ExpertRows:
     """SwiGLU per expert: gate/up [E,D,F], down [E,F,D]; blocks [E,C,D] -> [E,C,D] as batched
-    matmuls, rows [R,D] -> [R,D] as grouped matmuls under the FP8 recipe of `fp8.use`, if any."""
+    matmuls, rows [R,D] -> [R,D] as grouped matmuls under the FP8 recipe of `fp8.use`, if any.
+
+    Gate and up run as one product on their concatenation [E,D,2F'] (F' = F, rounded up to the
+    FP8 weight block under a recipe so that no block straddles the two): the rows are read once
+    and their input gradient is one product, not a sum of two. The concatenation fuses into the
+    weights' cast to the compute dtype.
+    """
     recipe = fp8.active()
-    swiglu = lambda mm, a: mm(jax.nn.silu(mm(a, gate)) * mm(a, up), down)
+    F = gate.shape[2]
+    Fp = -(-F // fp8.TILE) * fp8.TILE if recipe else F
+    gate_up = jnp.concatenate([jnp.pad(w, ((0, 0), (0, 0), (0, Fp - F))) for w in (gate, up)], axis=2)
+
+    def swiglu(mm, a):
+        h = mm(a, gate_up)  # [..., 2F']
+        return mm(jax.nn.silu(h[..., :F]) * h[..., Fp:Fp + F], down)
+
     blocks = swiglu(block_matmul, x.blocks) if x.blocks.shape[1] else x.blocks
     rows = swiglu(lambda a, w: grouped_matmul(a, w, x.sizes, recipe), x.rows)
     return ExpertRows(blocks, rows, x.sizes)
