@@ -1,7 +1,8 @@
 """Do the backend kernels agree with the portable path? Prints one JSON line.
 
 Compares, on the current backend, every available grouped-matmul implementation against the
-"tiled" one and the other ops' implementations against "xla" (attention; the block-scaled FP8
+"tiled" one and the other ops' implementations against "xla" (attention; the routed experts'
+row moves; the block-scaled FP8
 matmul, through fp8_native's linear), forward and gradients, in bf16 at a bench-like shape, and
 the latent-cache decode attention's forward at a decode step's shape. With more than one device
 it also runs the routed experts expert-parallel over all of them, on each transport, against the
@@ -20,9 +21,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsv3_jax import fp8, kernels, parallel  # noqa: E402
-from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, scaled_matmul  # noqa: E402
+from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, row_gather, scaled_matmul  # noqa: E402
 from dsv3_jax.parallel import routed_experts  # noqa: E402
-from dsv3_jax.parallel.expert import TRANSPORTS  # noqa: E402
+from dsv3_jax.parallel.expert import TRANSPORTS, place  # noqa: E402
 
 
 def rel(a, b):
@@ -71,6 +72,16 @@ def main():
             return (y, *vjp(jnp.ones_like(y)))
 
     compare(out, "expert_layout", experts, grouped_matmul.LAYOUTS, "grouped", x[:n, :D], gate, up, down)
+
+    def row_moves(impl, x, rows):  # the dispatch and the combine, forward and gradients
+        p = place(ids.reshape(-1), E, 0)
+        f = lambda x, rows, w: (row_gather.dispatch(x, top, p.row_src, p.row_dest, impl=impl),
+                                row_gather.combine(rows, w, p.row_src, p.row_dest, impl=impl))
+        (xs, y), vjp = jax.vjp(f, x, rows, ew)
+        return (xs, y, *vjp((rows, y.astype(rows.dtype).astype(y.dtype))))
+
+    compare(out, "row_gather", row_moves, row_gather.IMPLS, "xla", x[:n, :D],
+            jnp.asarray(rs.randn(n * top, D), jnp.bfloat16))
     P = len(jax.devices())
     if P > 1:  # expert=P against one device; the transport is chosen when the function is traced
         ref = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate, up, down)
@@ -125,7 +136,7 @@ def main():
                        "attention (causal bf16)": attention.default_impl(attention.cudnn_takes(q, v, None)),
                        "attention (documents)": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
-                       "scaled_matmul": scaled_matmul.default_impl()}
+                       "scaled_matmul": scaled_matmul.default_impl(), "row_gather": row_gather.default_impl()}
     print(json.dumps(out))
 
 

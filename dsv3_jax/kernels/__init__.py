@@ -1,6 +1,7 @@
 """Backend-chosen ops. Each module exposes one function; the portable XLA version runs everywhere.
 
-`use(attention=..., grouped_matmul=..., latent_attention=..., scaled_matmul=..., expert_layout=...)`
+`use(attention=..., grouped_matmul=..., latent_attention=..., scaled_matmul=..., expert_layout=...,
+row_gather=...)`
 overrides the backend's choice while tracing.
 """
 

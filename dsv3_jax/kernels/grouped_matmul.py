@@ -203,7 +203,7 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
     """
     M, K = x.shape
     N = g.shape[1]
-    (bm, bk, bn), stages = _wg_tiles(N)
+    (bm, bk, bn), stages = _wg_tiles(K, N)
     ends = jnp.cumsum(group_sizes)
     axes = varying(x) | varying(g) | varying(ends)  # inside shard_map: every operand typed alike
     x, g, ends = (as_varying(a, axes) for a in (x, g, ends))
@@ -230,12 +230,15 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
     )(starts, ends, x, g)
 
 
-def _wg_tiles(N: int) -> tuple[tuple[int, int, int], int]:
+def _wg_tiles(K: int, N: int) -> tuple[tuple[int, int, int], int]:
     """The weight-gradient kernel's (rows per step, K block, N block) and pipeline stages:
-    [128, 256] gradient blocks over 4 stages where 256 divides N, else [128, 128] over 3. On the
-    H200 at the bench shape, 8 warps: 0.56 / 0.60 ms for K 2048 -> N 512 / 512 -> 2048 against
-    0.72 / 0.62 for [128, 128] blocks (docs/benchmarks.md)."""
-    return ((64, 128, 256), 4) if N % 256 == 0 else ((64, 128, 128), 3)
+    [128, 256] gradient blocks over 4 stages where 256 divides N, else [128, 128] over 3; 32 rows
+    a step where K >= 2048 (half the shared memory a stage, so two programs share an SM). On the
+    H200 at the bench shape, 8 warps: K 2048 -> N 1024 (gate and up) 0.91 ms against 1.11 with
+    64 rows; 512 -> 2048 (down) 0.60 (docs/benchmarks.md)."""
+    if N % 256:
+        return (64, 128, 128), 3
+    return (32 if K >= 2048 else 64, 128, 256), 4
 
 
 def _weight_grad(x, g, group_sizes, E: int, precision, dtype):
@@ -258,9 +261,11 @@ def _tokamax(x, w, group_sizes, precision):
 
 HOPPER_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=3, grid_tile_width=8)
 """tokamax grouped-matmul tiles on Hopper: [128, 128] outputs, K in steps of 64 over 3 stages, the
-grid walked along N in strips of 8 tiles. On the H200 at the bench shape (131,072 rows, 64
-experts) 0.43 ms for K 2048 -> N 512 and 0.53 ms for 512 -> 2048 (640 / 520 TFLOP/s), against
-0.85 ms for both with tokamax's own choice ([64, 64] tiles, 2 stages); same results to the bit."""
+grid walked along N in strips of 8 tiles (16 where N >= 2048: `_tokamax_kernel`). On the H200 at
+the bench shape (131,072 rows, 64 experts) 0.43 ms for K 2048 -> N 512 and 0.53 ms for 512 ->
+2048 (640 / 520 TFLOP/s), against 0.85 ms for both with tokamax's own choice ([64, 64] tiles,
+2 stages); same results to the bit. At 98,304 rows, K 1024 -> N 2048 (gate and up's input
+gradient) took 0.96 ms in strips of 16 against 1.18 in strips of 8."""
 
 
 def _tokamax_kernel(K: int, N: int):
@@ -273,7 +278,8 @@ def _tokamax_kernel(K: int, N: int):
     from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mosaic
     from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import MatmulDimension
 
-    config = mosaic.Config(split_k=1, persistent=False, grid_minor_dim=MatmulDimension.N, **HOPPER_TILES)
+    tiles = dict(HOPPER_TILES, grid_tile_width=16 if N >= 2048 else HOPPER_TILES["grid_tile_width"])
+    config = mosaic.Config(split_k=1, persistent=False, grid_minor_dim=MatmulDimension.N, **tiles)
     return [mosaic.PallasMosaicGpuRaggedDot(config=config)]
 
 

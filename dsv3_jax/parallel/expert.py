@@ -47,7 +47,9 @@ from jax.sharding import AxisType, PartitionSpec
 
 from dsv3_jax import fp8
 from dsv3_jax.fp8 import grouped_matmul
+from dsv3_jax.kernels import row_gather
 from dsv3_jax.kernels.grouped_matmul import block_matmul, block_rows, default_layout
+from dsv3_jax.kernels.row_gather import take_rows
 from dsv3_jax.parallel.mesh import AXES, BATCH_AXES, logical_to_spec
 
 TRANSPORTS = ("ragged", "dense", "gather")
@@ -97,29 +99,6 @@ def choose_transport(requested: str = "auto", platform: str | None = None, n_ep:
 
 # ---------------------------------------------------------------------------------------------
 # local steps (shared by the single-device and the per-device path)
-
-
-@jax.custom_vjp
-def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-    """x [M,D] -> x[index] [len(index),D], where index == M gives a zero row.
-
-    `index` must send distinct output rows to distinct rows of x, and `inverse` [M] be its
-    inverse (for each row of x the output row holding it, len(index) if none): the gradient is
-    then the gather g[inverse] instead of a scatter-add (GPU scatters of bf16 rows are slow).
-    """
-    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
-
-
-def _take_rows_fwd(x, index, inverse):
-    return take_rows(x, index, inverse), (index, inverse)
-
-
-def _take_rows_bwd(res, g):
-    index, inverse = res
-    return take_rows(g, inverse, index), None, None
-
-
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def inverse_permutation(perm: jax.Array) -> jax.Array:
@@ -174,11 +153,14 @@ def place(ids: jax.Array, n_experts: int, block: int, rows: int | None = None) -
     return Placement(src(block_dest, E * C), block_dest, src(row_dest, R), row_dest, sizes)
 
 
-def gather(x: jax.Array, p: Placement) -> ExpertRows:
-    """Assignment rows x [M,D] -> ExpertRows."""
+def gather(x: jax.Array, p: Placement, repeat: int = 1) -> ExpertRows:
+    """x [M/repeat,D], each row standing for `repeat` consecutive assignments (a token's K
+    slots), -> ExpertRows (the grouped rows through `kernels.row_gather.dispatch`)."""
     E = p.sizes.shape[0]
-    blocks = take_rows(x, p.block_src, p.block_dest).reshape(E, -1, x.shape[1])
-    return ExpertRows(blocks, take_rows(x, p.row_src, p.row_dest), p.sizes)
+    blocks = jnp.zeros((E, 0, x.shape[1]), x.dtype)
+    if p.block_src.shape[0]:
+        blocks = take_rows(jnp.repeat(x, repeat, axis=0), p.block_src, p.block_dest).reshape(E, -1, x.shape[1])
+    return ExpertRows(blocks, row_gather.dispatch(x, repeat, p.row_src, p.row_dest), p.sizes)
 
 
 def scatter(y: ExpertRows, p: Placement) -> jax.Array:
@@ -224,17 +206,20 @@ def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -
 
 
 def combine(y: ExpertRows, weights: jax.Array, p: Placement) -> jax.Array:
-    """Expert outputs -> sum_k weights[n,k] * output of assignment (n, k), [N,D] fp32."""
-    N, K = weights.shape
-    out = scatter(y, p).reshape(N, K, -1)  # (token, slot) order: [N*K,D] -> [N,K,D]
-    return (out.astype(jnp.float32) * weights[..., None]).sum(1)
+    """Expert outputs -> sum_k weights[n,k] * output of assignment (n, k), [N,D] fp32 (the grouped
+    rows through `kernels.row_gather.combine`; an assignment sits in a block or a row, never both)."""
+    out = row_gather.combine(y.rows, weights, p.row_src, p.row_dest)
+    if y.blocks.shape[1]:
+        blocks = y.blocks.reshape(-1, y.blocks.shape[2])
+        out = out + row_gather.combine(blocks, weights, p.block_src, p.block_dest, impl="xla")
+    return out
 
 
 def _placed(x, weights, p, gate, up, down):
     """x [N,D] in the compute dtype, its assignments placed by p -> [N,D] fp32 (the weighted sums
     of its placed assignments' expert outputs)."""
     K = weights.shape[1]
-    return combine(expert_ffn(gather(jnp.repeat(x, K, axis=0), p), gate, up, down), weights, p)
+    return combine(expert_ffn(gather(x, p, K), gate, up, down), weights, p)
 
 
 def _local(x, weights, expert_ids, gate, up, down):
@@ -305,7 +290,7 @@ def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dt
     else:  # rows sorted by expert, so by the device that owns it
         N, K = expert_ids.shape
         p = place(expert_ids.reshape(N * K), gate.shape[0] * n_ep, 0)
-        xs = gather(jnp.repeat(x, K, axis=0), p)
+        xs = gather(x, p, K)
         y = _exchange(xs.rows, xs.sizes, gate, up, down, n_ep, transport, varying, capacity_factor)
         out = combine(xs._replace(rows=y), weights, p)
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum

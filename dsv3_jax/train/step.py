@@ -74,7 +74,8 @@ def make_losses(graphdef, config: ModelConfig, c: TrainConfig):
         tokens, seg = micro["tokens"], micro["segment_ids"]
         B, T = tokens.shape
         with fp8.use(recipe), kernels.use(c.attention_impl, c.grouped_matmul_impl,
-                                          scaled_matmul=c.scaled_matmul_impl, expert_layout=c.expert_layout), \
+                                          scaled_matmul=c.scaled_matmul_impl, expert_layout=c.expert_layout,
+                                          row_gather=c.row_gather_impl), \
                 parallel.expert_transport(c.expert_transport, c.expert_capacity_factor), \
                 remat(c.remat), scan_unroll(layers_per_scan(config, c)):
             if c.mask_documents:
