@@ -233,9 +233,10 @@ def _pallas_weight_grad(x, g, group_sizes, E: int, precision, dtype=jnp.float32,
 def _wg_tiles(K: int, N: int) -> tuple[tuple[int, int, int], int]:
     """The weight-gradient kernel's (rows per step, K block, N block) and pipeline stages:
     [128, 256] gradient blocks over 4 stages where 256 divides N, else [128, 128] over 3; 32 rows
-    a step where K >= 2048 (half the shared memory a stage, so two programs share an SM). On the
-    H200 at the bench shape, 8 warps: K 2048 -> N 1024 (gate and up) 0.91 ms against 1.11 with
-    64 rows; 512 -> 2048 (down) 0.60 (docs/benchmarks.md)."""
+    a step where K >= 2048. On the H200 at the bench shape, 8 warps, K 2048 -> N 1024 (gate and
+    up): 32 rows 0.91 ms against 1.11 with 64 in one sweep, level in a repeat (0.99-1.02 against
+    0.97-1.01); the bench step was measured with 32. 512 -> 2048 (down): 0.56-0.62 ms with 64
+    rows, 0.58-0.59 with 32 (docs/benchmarks.md)."""
     if N % 256:
         return (64, 128, 128), 3
     return (32 if K >= 2048 else 64, 128, 256), 4
