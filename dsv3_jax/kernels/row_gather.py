@@ -202,7 +202,7 @@ def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, 
         has = a < M
         am = jnp.minimum(a, M - 1)
         tok = (am // K)[:, None]
-        wr = jnp.where(has, plt.load(w_ref.at[am], mask=has, other=0), 0)[:, None]
+        wr = plt.load(w_ref.at[am], mask=has, other=0)[:, None]
 
         def step(j, acc):
             cols = (j * bd + jnp.arange(bd))[None, :]
