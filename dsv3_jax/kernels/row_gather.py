@@ -61,12 +61,16 @@ def _take_rows_bwd(res, g):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def dispatch(x: jax.Array, K: int, src: jax.Array, dest: jax.Array, impl: str | None = None) -> jax.Array:
-    """x [N,D] -> rows [R,D], row r = x[src[r] // K] (zero where src[r] = N*K)."""
+def _chosen(impl: str | None) -> str:
     impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"row_gather impl {impl!r}: choose from {IMPLS}")
-    if impl == "xla":
+    return impl
+
+
+def dispatch(x: jax.Array, K: int, src: jax.Array, dest: jax.Array, impl: str | None = None) -> jax.Array:
+    """x [N,D] -> rows [R,D], row r = x[src[r] // K] (zero where src[r] = N*K)."""
+    if _chosen(impl) == "xla":
         return take_rows(jnp.repeat(x, K, axis=0), src, dest)
     return _dispatch(x, K, src, dest)
 
@@ -74,10 +78,7 @@ def dispatch(x: jax.Array, K: int, src: jax.Array, dest: jax.Array, impl: str | 
 def combine(rows: jax.Array, weights: jax.Array, src: jax.Array, dest: jax.Array, impl: str | None = None) -> jax.Array:
     """rows [R,D], weights [N,K] -> [N,D] fp32, out[n] = sum_k weights[n,k] * rows[dest[n*K+k]]
     (rows in their own dtype, products and sum in fp32; dest = R adds nothing)."""
-    impl = impl or default_impl()
-    if impl not in IMPLS:
-        raise ValueError(f"row_gather impl {impl!r}: choose from {IMPLS}")
-    if impl == "xla":
+    if _chosen(impl) == "xla":
         return _combine_xla(rows, weights, src, dest)
     return _combine(rows, weights, src, dest)
 
@@ -94,12 +95,11 @@ def _dispatch(x, K, src, dest):
 
 
 def _dispatch_fwd(x, K, src, dest):
-    return _dispatch(x, K, src, dest), (src, dest)
+    return _dispatch(x, K, src, dest), dest
 
 
-def _dispatch_bwd(K, res, g):
-    src, dest = res
-    return _gather_sum(g, dest.reshape(-1, K), None, g.dtype), None, None
+def _dispatch_bwd(K, dest, g):
+    return _gather_sum(g, dest.reshape(-1, K)), None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -162,16 +162,15 @@ def _gather_rows(src: jax.Array, idx: jax.Array) -> jax.Array:
     return _call(kernel, (pl.cdiv(R, br), D // bd), struct_like((R, D), src.dtype, src), idx, src)
 
 
-def _gather_sum(src: jax.Array, idx: jax.Array, w: jax.Array | None, dtype) -> jax.Array:
-    """src [S,D], idx [N,K], w [N,K] or None (ones) -> [N,D] in `dtype`,
-    out[n] = sum_k w[n,k] * src[idx[n,k]] summed in fp32 (idx >= S adds nothing)."""
+def _gather_sum(src: jax.Array, idx: jax.Array) -> jax.Array:
+    """src [S,D], idx [N,K] -> [N,D] in src's dtype, out[n] = sum_k src[idx[n,k]] summed in fp32
+    (idx >= S adds nothing)."""
     S, D = src.shape
     N, K = idx.shape
     bt, bd = SUM_ROWS, _cols(D)
     idx_t = idx.T.reshape(-1)  # slot-major: each slot's indices for a block of tokens are contiguous
-    w_t = jnp.ones((K * N,), jnp.float32) if w is None else w.T.reshape(-1).astype(jnp.float32)
 
-    def kernel(idx_ref, w_ref, src_ref, out_ref):
+    def kernel(idx_ref, src_ref, out_ref):
         i, j = pl.program_id(0), pl.program_id(1)
         tok = i * bt + jnp.arange(bt)
         cols = j * bd + jnp.arange(bd)
@@ -179,10 +178,10 @@ def _gather_sum(src: jax.Array, idx: jax.Array, w: jax.Array | None, dtype) -> j
         for k in range(K):
             r = plt.load(idx_ref.at[pl.ds(k * N + i * bt, bt)], mask=tok < N, other=S)
             x = plt.load(src_ref.at[jnp.minimum(r, S - 1)[:, None], cols[None, :]], mask=(r < S)[:, None], other=0)
-            acc += x.astype(jnp.float32) * plt.load(w_ref.at[pl.ds(k * N + i * bt, bt)], mask=tok < N, other=0)[:, None]
+            acc += x.astype(jnp.float32)
         plt.store(out_ref.at[pl.ds(i * bt, bt), pl.ds(j * bd, bd)], acc.astype(out_ref.dtype), mask=(tok < N)[:, None])
 
-    return _call(kernel, (pl.cdiv(N, bt), D // bd), struct_like((N, D), dtype, src), idx_t, w_t, src)
+    return _call(kernel, (pl.cdiv(N, bt), D // bd), struct_like((N, D), src.dtype, src), idx_t, src)
 
 
 def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, K: int):
