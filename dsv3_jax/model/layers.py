@@ -54,6 +54,55 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array, *, dtype) -> jax.Array:
     return _dot(spec, a.astype(dtype), b.astype(dtype))
 
 
+def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N,D] times fp32 w [D,E] -> [N,E] in fp32 (the router's logits, SPEC C).
+
+    fp32 x takes a full-precision dot. bf16 x is multiplied exactly by w written as three bf16
+    pieces (w = w1 + w2 + w3): one bf16 tensor-core GEMM of width 3E, summed per piece in fp32.
+    The weight gradient does the same with the fp32 output gradient in pieces; the input
+    gradient, rounded to bf16 at the end, takes the three largest piece products (~2^-16).
+    """
+    if x.dtype == jnp.float32:
+        return jnp.einsum("nd,de->ne", x, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return _matmul_pieces(x, w)
+
+
+def _pieces(a: jax.Array, n: int) -> jax.Array:
+    """fp32 a [...,E] -> n bf16 pieces [...,n,E], each the rounding of what the previous left over;
+    three sum back to a exactly (8 significand bits each, fp32 has 24)."""
+    out = []
+    for _ in range(n):
+        out.append(a.astype(jnp.bfloat16))
+        a = a - out[-1].astype(jnp.float32)
+    return jnp.stack(out, axis=-2)
+
+
+@jax.custom_vjp
+def _matmul_pieces(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _matmul_pieces_fwd(x, w)[0]
+
+
+def _matmul_pieces_fwd(x, w):
+    (N, D), E = x.shape, w.shape[1]
+    w3 = _pieces(w.astype(jnp.float32), 3)  # [D,3,E]
+    y = _dot("nd,dk->nk", x, w3.reshape(D, 3 * E)).reshape(N, 3, E).sum(1)
+    return y, (x, w3[:, :2], jnp.zeros((0,), w.dtype))
+
+
+def _matmul_pieces_bwd(res, g):
+    x, w2, w_like = res  # w2 [D,2,E]: w's two largest pieces
+    (N, D), E = x.shape, g.shape[1]
+    g3 = _pieces(g, 3)  # [N,3,E]
+    dw = _dot("nd,nk->dk", x, g3.reshape(N, 3 * E)).reshape(D, 3, E).sum(1)
+    lhs = jnp.concatenate([g3[:, 0], g3[:, 0], g3[:, 1]], axis=-1)  # [N,3E]: g1 g1 g2
+    rhs = jnp.concatenate([w2[:, 0], w2[:, 1], w2[:, 0]], axis=-1)  # [D,3E]: w1 w2 w1
+    dx = _dot("nk,dk->nd", lhs, rhs)
+    return dx.astype(x.dtype), dw.astype(w_like.dtype)
+
+
+_matmul_pieces.defvjp(_matmul_pieces_fwd, _matmul_pieces_bwd)
+
+
 def _low_precision_fwd(spec, x, w, dtype):
     xc, wc = x.astype(dtype), w.astype(dtype)
     return _dot(spec, xc, wc).astype(dtype), (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))

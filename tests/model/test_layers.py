@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from dsv3_jax.model.layers import Linear, RMSNorm, SwiGLU, einsum
+from dsv3_jax.model.layers import Linear, RMSNorm, SwiGLU, einsum, matmul_f32
 from tests.hf_reference import t2n
 
 
@@ -65,6 +65,26 @@ def test_einsum_bf16_gradient_runs_bf16_gemms_and_returns_fp32_weight_grad():
     hlo = jax.jit(jax.grad(f, (0, 1))).lower(xb, w).as_text()
     dots = [line for line in hlo.splitlines() if "dot_general" in line]
     assert len(dots) == 2 and all(re.search(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\)", d) for d in dots), dots
+
+
+def test_matmul_f32_of_bf16_activations_is_fp32_exact_with_fp32_weight_grad():
+    """Against float64: the product and the weight gradient to fp32 accumulation, the input
+    gradient to its bf16 rounding; the fp32 input takes a plain full-precision dot."""
+    rs = np.random.RandomState(4)
+    xb = jnp.asarray(rs.randn(96, 256), jnp.bfloat16)
+    w = jnp.asarray(rs.randn(256, 16) * 0.02, jnp.float32)  # not representable in bf16
+    g = jnp.asarray(rs.randn(96, 16), jnp.float32)
+    x64, w64, g64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (xb, w, g))
+    y, vjp = jax.vjp(matmul_f32, xb, w)
+    dx, dw = vjp(g)
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), x64 @ w64, rtol=0, atol=2e-7 * np.abs(x64 @ w64).max())
+    np.testing.assert_allclose(np.asarray(dw), x64.T @ g64, rtol=0, atol=2e-7 * np.abs(x64.T @ g64).max())
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), g64 @ w64.T, rtol=2 ** -8, atol=1e-6)
+    assert np.abs(np.asarray(jnp.asarray(xb @ w.astype(jnp.bfloat16), jnp.float32)) - x64 @ w64).max() > 1e3 * np.abs(
+        np.asarray(y) - x64 @ w64).max()  # a bf16 weight would be ~1000x further off
+    y32 = matmul_f32(xb.astype(jnp.float32), w)
+    np.testing.assert_allclose(np.asarray(y32), x64 @ w64, rtol=1e-5, atol=1e-6)
 
 
 def test_swiglu_matches_hf_mlp():

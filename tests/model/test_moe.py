@@ -8,6 +8,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 from dsv3_jax import kernels
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import moe
 from dsv3_jax.model.moe import MoE, Router, routing_stats
 from tests.hf_reference import hf_config, randomize_, t2n
 
@@ -54,6 +55,22 @@ def test_router_selection_and_weights_match_hf(name):
     for t in range(len(x)):  # HF's top-k is unsorted: compare as expert -> weight maps
         assert dict(zip(ref_idx[t], ref_w[t])) == pytest.approx(dict(zip(np.asarray(idx[t]), np.asarray(w[t]))))
     np.testing.assert_allclose(scores, 1 / (1 + np.exp(-(x @ np.asarray(ours.router.kernel[...])))), rtol=1e-5)
+
+
+def test_selection_without_sorts_chooses_and_orders_as_lax_top_k_with_ties():
+    """The router's sort-free top-2 sum, group mask and top-K against jax.lax.top_k, on values
+    with many ties (the lower index first) and masked -inf entries."""
+    rs = np.random.RandomState(5)
+    N, G, E, K, kept = 300, 8, 64, 6, 4
+    v = jnp.asarray(rs.randint(0, 6, (N, E)) / 4, jnp.float32)  # 6 distinct values: ties everywhere
+    grouped = v.reshape(N, G, E // G)
+    group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    np.testing.assert_array_equal(moe._top2_sum(grouped), group_score)
+    _, top_groups = jax.lax.top_k(group_score, kept)
+    keep = (top_groups[:, :, None] == jnp.arange(G)).any(1)
+    np.testing.assert_array_equal(moe._in_top_k(group_score, kept), keep)
+    masked = jnp.where(jnp.repeat(keep, E // G, axis=1), v, -jnp.inf)
+    np.testing.assert_array_equal(moe._top_k_indices(masked, K), jax.lax.top_k(masked, K)[1])
 
 
 def test_group_mask_is_minus_inf_so_negative_biases_never_leak_into_masked_groups():
