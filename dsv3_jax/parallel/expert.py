@@ -197,12 +197,33 @@ def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -
     gate_up = jnp.concatenate([jnp.pad(w, ((0, 0), (0, 0), (0, Fp - F))) for w in (gate, up)], axis=2)
 
     def swiglu(mm, a):
-        h = mm(a, gate_up)  # [..., 2F']
-        return mm(jax.nn.silu(h[..., :F]) * h[..., Fp:Fp + F], down)
+        return mm(_silu_mul(mm(a, gate_up), F, Fp), down)  # [..., 2F'] -> [..., F]
 
     blocks = swiglu(block_matmul, x.blocks) if x.blocks.shape[1] else x.blocks
     rows = swiglu(lambda a, w: grouped_matmul(a, w, x.sizes, recipe), x.rows)
     return ExpertRows(blocks, rows, x.sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _silu_mul(h: jax.Array, F: int, Fp: int) -> jax.Array:
+    """silu(gate) * up of h = [gate | up] [..., 2F'] (halves F' wide, the first F used) -> [..., F].
+
+    Its gradient is the automatic one, joined by one concatenation: differentiating the slices
+    adds two zero-padded halves instead, 0.19 against 0.12 ms at the bench shape on an H200."""
+    return jax.nn.silu(h[..., :F]) * h[..., Fp:Fp + F]
+
+
+def _silu_mul_fwd(h, F, Fp):
+    return _silu_mul(h, F, Fp), h
+
+
+def _silu_mul_bwd(F, Fp, h, dy):
+    dg, du = jax.vjp(lambda g, u: jax.nn.silu(g) * u, h[..., :F], h[..., Fp:Fp + F])[1](dy)
+    pad = [(0, 0)] * (h.ndim - 1) + [(0, Fp - F)]
+    return (jnp.concatenate([jnp.pad(dg, pad), jnp.pad(du, pad)], axis=-1),)
+
+
+_silu_mul.defvjp(_silu_mul_fwd, _silu_mul_bwd)
 
 
 def combine(y: ExpertRows, weights: jax.Array, p: Placement) -> jax.Array:
