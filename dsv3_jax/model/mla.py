@@ -22,7 +22,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.attention import dot_product_attention
 from dsv3_jax.kernels.latent_attention import latent_attention, merge_chunks
 from dsv3_jax.model.layers import Linear, RMSNorm, einsum, einsum_f32
-from dsv3_jax.model.rope import apply_rope
+from dsv3_jax.model.rope import apply_rope, apply_rope_tail
 from dsv3_jax.parallel.mesh import constrain
 
 # The latent norms are built with RMSNorm's default eps in both references, not rms_norm_eps.
@@ -66,15 +66,14 @@ class MLA(nnx.Module):
         self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, axes=("heads", "embed"), **kw)
         self.config = config
 
-    def _queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B,T,D] -> q_nope [B,T,H,Kn], rotated q_pe [B,T,H,Kr]."""
+    def _queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,T,D] -> q [B,T,H,Kn+Kr]: q_nope, then the rotated q_pe."""
         c = self.config
         B, T, _ = x.shape
-        H, Kn, Kr = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
         with jax.named_scope("q"):
             q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
-            q = q.reshape(B, T, H, Kn + Kr)  # [B,T,H*K] -> [B,T,H,K]
-            return q[..., :Kn], apply_rope(q[..., Kn:], cos, sin)
+            q = q.reshape(B, T, c.num_attention_heads, c.qk_head_dim)  # [B,T,H*K] -> [B,T,H,K]
+            return apply_rope_tail(q, cos, sin)
 
     def _latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B,T,D] -> normalised latent [B,T,R], rotated k_pe [B,T,Kr] (what the cache holds)."""
@@ -89,13 +88,13 @@ class MLA(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         H, Kn, Kr, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        q_nope, q_pe = self._queries(x, cos, sin)
+        q = self._queries(x, cos, sin)
         latent, k_pe = self._latent(x, cos, sin)  # k_pe shared by all heads
         with jax.named_scope("kv"):
             kv = self.kv_b_proj(latent).reshape(B, T, H, Kn + Kv)  # [B,T,H*(Kn+Kv)] -> [B,T,H,Kn+Kv]
             k_nope, v = kv[..., :Kn], kv[..., Kn:]
         heads = ("batch", None, "act_heads", None)
-        q = constrain(jnp.concatenate([q_nope, q_pe], axis=-1), *heads)  # [B,T,H,Kn+Kr]
+        q = constrain(q, *heads)  # [B,T,H,Kn+Kr]
         k = constrain(jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (B, T, H, Kr))], axis=-1),
                       *heads)
         v = constrain(v, *heads)
@@ -119,7 +118,8 @@ class MLA(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         H, Kn, Kv, R = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
-        q_nope, q_pe = self._queries(x, cos, sin)
+        q = self._queries(x, cos, sin)
+        q_nope, q_pe = q[..., :Kn], q[..., Kn:]
         latent, k_pe = self._latent(x, cos, sin)
         with jax.named_scope("cache_write"):
             cache, rows = view.cache, jnp.arange(B)[:, None]

@@ -72,3 +72,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     even, odd = pairs[..., 0], pairs[..., 1]
     out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+@jax.custom_vjp
+def apply_rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, ..., K] with its last Kr = 2 * cos.shape[-1] entries rotated (`apply_rope`), the
+    rest passed through: a query's nope and rope parts as one array.
+
+    Its gradient is the inverse rotation written the same way (the rotation is orthogonal), so
+    the backward pass is one fusion like the forward; differentiating the split and join instead
+    adds two zero-padded parts (bench query on an H200: 0.064 against 0.081 ms)."""
+    kn = x.shape[-1] - 2 * cos.shape[-1]
+    return jnp.concatenate([x[..., :kn], apply_rope(x[..., kn:], cos, sin)], axis=-1)
+
+
+def _rope_tail_fwd(x, cos, sin):
+    return apply_rope_tail(x, cos, sin), (cos, sin)
+
+
+def _rope_tail_bwd(res, g):
+    cos, sin = res
+    return apply_rope_tail(g, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+apply_rope_tail.defvjp(_rope_tail_fwd, _rope_tail_bwd)

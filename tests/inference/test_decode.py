@@ -64,13 +64,12 @@ def naive_decode(attn: MLA, x, cos, sin, k_cache, v_cache, slots):
     c = attn.config
     B, T, _ = x.shape
     H, Kn, Kr, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    q_nope, q_pe = attn._queries(x, cos, sin)
+    q = attn._queries(x, cos, sin)
     latent, k_pe = attn._latent(x, cos, sin)
     kv = attn.kv_b_proj(latent).reshape(B, T, H, Kn + Kv)
     k = jnp.concatenate([kv[..., :Kn], jnp.broadcast_to(k_pe[:, :, None], (B, T, H, Kr))], -1)
     rows = jnp.arange(B)[:, None]
     k_cache, v_cache = k_cache.at[rows, slots].set(k), v_cache.at[rows, slots].set(kv[..., Kn:])
-    q = jnp.concatenate([q_nope, q_pe], -1)
     scores = jnp.einsum("bthk,bshk->bhts", q, k_cache) * c.softmax_scale
     scores = jnp.where(slots[:, None, :, None] >= jnp.arange(k_cache.shape[1]), scores, -jnp.inf)
     o = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores, -1), v_cache)

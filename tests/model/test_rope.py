@@ -1,5 +1,6 @@
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+from dsv3_jax.model.rope import apply_rope, apply_rope_tail, rope_cos_sin, rope_frequencies
 from tests.hf_reference import hf_config, t2n
 
 YARN_CASES = [
@@ -68,3 +69,20 @@ def test_rotary_matches_hf_interleave_up_to_its_output_permutation():
     # And so the scores, which is what attention sees, agree directly.
     np.testing.assert_allclose(q_ours @ k_ours.swapaxes(-1, -2), t2n(q_ref @ k_ref.transpose(-1, -2)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_rope_tail_rotates_the_last_entries_and_its_gradient_is_autodiffs():
+    """`apply_rope_tail` equals the split / rotate / join it replaces, value and gradient (the
+    reference is automatic differentiation of that form), in fp32 and bf16."""
+    config = ModelConfig.preset("tiny")
+    Kr = config.qk_rope_head_dim
+    cos, sin = rope_cos_sin(config, jnp.arange(7)[None, :] + jnp.arange(2)[:, None] * 3)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.random.normal(jax.random.key(0), (2, 7, 3, 8 + Kr), dtype)
+        g = jax.random.normal(jax.random.key(1), x.shape, dtype)
+        split = lambda x: jnp.concatenate([x[..., :8], apply_rope(x[..., 8:], cos, sin)], axis=-1)
+        y, vjp = jax.vjp(lambda x: apply_rope_tail(x, cos, sin), x)
+        y_ref, vjp_ref = jax.vjp(split, x)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+        np.testing.assert_allclose(np.asarray(vjp(g)[0], np.float32), np.asarray(vjp_ref(g)[0], np.float32),
+                                   rtol=1e-6 if dtype == jnp.float32 else 2 ** -8, atol=1e-6)
