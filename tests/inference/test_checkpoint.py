@@ -3,6 +3,7 @@ only what inference needs, clear errors; generate and eval on a mesh."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -205,9 +206,9 @@ def test_generate_cli_on_a_mesh_gives_the_one_device_greedy_tokens(workdir, conv
 
 def _two_processes(args: list[str], start: str) -> list[str]:
     """`python -m ARGS` in two CPU processes x 4 devices (jax.distributed over loopback, gloo) ->
-    each one's stdout from the first `start` on ("" without one). Gloo writes connection notes
-    to the same stdout from its own threads, unbuffered: they come before Python's buffered
-    output, which is flushed at exit, and may break each other's lines."""
+    each one's stdout from the first `start` on ("" without one), Gloo's connection notes left
+    out: Gloo writes them to the same stdout from its own threads, unbuffered, as whole lines
+    before or after Python's buffered output (and may break each other's lines)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -223,7 +224,8 @@ def _two_processes(args: list[str], start: str) -> list[str]:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
-    return [out[out.index(start):] if start in out else "" for out, _ in outs]
+    outs = [re.sub(r"^\[Gloo\][^\n]*\n", "", out, flags=re.M) for out, _ in outs]
+    return [out[out.index(start):] if start in out else "" for out in outs]
 
 
 def test_generate_and_eval_clis_over_two_processes(workdir, converted, greedy_text, tmp_path):
