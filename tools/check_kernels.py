@@ -2,11 +2,11 @@
 
 Compares, on the current backend, every available grouped-matmul implementation against the
 "tiled" one and the other ops' implementations against "xla" (attention; the routed experts'
-row moves; the block-scaled FP8
-matmul, through fp8_native's linear), forward and gradients, in bf16 at a bench-like shape, and
-the latent-cache decode attention's forward at a decode step's shape. With more than one device
-it also runs the routed experts expert-parallel over all of them, on each transport, against the
-same problem on one device. Run it on a GPU with tokamax installed to check the GPU kernels.
+row moves; the block-scaled FP8 matmul, through fp8_native's linear), forward and gradients, in
+bf16 at a bench-like shape, and the latent-cache decode attention's forward at a decode step's
+shape. With more than one device it also runs the routed experts expert-parallel over all of
+them, on each transport, against the same problem on one device. Run it on a GPU with tokamax
+installed to check the GPU kernels.
 """
 
 import argparse

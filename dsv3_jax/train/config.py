@@ -50,7 +50,7 @@ class TrainConfig:
     attention_impl: str = "auto"  # kernels: "auto" (by backend and mask), "xla", "tokamax" or "cudnn"
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     scaled_matmul_impl: str = "auto"  # fp8_native GEMMs: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
-    row_gather_impl: str = "auto"  # routed-expert row moves: "auto" (GPU: "pallas", else "xla"), "xla", "pallas"
+    row_gather_impl: str = "auto"  # routed-expert row moves: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
     expert_layout: str = "auto"  # routed-expert rows: "auto" (= "grouped") or "blocks" (kernels.grouped_matmul)
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged", "dense" or "gather"
     expert_capacity_factor: float = 0.0  # dense/gather transports: rows x the balanced share (0: any routing)
