@@ -45,7 +45,7 @@ class Router(nnx.Module):
         c = self.config
         N = x.shape[0]
         E, G, K = c.n_routed_experts, c.n_group, c.num_experts_per_tok
-        scores = jax.nn.sigmoid(matmul_f32(x, self.kernel[...]))  # fp32 logits, exact products
+        scores = jax.nn.sigmoid(_logits(x, self.kernel[...]))
         biased = scores + self.bias[...]
         grouped = biased.reshape(N, G, E // G)  # [N,E] -> [N,G,E/G]
         keep = _in_top_k(_top2_sum(grouped), c.topk_group)  # [N,G]
@@ -57,10 +57,23 @@ class Router(nnx.Module):
         return weights * c.routed_scaling_factor, expert_ids.astype(jnp.int32), scores
 
 
-# jax.lax.top_k's choices without its sort (GPU sorts took 139 us of a 16,384-token router): among
-# equal values the lower index goes first, as top_k orders them.
+# A decode step's few rows (up to EVERY_EXPERT_MAX_TOKENS) keep the router's earlier forms, six-pass
+# logits and jax.lax.top_k: with the forms below the bench decode step took ~1.9% longer on an H200
+# (docs/benchmarks.md). More rows take forms without sorts (GPU sorts took 139 us of a 16,384-token
+# router), with top_k's choices: among equal values the lower index goes first.
+def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N,D] times fp32 w [D,E] -> fp32 logits [N,E], every product exact: `matmul_f32`, or for
+    a few bf16 rows XLA's six-pass bf16 algorithm."""
+    if x.dtype != jnp.float32 and x.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
+        return jnp.einsum("nd,de->ne", x.astype(jnp.float32), w.astype(jnp.float32),
+                          precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6)
+    return matmul_f32(x, w)
+
+
 def _top2_sum(v: jax.Array) -> jax.Array:
-    """v [...,n] -> the sum of its two largest values [...]."""
+    """v [N,...,n] -> the sum of its two largest values [N,...]."""
+    if v.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
+        return jax.lax.top_k(v, 2)[0].sum(-1)
     first = jnp.argmax(v, axis=-1)[..., None]
     second = jnp.where(jnp.arange(v.shape[-1]) == first, -jnp.inf, v).max(-1)
     return v.max(-1) + second
@@ -69,16 +82,15 @@ def _top2_sum(v: jax.Array) -> jax.Array:
 def _in_top_k(v: jax.Array, k: int) -> jax.Array:
     """v [N,n] -> [N,n] bool: whether each entry is among the row's top k (top_k's set)."""
     i = jnp.arange(v.shape[-1])
+    if v.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
+        return (jax.lax.top_k(v, k)[1][:, :, None] == i).any(1)  # [N,k,n] -> [N,n]
     a, b = v[:, :, None], v[:, None, :]  # [N,n,1] the entry, [N,1,n] the others
     ahead = (b > a) | ((b == a) & (i[None, :] < i[:, None]))  # [N,n,n]
     return ahead.sum(-1) < k
 
 
 def _top_k_indices(v: jax.Array, k: int) -> jax.Array:
-    """v [N,n] -> the indices [N,k] of top_k(v, k): k rounds of argmax, each masking its pick; for
-    a decode step's few rows top_k itself, one kernel on the step's critical path, not k. (With
-    rounds at every size, and `matmul_f32` logits, the bench decode step took 2.20-2.22 ms against
-    2.11-2.12 for the sorts and six-pass logits in one H200 call; this split is not yet measured.)"""
+    """v [N,n] -> the indices [N,k] of top_k(v, k): k rounds of argmax, each masking its pick."""
     if v.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
         return jax.lax.top_k(v, k)[1]
     ids = []

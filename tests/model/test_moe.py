@@ -62,6 +62,7 @@ def test_selection_without_sorts_chooses_and_orders_as_lax_top_k_with_ties():
     with many ties (the lower index first) and masked -inf entries."""
     rs = np.random.RandomState(5)
     N, G, E, K, kept = 300, 8, 64, 6, 4
+    assert N > moe.EVERY_EXPERT_MAX_TOKENS  # the sort-free forms (fewer rows take top_k itself)
     v = jnp.asarray(rs.randint(0, 6, (N, E)) / 4, jnp.float32)  # 6 distinct values: ties everywhere
     grouped = v.reshape(N, G, E // G)
     group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
@@ -70,8 +71,20 @@ def test_selection_without_sorts_chooses_and_orders_as_lax_top_k_with_ties():
     keep = (top_groups[:, :, None] == jnp.arange(G)).any(1)
     np.testing.assert_array_equal(moe._in_top_k(group_score, kept), keep)
     masked = jnp.where(jnp.repeat(keep, E // G, axis=1), v, -jnp.inf)
-    assert N > moe.EVERY_EXPERT_MAX_TOKENS  # the argmax rounds, not top_k itself
     np.testing.assert_array_equal(moe._top_k_indices(masked, K), jax.lax.top_k(masked, K)[1])
+
+
+@pytest.mark.parametrize("N", [32, 300])  # a decode step's rows (six-pass logits), more (`matmul_f32`)
+def test_router_logits_of_bf16_rows_are_fp32_exact_products(N):
+    """Both forms of the router's logits against float64: every bf16 x fp32 product is exact, so
+    only fp32 summation error is left."""
+    rs = np.random.RandomState(6)
+    x = jnp.asarray(rs.randn(N, 256), jnp.bfloat16)
+    w = rs.randn(256, 64).astype(np.float32)
+    want = np.asarray(x, np.float64) @ w.astype(np.float64)
+    got = moe._logits(x, jnp.asarray(w))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 def test_group_mask_is_minus_inf_so_negative_biases_never_leak_into_masked_groups():
