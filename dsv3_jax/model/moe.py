@@ -58,7 +58,7 @@ class Router(nnx.Module):
 
 
 # A decode step's few rows (up to EVERY_EXPERT_MAX_TOKENS) keep the router's earlier forms, six-pass
-# logits and jax.lax.top_k: with the forms below the bench decode step took ~1.9% longer on an H200
+# logits and jax.lax.top_k: with the forms below the bench decode step took ~1.8% longer on an H200
 # (docs/benchmarks.md). More rows take forms without sorts (GPU sorts took 139 us of a 16,384-token
 # router), with top_k's choices: among equal values the lower index goes first.
 def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
