@@ -48,9 +48,14 @@ class Router(nnx.Module):
         scores = jax.nn.sigmoid(_logits(x, self.kernel[...]))
         biased = scores + self.bias[...]
         grouped = biased.reshape(N, G, E // G)  # [N,E] -> [N,G,E/G]
-        keep = _in_top_k(_top2_sum(grouped), c.topk_group)  # [N,G]
-        keep = jnp.repeat(keep, E // G, axis=1)  # [N,G] -> [N,E]
-        expert_ids = _top_k_indices(jnp.where(keep, biased, -jnp.inf), K)  # [N,K]
+        few = N <= EVERY_EXPERT_MAX_TOKENS  # a decode step's rows: sorts (note above `_logits`)
+        if few:
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N,G]
+            keep = (jax.lax.top_k(group_score, c.topk_group)[1][:, :, None] == jnp.arange(G)).any(1)  # [N,G]
+        else:
+            keep = _in_top_k(_top2_sum(grouped), c.topk_group)  # [N,G]
+        masked = jnp.where(jnp.repeat(keep, E // G, axis=1), biased, -jnp.inf)  # keep [N,G] -> [N,E]
+        expert_ids = jax.lax.top_k(masked, K)[1] if few else _top_k_indices(masked, K)  # [N,K]
         weights = jnp.take_along_axis(scores, expert_ids, axis=1)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
@@ -71,9 +76,7 @@ def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _top2_sum(v: jax.Array) -> jax.Array:
-    """v [N,...,n] -> the sum of its two largest values [N,...]."""
-    if v.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
-        return jax.lax.top_k(v, 2)[0].sum(-1)
+    """v [...,n] -> the sum of its two largest values [...]."""
     first = jnp.argmax(v, axis=-1)[..., None]
     second = jnp.where(jnp.arange(v.shape[-1]) == first, -jnp.inf, v).max(-1)
     return v.max(-1) + second
@@ -82,8 +85,6 @@ def _top2_sum(v: jax.Array) -> jax.Array:
 def _in_top_k(v: jax.Array, k: int) -> jax.Array:
     """v [N,n] -> [N,n] bool: whether each entry is among the row's top k (top_k's set)."""
     i = jnp.arange(v.shape[-1])
-    if v.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
-        return (jax.lax.top_k(v, k)[1][:, :, None] == i).any(1)  # [N,k,n] -> [N,n]
     a, b = v[:, :, None], v[:, None, :]  # [N,n,1] the entry, [N,1,n] the others
     ahead = (b > a) | ((b == a) & (i[None, :] < i[:, None]))  # [N,n,n]
     return ahead.sum(-1) < k
@@ -91,8 +92,6 @@ def _in_top_k(v: jax.Array, k: int) -> jax.Array:
 
 def _top_k_indices(v: jax.Array, k: int) -> jax.Array:
     """v [N,n] -> the indices [N,k] of top_k(v, k): k rounds of argmax, each masking its pick."""
-    if v.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
-        return jax.lax.top_k(v, k)[1]
     ids = []
     for _ in range(k):
         ids.append(jnp.argmax(v, axis=-1))

@@ -44,11 +44,12 @@ def build(config, seed=0):
     return ours, ref
 
 
+@pytest.mark.parametrize("tokens", [64, 300])  # both selection forms (sorts up to EVERY_EXPERT_MAX_TOKENS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_router_selection_and_weights_match_hf(name):
+def test_router_selection_and_weights_match_hf(name, tokens):
     config = CASES[name]
     ours, ref = build(config)
-    x = np.random.RandomState(1).randn(64, config.hidden_size).astype(np.float32)
+    x = np.random.RandomState(1).randn(tokens, config.hidden_size).astype(np.float32)
     _, ref_w, ref_idx = ref.gate(torch.tensor(x))
     w, idx, scores = ours.router(jnp.asarray(x))
     ref_idx, ref_w = t2n(ref_idx).astype(int), t2n(ref_w)
@@ -62,7 +63,7 @@ def test_selection_without_sorts_chooses_and_orders_as_lax_top_k_with_ties():
     with many ties (the lower index first) and masked -inf entries."""
     rs = np.random.RandomState(5)
     N, G, E, K, kept = 300, 8, 64, 6, 4
-    assert N > moe.EVERY_EXPERT_MAX_TOKENS  # the sort-free forms (fewer rows take top_k itself)
+    assert N > moe.EVERY_EXPERT_MAX_TOKENS  # the Router takes these forms for this many rows
     v = jnp.asarray(rs.randint(0, 6, (N, E)) / 4, jnp.float32)  # 6 distinct values: ties everywhere
     grouped = v.reshape(N, G, E // G)
     group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
