@@ -129,11 +129,11 @@ class RoutedExperts(nnx.Module):
         return checkpoint_name(y, "experts_out")  # kept under remat "selective"
 
     def _every_expert(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
-        """Every expert on every token as batched matmuls, weighted by the dense routing weights
-        (zero for experts a token did not pick): no sort, no gathers, each expert's weights read
+        """Every expert on every token as batched matmuls: no sort, each expert's weights read
         once. E/K times the routed FLOPs, which a step of a few tokens never notices: it is bound
         by reading the weights, and N*K >= E assignments read nearly all of them anyway.
-        Same roundings as the routed path: expert outputs in the compute dtype, fp32 combine.
+        The combine gathers only each token's K picked outputs (K/E of the [E,N,D] outputs) and
+        sums them in fp32: the routed path's roundings and order of terms.
         """
         N, D = x.shape
         E = self.gate_proj.shape[0]
@@ -141,8 +141,8 @@ class RoutedExperts(nnx.Module):
         h = (jax.nn.silu(einsum("end,edf->enf", xs, self.gate_proj[...], dtype=self.dtype))
              * einsum("end,edf->enf", xs, self.up_proj[...], dtype=self.dtype))  # [E,N,F]
         y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
-        dense_w = (weights[:, :, None] * (expert_ids[:, :, None] == jnp.arange(E))).sum(1)  # [N,K,E] -> [N,E]
-        return (y.astype(jnp.float32) * dense_w.T[:, :, None]).sum(0).astype(self.dtype)
+        picked = y[expert_ids, jnp.arange(N)[:, None]]  # [N,K,D]: token n's k-th expert's output
+        return (picked.astype(jnp.float32) * weights[:, :, None]).sum(1).astype(self.dtype)
 
 
 class MoE(nnx.Module):

@@ -132,6 +132,19 @@ def test_moe_block_matches_hf_and_dense_all_experts_reference(name, T, layout):
     assert stats["load"].sum() == 2 * T * config.num_experts_per_tok
 
 
+def test_a_decode_step_never_reads_the_outputs_of_experts_its_tokens_did_not_pick():
+    """A few tokens run every expert (`RoutedExperts._every_expert`); their combine takes only each
+    token's picked outputs, so an unpicked expert's non-finite weights leave the result as it was."""
+    ours, _ = build(CASES["groups4-top2"], seed=3)
+    x = jnp.asarray(np.random.RandomState(4).randn(4, 64), jnp.float32)  # 4 tokens x top 2 >= 8 experts
+    weights, ids, _ = ours.router(x)
+    unpicked = sorted(set(range(8)) - set(np.asarray(ids).ravel().tolist()))
+    assert unpicked  # this seed leaves some expert unpicked
+    want = ours.experts(x, weights, ids)
+    ours.experts.down_proj[...] = ours.experts.down_proj[...].at[unpicked[0]].set(jnp.inf)
+    np.testing.assert_array_equal(ours.experts(x, weights, ids), want)
+
+
 def test_moe_bf16_within_tolerance_of_fp32():
     config = CASES["groups4-top2"]
     ours, _ = build(config, seed=5)
