@@ -45,10 +45,10 @@ class Router(nnx.Module):
         c = self.config
         N = x.shape[0]
         E, G, K = c.n_routed_experts, c.n_group, c.num_experts_per_tok
-        scores = jax.nn.sigmoid(_logits(x, self.kernel[...]))
+        few = N <= EVERY_EXPERT_MAX_TOKENS  # a decode step's rows: six passes and sorts (note above `_logits`)
+        scores = jax.nn.sigmoid(_logits(x, self.kernel[...], few))
         biased = scores + self.bias[...]
         grouped = biased.reshape(N, G, E // G)  # [N,E] -> [N,G,E/G]
-        few = N <= EVERY_EXPERT_MAX_TOKENS  # a decode step's rows: sorts (note above `_logits`)
         if few:
             group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N,G]
             keep = (jax.lax.top_k(group_score, c.topk_group)[1][:, :, None] == jnp.arange(G)).any(1)  # [N,G]
@@ -66,10 +66,10 @@ class Router(nnx.Module):
 # logits and jax.lax.top_k: with the forms below the bench decode step took ~1.8% longer on an H200
 # (docs/benchmarks.md). More rows take forms without sorts (GPU sorts took 139 us of a 16,384-token
 # router), with top_k's choices: among equal values the lower index goes first.
-def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
+def _logits(x: jax.Array, w: jax.Array, few: bool) -> jax.Array:
     """x [N,D] times fp32 w [D,E] -> fp32 logits [N,E], every product exact: `matmul_f32`, or for
-    a few bf16 rows XLA's six-pass bf16 algorithm."""
-    if x.dtype != jnp.float32 and x.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
+    a decode step's `few` bf16 rows XLA's six-pass bf16 algorithm."""
+    if few and x.dtype != jnp.float32:
         return jnp.einsum("nd,de->ne", x.astype(jnp.float32), w.astype(jnp.float32),
                           precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6)
     return matmul_f32(x, w)
