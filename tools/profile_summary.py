@@ -1,7 +1,7 @@
 """Where the time goes: device kernels of a jax.profiler trace, summed by name and by op class.
 
     python tools/profile_summary.py TRACE_DIR [--steps 2] [--top 25] [--program step]
-        [--period REGEX [--phase REGEX]]
+        [--period REGEX [--phase REGEX] [--timeline]]
 
 Reads the largest trace file (`*trace.json.gz`, written by `jax.profiler.trace(...,
 create_perfetto_trace=True)`, as `tools/bench.py train --profile DIR` does), keeps the
@@ -29,8 +29,12 @@ names match (e.g. a decode layer's attention kernel) mark its starts, and the me
 between consecutive starts is printed. Intervals over twice the median (the LM head and the
 gap to the next step) are left out. `--phase REGEX` adds the median span, first start to last
 end, of the matching kernels inside each interval, e.g. the expert GEMMs of a layer. What
-remains of the interval is the rest of the block's critical path. Command buffers may stay on:
-the kernels' times are all it needs.
+remains of the interval is the rest of the block's critical path. `--timeline` adds the block
+as it runs: each kernel found in nine repeats out of ten, with its median start (us after the
+marker's) and duration, and its scope where the HLO is there. Kernel names are taken without
+their numeric suffix (one layer's `gemm_fusion_dot_229` is the next one's `_234`) and the n-th
+kernel of a name in one repeat is matched with the n-th in the others. Command buffers may stay
+on: the kernels' times are all it needs.
 """
 
 from __future__ import annotations
@@ -184,15 +188,12 @@ def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: i
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
     for e in events:
         ms = e["dur"] / 1e3 / steps  # us -> ms per step
-        args = e.get("args", {})
-        hlo_op, module = str(args.get("hlo_op") or ""), str(args.get("hlo_module") or "")
-        op_name = next((metadata[k] for k in ((module, _key(hlo_op)), ("", _key(hlo_op)), ("", e["name"]))
-                        if k in metadata), "")
+        op_name = _op_name(e, metadata)
         by_name[e["name"]] += ms
         where = scope(op_name) if op_name else "(unattributed)"
         by_scope[where] += ms
         scope_kernels[where] += 1
-        ops.setdefault(e["name"], op_name[:200] or hlo_op)
+        ops.setdefault(e["name"], op_name[:200] or str(e.get("args", {}).get("hlo_op") or ""))
     by_class: collections.Counter = collections.Counter()
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
@@ -207,10 +208,20 @@ def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: i
     return out
 
 
-def period(events: list[dict], marker: str, phase: str | None = None) -> dict:
+def _op_name(event: dict, metadata: dict[tuple[str, str], str]) -> str:
+    """The `op_name` of the HLO op a kernel event ran for, "" where the metadata does not say."""
+    args = event.get("args", {})
+    hlo_op, module = str(args.get("hlo_op") or ""), str(args.get("hlo_module") or "")
+    return next((metadata[k] for k in ((module, _key(hlo_op)), ("", _key(hlo_op)), ("", event["name"]))
+                 if k in metadata), "")
+
+
+def period(events: list[dict], marker: str, phase: str | None = None,
+           metadata: dict[tuple[str, str], str] | None = None) -> dict:
     """Median interval (us) between starts of the events (`program_events`) matching `marker`,
     and of the span of those matching `phase` inside each interval (module docstring). Intervals
-    are taken on each device timeline and pooled."""
+    are taken on each device timeline and pooled. Given `metadata` (`op_names`, or {} without
+    HLO), also the block's timeline."""
     timelines = []  # (events, their start times, the marker's starts) per device
     for timeline in _by_device(events):
         times = [e["ts"] for e in timeline]
@@ -231,7 +242,28 @@ def period(events: list[dict], marker: str, phase: str | None = None) -> dict:
                 spans.append(max(e["ts"] + e["dur"] for e in inside) - min(e["ts"] for e in inside))
         if spans:
             out.update(phase_us=round(statistics.median(spans), 2), phase_periods=len(spans))
+    if metadata is not None:
+        out["timeline"] = _timeline(intervals, metadata)
     return out
+
+
+def _timeline(intervals: list, metadata: dict[tuple[str, str], str]) -> list[list]:
+    """[start us, duration us, kernel, scope] of a repeat's kernels, medians over the intervals
+    (`period`), in start order (module docstring)."""
+    runs = collections.defaultdict(list)  # (kernel, its n-th in the interval) -> [(start, duration, op)]
+    for timeline, times, a, b in intervals:
+        seen: collections.Counter = collections.Counter()
+        for e in timeline[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]:
+            name = re.sub(r"[_.]+\d+$", "", e["name"])
+            runs[name, seen[name]].append((e["ts"] - a, e["dur"], _op_name(e, metadata)))
+            seen[name] += 1
+    rows = []
+    for (name, _), v in runs.items():
+        if len(v) >= 0.9 * len(intervals):
+            op = collections.Counter(r[2] for r in v).most_common(1)[0][0]  # the run's usual op
+            rows.append([round(statistics.median(r[0] for r in v), 1), round(statistics.median(r[1] for r in v), 1),
+                         name, scope(op) if op else ""])
+    return sorted(rows)
 
 
 def main() -> None:
@@ -242,13 +274,15 @@ def main() -> None:
     p.add_argument("--program", help="only this jitted function's kernels (e.g. step, train_step)")
     p.add_argument("--period", help="regex of the kernel that starts each repeat of a block (module docstring)")
     p.add_argument("--phase", help="with --period: regex of the kernels whose span inside each repeat to time")
+    p.add_argument("--timeline", action="store_true", help="with --period: each repeat's kernels, in start order")
     args = p.parse_args()
-    if args.phase and not args.period:
-        p.error("--phase needs --period")
+    if (args.phase or args.timeline) and not args.period:
+        p.error("--phase and --timeline need --period")
     events = program_events(args.trace_dir, args.program)
-    out = summarize(events, op_names(args.trace_dir), args.steps, args.top)
+    metadata = op_names(args.trace_dir)
+    out = summarize(events, metadata, args.steps, args.top)
     if args.period:
-        out["period"] = period(events, args.period, args.phase)
+        out["period"] = period(events, args.period, args.phase, metadata if args.timeline else None)
     print(json.dumps(out))
 
 

@@ -95,6 +95,10 @@ def test_period_of_a_repeated_block_on_the_timeline(tmp_path):
     s = _summary(tmp_path, "--program", "step", "--period", r"^kernel(__\d+)?$", "--phase", "dot_general")
     # per GPU: intervals 100, 100, 800 (across the step boundary: over twice the median, left out), 100, 100
     assert s["period"] == {"period_us": 100.0, "periods": 8, "phase_us": 55.0, "phase_periods": 8}
+    timeline = _summary(tmp_path, "--program", "step", "--period", r"^kernel(__\d+)?$", "--timeline")["period"]
+    # each layer as built above; the two GEMMs share a name once their numbers are dropped, no HLO: no scope
+    assert timeline["timeline"] == [[0.0, 20.0, "kernel", ""], [30.0, 40.0, "gemm_fusion_dot_general", ""],
+                                    [35.0, 50.0, "gemm_fusion_dot_general", ""]]
     # a step covers 3 x (20 + 55) us of layers and the 150 us head on each GPU; the GEMMs overlap,
     # so the summed kernel time (2 x (3 x 110 + 150)) is more
     assert s["busy_ms_per_step"] == pytest.approx(0.75) and s["device_ms_per_step"] == pytest.approx(0.96)
