@@ -33,8 +33,10 @@ remains of the interval is the rest of the block's critical path. `--timeline` a
 as it runs: each kernel found in nine repeats out of ten, with its median start (us after the
 marker's) and duration, and its scope where the HLO is there. Kernel names are taken without
 their numeric suffix (one layer's `gemm_fusion_dot_229` is the next one's `_234`) and the n-th
-kernel of a name in one repeat is matched with the n-th in the others. Command buffers may stay
-on: the kernels' times are all it needs.
+kernel of a name in one repeat is matched with the n-th in the others. A kernel XLA compiled
+once for several layers' ops carries the scope of the op the trace names (the decode step's
+absorbed W_UK shows as the dense layer's). Command buffers may stay on: the kernels' times are
+all it needs.
 """
 
 from __future__ import annotations
@@ -220,8 +222,8 @@ def period(events: list[dict], marker: str, phase: str | None = None,
            metadata: dict[tuple[str, str], str] | None = None) -> dict:
     """Median interval (us) between starts of the events (`program_events`) matching `marker`,
     and of the span of those matching `phase` inside each interval (module docstring). Intervals
-    are taken on each device timeline and pooled. Given `metadata` (`op_names`, or {} without
-    HLO), also the block's timeline."""
+    are taken on each device timeline and pooled. With `metadata` (`op_names`' result, {} without
+    HLO) also the block's timeline, its kernels labelled with their scopes."""
     timelines = []  # (events, their start times, the marker's starts) per device
     for timeline in _by_device(events):
         times = [e["ts"] for e in timeline]
