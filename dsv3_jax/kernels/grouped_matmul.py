@@ -1,9 +1,10 @@
 """Grouped matmul for dropless MoE: rows sorted by expert, one weight matrix per group.
 
 Three implementations of the same product:
-- "tokamax": tokamax's grouped-matmul kernel for the product and its input gradient, our Pallas
-  (Triton) kernel for the weight gradient (GPU default when tokamax is installed; XLA's GPU
-  ragged_dot expands to dense and is ~60x slower there, PERF.md).
+- "tokamax": tokamax's grouped-matmul kernel for the product, our Mosaic GPU kernel for the
+  input gradient on Hopper (it reads the weight transposed in place; tokamax's elsewhere), our
+  Pallas (Triton) kernel for the weight gradient (GPU default when tokamax is installed; XLA's
+  GPU ragged_dot expands to dense and is ~60x slower there, PERF.md).
 - "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the TPU default).
 - "tiled": rows cut into fixed tiles; each (tile, expert) pair that overlaps becomes one work
   item, so there are at most tiles + E - 1 items of dense [tile, K] x [K, N] matmuls, rows
@@ -32,6 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels.choice import forced
@@ -269,11 +271,16 @@ the bench shape (131,072 rows, 64 experts) 0.43 ms for K 2048 -> N 512 and 0.53 
 gradient) took 0.96 ms in strips of 16 against 1.18 in strips of 8."""
 
 
+def _hopper_tiles_fit(K: int, N: int) -> bool:
+    """Whether this is a Hopper GPU and [K, N] splits into K steps of 64 and N tiles of 128."""
+    device = jax.devices()[0]
+    return str(getattr(device, "compute_capability", "")).startswith("9.") and not K % 64 and not N % 128
+
+
 def _tokamax_kernel(K: int, N: int):
     """tokamax's Mosaic GPU kernel with `HOPPER_TILES` on a Hopper GPU where they divide [K, N];
     None (tokamax picks its kernel and tiles) elsewhere."""
-    device = jax.devices()[0]
-    if not str(getattr(device, "compute_capability", "")).startswith("9.") or K % 64 or N % 128:
+    if not _hopper_tiles_fit(K, N):
         return None
     # tokamax.ops.gpu exports the same classes but also imports jax_triton, which we do not need
     from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mosaic
@@ -290,9 +297,110 @@ def _tokamax_fwd(x, w, group_sizes, precision):
 
 def _tokamax_bwd(precision, res, g):
     x, w, group_sizes = res
-    dx = _tokamax(g.astype(x.dtype), w.transpose(0, 2, 1), group_sizes, precision)
-    dw = _weight_grad(x, g.astype(x.dtype), group_sizes, w.shape[0], precision, w.dtype)
+    g_in = g.astype(x.dtype)
+    if _hopper_tiles_fit(w.shape[2], w.shape[1]) and x.dtype in (jnp.bfloat16, jnp.float16):
+        dx = vary_like(_transposed_grouped_matmul(g_in, w, group_sizes), g, w, group_sizes)
+    else:
+        dx = _tokamax(g_in, w.transpose(0, 2, 1), group_sizes, precision)
+    dw = _weight_grad(x, g_in, group_sizes, w.shape[0], precision, w.dtype)
     return cotangent_like(dx, x), cotangent_like(dw, w), None
 
 
 _tokamax.defvjp(_tokamax_fwd, _tokamax_bwd)
+
+
+NT_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=3, strip=16)
+"""`_transposed_grouped_matmul`'s tiles: [128, 128] outputs, K in steps of 64 over 3 stages, the
+grid walked along N in strips of 16 tiles. On the H200 at the bench shape (98,304 rows, gamma(4)
+skewed over 64 experts), K 1024 -> N 2048 (gate and up's input gradient): 0.689 ms against
+0.702 for tokamax on a transposed copy of the weight (0.832 with the copy); K 2048 -> N 512
+(down's): 0.353 against 0.362 (0.424). 4 stages: 0.80 / 0.38; K steps of 128: 1.09 / 0.56;
+[128, 64] tiles: 0.99 / 0.47; [128, 256] tiles do not lower (docs/benchmarks.md)."""
+
+
+def row_tasks(group_sizes: jax.Array, block_m: int, n_tasks: int, align: int = 8):
+    """The row blocks of a grouped product, one task each: group [T], first row [T] (a multiple
+    of `align`), offset of the group's first row in the block [T] and its row count there [T]
+    (0: nothing to do). A group's blocks start at its first row rounded down to `align`, so a
+    block shared by two groups is computed once for each; cdiv(M, block_m) + E - 1 tasks
+    cover any grouping of M rows."""
+    E = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // align * align
+    blocks = jnp.where(sizes > 0, (ends - first + block_m - 1) // block_m, 0)
+    last_task = jnp.cumsum(blocks)  # one past each group's last task
+    t = jnp.arange(n_tasks, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(last_task, t, side="right", method="compare_all"), E - 1).astype(jnp.int32)
+    row0 = first[group] + (t - (last_task - blocks)[group]) * block_m
+    lo, hi = jnp.maximum(row0, starts[group]), jnp.minimum(row0 + block_m, ends[group])
+    return group, row0, lo - row0, jnp.maximum(hi - lo, 0)
+
+
+def _swizzled(shape: tuple[int, int], dtype, rows: int = 8) -> tuple:
+    """Shared-memory transforms of a 16-bit [.., C] block: tiles of [rows, swizzle width], swizzled."""
+    swizzle = plgpu.find_swizzle(shape[-1] * jnp.dtype(dtype).itemsize * 8)
+    return plgpu.TilingTransform((rows, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _transposed_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, K] (rows grouped by expert) times each group's w[e]^T, w [E, N, K] -> [M, N] in
+    x's dtype, accumulated in fp32: the routed experts' input gradient from the forward's own
+    weight layout, so XLA builds no transposed copy of the weights (three passes of ~1.5 ms a
+    bench step for gate and up). Rows outside every group are not written.
+
+    Mosaic GPU (Hopper wgmma), one program per [bm, bn] output tile of one task (`row_tasks`):
+    [bm, bk] row blocks and [bn, bk] weight blocks go through a TMA pipeline into shared memory,
+    the weight block is fed to wgmma transposed, and only the task's rows are stored (copies of
+    power-of-two row counts)."""
+    M, K = x.shape
+    E, N, _ = w.shape
+    bm, bn, bk = NT_TILES["block_m"], NT_TILES["block_n"], NT_TILES["block_k"]
+    m_tasks, n_tiles = -(-M // bm) + E - 1, N // bn
+    tasks = row_tasks(group_sizes, bm, m_tasks)
+
+    def kernel(x_gmem, w_gmem, group_gmem, row0_gmem, offset_gmem, rows_gmem, out_gmem):
+        mi, ni = plgpu.planar_snake(jax.lax.axis_index("t"), (m_tasks, n_tiles), 1, NT_TILES["strip"])
+        e, offset, n_rows = group_gmem[mi], offset_gmem[mi], rows_gmem[mi]
+        row0 = pl.multiple_of(row0_gmem[mi], 8)
+
+        @pl.when(n_rows > 0)
+        def _():
+            def product(acc):
+                def step(_, x_smem, w_smem):
+                    plgpu.wgmma(acc, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
+                    plgpu.wgmma_wait(1)
+
+                plgpu.emit_pipeline(
+                    step, grid=(K // bk,), max_concurrent_steps=NT_TILES["num_stages"],
+                    in_specs=(plgpu.BlockSpec((pl.Element(bm), bk), lambda k: (row0, k),
+                                              transforms=_swizzled((bm, bk), x.dtype), delay_release=1),
+                              plgpu.BlockSpec((bn, bk), lambda k: (ni, k), transforms=_swizzled((bn, bk), w.dtype),
+                                              delay_release=1)),
+                )(x_gmem, w_gmem.at[e])
+                return acc[...]
+
+            acc = pl.run_scoped(product, plgpu.ACC((bm, bn)))
+
+            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), x.dtype,
+                                                                  transforms=_swizzled((bm, bn), x.dtype, rows=1)))
+            def store(out_smem):
+                out_smem[...] = acc.astype(x.dtype)
+                plgpu.commit_smem()
+                done = offset
+                for size in (bm >> i for i in range(bm.bit_length())):  # copies of static row counts
+                    @pl.when((n_rows & size) != 0)
+                    def _(done=done, size=size):
+                        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(done, size)],
+                                                out_gmem.at[pl.ds(row0 + done, size), pl.ds(ni * bn, bn)],
+                                                commit_group=False)
+                    done = done + (n_rows & size)
+                plgpu.commit_smem_to_gmem_group()
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(m_tasks * n_tiles,), grid_names=("t",),
+        kernel_name="grouped_matmul_transposed",
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+    )(x, w, *tasks)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+from dsv3_jax.kernels.grouped_matmul import grouped_matmul, row_tasks
 
 
 def reference(x, w, sizes):
@@ -135,3 +135,23 @@ def test_ragged_backward_products_take_bf16_operands():
         want_dx[end - n:end] = g64[end - n:end] @ w64[e].T
     np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(dw, np.float64), per_group_weight_grad(x64, g64, sizes), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("block_m", [8, 32, 128])
+def test_row_tasks_cover_every_grouped_row_once(block_m):
+    """Each row of each group lies in exactly one task of its own group; rows past the groups in none."""
+    rs = np.random.RandomState(3)
+    for _ in range(40):
+        E, M = rs.randint(1, 9), rs.randint(1, 400)
+        sizes = rs.multinomial(rs.randint(0, M + 1), np.ones(E) / E)  # at most M rows in all
+        sizes[rs.randint(E)] = 0  # an empty group
+        n_tasks = -(-M // block_m) + E - 1
+        group, row0, offset, rows = map(np.asarray, row_tasks(jnp.asarray(sizes), block_m, n_tasks))
+        owner = np.full(M + block_m, -1)
+        for t in range(n_tasks):
+            assert row0[t] % 8 == 0 and offset[t] + rows[t] <= block_m
+            span = slice(row0[t] + offset[t], row0[t] + offset[t] + rows[t])
+            assert (owner[span] == -1).all()
+            owner[span] = group[t]
+        expected = np.concatenate([np.repeat(np.arange(E), sizes), np.full(M + block_m - sizes.sum(), -1)])
+        np.testing.assert_array_equal(owner, expected)
