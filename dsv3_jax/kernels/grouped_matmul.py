@@ -1,10 +1,10 @@
 """Grouped matmul for dropless MoE: rows sorted by expert, one weight matrix per group.
 
 Three implementations of the same product:
-- "tokamax": tokamax's grouped-matmul kernel for the product, our Mosaic GPU kernel for the
-  input gradient on Hopper (it reads the weight transposed in place; tokamax's elsewhere), our
-  Pallas (Triton) kernel for the weight gradient (GPU default when tokamax is installed; XLA's
-  GPU ragged_dot expands to dense and is ~60x slower there, PERF.md).
+- "tokamax": the GPU kernels (GPU default when tokamax is installed; XLA's GPU ragged_dot
+  expands to dense and is ~60x slower there, PERF.md). On Hopper our Mosaic GPU kernel for the
+  product and its input gradient (which reads the weight transposed in place), elsewhere
+  tokamax's grouped-matmul kernel; our Pallas (Triton) kernel for the weight gradient.
 - "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the TPU default).
 - "tiled": rows cut into fixed tiles; each (tile, expert) pair that overlaps becomes one work
   item, so there are at most tiles + E - 1 items of dense [tile, K] x [K, N] matmuls, rows
@@ -253,8 +253,11 @@ def _weight_grad(x, g, group_sizes, E: int, precision, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tokamax(x, w, group_sizes, precision):
-    """tokamax's kernel forward and input gradient; its weight gradient measured wrong on the
-    H200 (tokamax 0.0.17: 55% max error vs the portable path), so that one is ours (Pallas)."""
+    """The product and input gradient by `_hopper_grouped_matmul` where it applies (`_hopper_fits`),
+    else tokamax's kernel; the weight gradient is ours (Pallas): tokamax's measured wrong on the
+    H200 (tokamax 0.0.17: 55% max error vs the portable path)."""
+    if _hopper_fits(x.shape[1], w.shape[2], x.dtype):
+        return vary_like(_hopper_grouped_matmul(x, w, group_sizes, transposed=False), x, w, group_sizes)
     import tokamax
 
     out = tokamax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=x.dtype,
@@ -271,16 +274,14 @@ the bench shape (131,072 rows, 64 experts) 0.43 ms for K 2048 -> N 512 and 0.53 
 gradient) took 0.96 ms in strips of 16 against 1.18 in strips of 8."""
 
 
-def _hopper_tiles_fit(K: int, N: int) -> bool:
-    """Whether this is a Hopper GPU and [K, N] splits into K steps of 64 and N tiles of 128."""
-    device = jax.devices()[0]
-    return str(getattr(device, "compute_capability", "")).startswith("9.") and not K % 64 and not N % 128
+def _hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def _tokamax_kernel(K: int, N: int):
     """tokamax's Mosaic GPU kernel with `HOPPER_TILES` on a Hopper GPU where they divide [K, N];
     None (tokamax picks its kernel and tiles) elsewhere."""
-    if not _hopper_tiles_fit(K, N):
+    if not _hopper() or K % 64 or N % 128:
         return None
     # tokamax.ops.gpu exports the same classes but also imports jax_triton, which we do not need
     from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mosaic
@@ -298,8 +299,8 @@ def _tokamax_fwd(x, w, group_sizes, precision):
 def _tokamax_bwd(precision, res, g):
     x, w, group_sizes = res
     g_in = g.astype(x.dtype)
-    if _hopper_tiles_fit(w.shape[2], w.shape[1]) and x.dtype in (jnp.bfloat16, jnp.float16):
-        dx = vary_like(_transposed_grouped_matmul(g_in, w, group_sizes), g, w, group_sizes)
+    if _hopper_fits(w.shape[2], w.shape[1], x.dtype):  # w [E,K,N] read as [E,N,K]: no transposed copy
+        dx = vary_like(_hopper_grouped_matmul(g_in, w, group_sizes, transposed=True), g, w, group_sizes)
     else:
         dx = _tokamax(g_in, w.transpose(0, 2, 1), group_sizes, precision)
     dw = _weight_grad(x, g_in, group_sizes, w.shape[0], precision, w.dtype)
@@ -309,13 +310,23 @@ def _tokamax_bwd(precision, res, g):
 _tokamax.defvjp(_tokamax_fwd, _tokamax_bwd)
 
 
-NT_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=3, strip=16)
-"""`_transposed_grouped_matmul`'s tiles: [128, 128] outputs, K in steps of 64 over 3 stages, the
-grid walked along N in strips of 16 tiles. On the H200 at the bench shape (98,304 rows, gamma(4)
-skewed over 64 experts), K 1024 -> N 2048 (gate and up's input gradient): 0.689 ms against
-0.702 for tokamax on a transposed copy of the weight (0.832 with the copy); K 2048 -> N 512
-(down's): 0.353 against 0.362 (0.424). 4 stages: 0.80 / 0.38; K steps of 128: 1.09 / 0.56;
-[128, 64] tiles: 0.99 / 0.47; [128, 256] tiles do not lower (docs/benchmarks.md)."""
+HOPPER_GROUPED_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=3, strip=8)
+"""`_hopper_grouped_matmul`'s tiles: each of two compute warpgroups owns a [128, 128] output
+block of a [128, 256] tile; K in steps of 64 through 3 shared-memory stages; tiles walked along
+N in strips of 8. On the H200 at the bench shape (98,304 rows, gamma(4) skewed over 64 experts;
+ms, against tokamax with `HOPPER_TILES`, on a transposed weight copy for the input gradients):
+K 2048 -> N 1024 (gate and up) 0.622 / 0.659; its input gradient 1024 -> 2048 0.662 / 0.691
+(0.832 with the copy); 512 -> 2048 (down) 0.401 / 0.404; its input gradient 2048 -> 512
+0.340 / 0.349. 2 stages: 8-15% slower; one warpgroup a tile (no warp specialisation): ~3% slower;
+[128, 256] accumulators for one warpgroup do not lower (docs/benchmarks.md)."""
+
+
+def _hopper_fits(K: int, N: int, dtype) -> bool:
+    """Whether `_hopper_grouped_matmul` runs a [K] -> [N] product here: a Hopper GPU, 16-bit
+    operands, K a multiple of the K step and N of the 256-wide tile."""
+    t = HOPPER_GROUPED_TILES
+    return (_hopper() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and not K % t["block_k"] and not N % (2 * t["block_n"]))
 
 
 def row_tasks(group_sizes: jax.Array, block_m: int, n_tasks: int, align: int = 8):
@@ -344,64 +355,91 @@ def _swizzled(shape: tuple[int, int], dtype, rows: int = 8) -> tuple:
     return plgpu.TilingTransform((rows, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _transposed_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, K] (rows grouped by expert) times each group's w[e]^T, w [E, N, K] -> [M, N] in
-    x's dtype, accumulated in fp32: the routed experts' input gradient from the forward's own
-    weight layout. With tokamax's kernel XLA built both layouts of gate and up in three passes
-    (5.1 ms a bench step on the H200) and transposed down too; now one pass casts gate and up
-    (2.1 ms) and down is only cast. Rows outside every group are not written.
+def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transposed: bool) -> jax.Array:
+    """x [M, K] (rows grouped by expert) times each group's w[e] [K, N], or w[e]^T for w [E, N, K]
+    when `transposed` -> [M, N] in x's dtype, accumulated in fp32. Rows outside every group are
+    not written.
 
-    Mosaic GPU (Hopper wgmma), one program per [bm, bn] output tile of one task (`row_tasks`):
-    [bm, bk] row blocks and [bn, bk] weight blocks go through a TMA pipeline into shared memory,
-    the weight block is fed to wgmma transposed, and only the task's rows are stored (copies of
-    power-of-two row counts)."""
+    The transposed form is the routed experts' input gradient read from the forward's own weight
+    layout: with a transposed copy XLA built both layouts of gate and up in three passes (5.1 ms
+    a bench step on the H200) and transposed down too; now one pass casts gate and up (2.1 ms)
+    and down is only cast.
+
+    Mosaic GPU (Hopper wgmma), persistent and warp-specialised: one program per SM walks the
+    [128, 256] output tiles of the row tasks (`row_tasks`); a memory warpgroup streams [128, bk]
+    row blocks and [bk, 256] weight blocks ([256, bk] when transposed, fed to wgmma transposed)
+    through shared memory by TMA while two compute warpgroups each accumulate one [128, 128]
+    half. A tile's rows go out as copies of power-of-two row counts (static shapes) while the
+    next tile's blocks already load."""
     M, K = x.shape
-    E, N, _ = w.shape
-    bm, bn, bk = NT_TILES["block_m"], NT_TILES["block_n"], NT_TILES["block_k"]
-    m_tasks, n_tiles = -(-M // bm) + E - 1, N // bn
-    tasks = row_tasks(group_sizes, bm, m_tasks)
+    E = w.shape[0]
+    N = w.shape[1] if transposed else w.shape[2]
+    t = HOPPER_GROUPED_TILES
+    bm, bn, bk = t["block_m"], t["block_n"], t["block_k"]
+    m_tasks, n_tiles = -(-M // bm) + E - 1, N // (2 * bn)
+    w_block = (2 * bn, bk) if transposed else (bk, 2 * bn)
 
     def kernel(x_gmem, w_gmem, group_gmem, row0_gmem, offset_gmem, rows_gmem, out_gmem):
-        mi, ni = plgpu.planar_snake(jax.lax.axis_index("t"), (m_tasks, n_tiles), 1, NT_TILES["strip"])
-        e, offset, n_rows = group_gmem[mi], offset_gmem[mi], rows_gmem[mi]
-        row0 = pl.multiple_of(row0_gmem[mi], 8)
+        def pipeline(step, context):
+            return plgpu.emit_pipeline_warp_specialized(
+                step, grid=(K // bk,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+                max_concurrent_steps=t["num_stages"], compute_context=context,
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
+                          plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
+                                          transforms=_swizzled(w_block, w.dtype))])
 
-        @pl.when(n_rows > 0)
-        def _():
-            def product(acc):
-                def step(_, x_smem, w_smem):
-                    plgpu.wgmma(acc, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-                    plgpu.wgmma_wait(1)
+        def weight_tile(e, ni):  # [2bn, K] or [K, 2bn] of expert e
+            cols = pl.ds(ni * 2 * bn, 2 * bn)
+            return w_gmem.at[e].at[cols] if transposed else w_gmem.at[e].at[:, cols]
 
-                plgpu.emit_pipeline(
-                    step, grid=(K // bk,), max_concurrent_steps=NT_TILES["num_stages"],
-                    in_specs=(plgpu.BlockSpec((pl.Element(bm), bk), lambda k: (row0, k),
-                                              transforms=_swizzled((bm, bk), x.dtype), delay_release=1),
-                              plgpu.BlockSpec((bn, bk), lambda k: (ni, k), transforms=_swizzled((bn, bk), w.dtype),
-                                              delay_release=1)),
-                )(x_gmem, w_gmem.at[e])
-                return acc[...]
+        unused = lambda *_, **__: None
 
-            acc = pl.run_scoped(product, plgpu.ACC((bm, bn)))
+        @functools.partial(pl.run_scoped, collective_axes="wg",
+                           allocations=pipeline(unused, unused).get_allocations(x_gmem.at[pl.ds(0, bm)],
+                                                                                 weight_tile(0, 0)),
+                           out_smem=plgpu.SMEM((2, bm, bn), x.dtype, transforms=_swizzled((bm, bn), x.dtype, rows=1)))
+        def _(allocations, out_smem):
+            wg = jax.lax.axis_index("wg")
 
-            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), x.dtype,
-                                                                  transforms=_swizzled((bm, bn), x.dtype, rows=1)))
-            def store(out_smem):
-                out_smem[...] = acc.astype(x.dtype)
-                plgpu.commit_smem()
-                done = offset
-                for size in (bm >> i for i in range(bm.bit_length())):  # copies of static row counts
-                    @pl.when((n_rows & size) != 0)
-                    def _(done=done, size=size):
-                        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(done, size)],
-                                                out_gmem.at[pl.ds(row0 + done, size), pl.ds(ni * bn, bn)],
-                                                commit_group=False)
-                    done = done + (n_rows & size)
-                plgpu.commit_smem_to_gmem_group()
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            @plgpu.nd_loop((m_tasks * n_tiles,), collective_axes="sm")
+            def _(loop):
+                mi, ni = plgpu.planar_snake(loop.index[0], (m_tasks, n_tiles), 1, t["strip"])
+                e, offset, n_rows = group_gmem[mi], offset_gmem[mi], rows_gmem[mi]
+                row0 = pl.multiple_of(row0_gmem[mi], 8)
+
+                def step(_, x_smem, w_smem, acc):  # acc [bm, bn] += x block . this warpgroup's weight half
+                    half = pl.ds(wg * bn, bn)
+                    w_half = plgpu.transpose_ref(w_smem.at[half], (1, 0)) if transposed else w_smem.at[:, half]
+                    plgpu.wgmma(acc, x_smem, w_half)
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((bm, bn)))
+                    def _(acc):
+                        run(acc)
+                        out = acc[...].astype(x.dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copies have read out_smem
+                        out_smem.at[wg][...] = out
+                        plgpu.commit_smem()
+                        done, col = offset, ni * 2 * bn + wg * bn
+                        for size in (bm >> i for i in range(bm.bit_length())):
+                            @pl.when((n_rows & size) != 0)
+                            def _(done=done, size=size):
+                                plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(done, size)],
+                                                        out_gmem.at[pl.ds(row0 + done, size), pl.ds(col, bn)],
+                                                        commit_group=False)
+                            done = done + (n_rows & size)
+                        plgpu.commit_smem_to_gmem_group()
+
+                @pl.when(n_rows > 0)
+                def _():
+                    pipeline(step, context)(x_gmem.at[pl.ds(row0, bm)], weight_tile(e, ni), allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(m_tasks * n_tiles,), grid_names=("t",),
-        kernel_name="grouped_matmul_transposed",
-        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
-    )(x, w, *tasks)
+        kernel, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(jax.devices()[0].core_count,),
+        grid_names=("sm",), num_threads=3, thread_name="wg", kernel_name="grouped_matmul_hopper",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(x, w, *row_tasks(group_sizes, bm, m_tasks))
