@@ -317,7 +317,7 @@ N in strips of 8. On the H200 at the bench shape (98,304 rows, gamma(4) skewed o
 ms, against tokamax with `HOPPER_TILES`, on a transposed weight copy for the input gradients):
 K 2048 -> N 1024 (gate and up) 0.622 / 0.659; its input gradient 1024 -> 2048 0.662 / 0.691
 (0.832 with the copy); 512 -> 2048 (down) 0.401 / 0.404; its input gradient 2048 -> 512
-0.340 / 0.349. 2 stages: 8-15% slower; one warpgroup a tile (no warp specialisation): ~3% slower;
+0.340 / 0.349. 2 stages: 8-15% slower; one warpgroup a tile (no warp specialisation): 4-7% slower;
 [128, 256] accumulators for one warpgroup do not lower (docs/benchmarks.md)."""
 
 
