@@ -321,6 +321,11 @@ K 2048 -> N 1024 (gate and up) 0.622 / 0.659; its input gradient 1024 -> 2048 0.
 [128, 256] accumulators for one warpgroup do not lower (docs/benchmarks.md)."""
 
 
+def _sm_count() -> int:
+    """Streaming multiprocessors of the GPU: one persistent program each."""
+    return jax.devices()[0].core_count
+
+
 def _hopper_fits(K: int, N: int, dtype) -> bool:
     """Whether `_hopper_grouped_matmul` runs a [K] -> [N] product here: a Hopper GPU, 16-bit
     operands, K a multiple of the K step and N of the 256-wide tile."""
@@ -439,7 +444,7 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(jax.devices()[0].core_count,),
+        kernel, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(_sm_count(),),
         grid_names=("sm",), num_threads=3, thread_name="wg", kernel_name="grouped_matmul_hopper",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(x, w, *row_tasks(group_sizes, bm, m_tasks))

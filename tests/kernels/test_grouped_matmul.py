@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv3_jax.kernels import grouped_matmul as gm
 from dsv3_jax.kernels.grouped_matmul import grouped_matmul, row_tasks
 
 
@@ -155,3 +156,24 @@ def test_row_tasks_cover_every_grouped_row_once(block_m):
             owner[span] = group[t]
         expected = np.concatenate([np.repeat(np.arange(E), sizes), np.full(M + block_m - sizes.sum(), -1)])
         np.testing.assert_array_equal(owner, expected)
+
+
+def test_hopper_kernel_matches_per_group_products_in_gpu_interpret_mode(monkeypatch):
+    """The Hopper kernel's product (persistent tile loop, warp-specialised pipeline, ragged row
+    stores) run by Pallas' GPU interpreter on the CPU. Blocks reaching past the rows read NaN
+    (uninitialised memory), so a row stored from the wrong task or block would show. The input
+    gradient's form reads its weight block through a transposed shared-memory view, which the
+    interpreter does not model (jax 0.10); `tools/check_kernels.py` compares both on a GPU."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
+
+    monkeypatch.setattr(gm, "_sm_count", lambda: 2)  # two persistent programs share the tiles
+    rs = np.random.RandomState(4)
+    sizes = [100, 0, 150, 7]  # 257 of 300 rows: a group boundary inside a block, an empty group
+    M, K, N = 300, 128, 256
+    x = rs.randn(M, K).astype(jnp.bfloat16)
+    w = (rs.randn(len(sizes), K, N) * 0.1).astype(jnp.bfloat16)
+    with force_gpu_interpret_mode(InterpretGPUParams(out_of_bounds_reads="uninitialized")):
+        got = gm._hopper_grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes), transposed=False)
+    want = reference(x.astype(np.float32), w.astype(np.float32), sizes)[:sum(sizes)]
+    got = np.asarray(got[:sum(sizes)], np.float32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=np.abs(want).max() * 2 ** -7)
