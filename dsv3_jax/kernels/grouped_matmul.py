@@ -150,21 +150,36 @@ def _ragged_bwd(precision, res, g):
 _ragged.defvjp(_ragged_fwd, _ragged_bwd)
 
 
+def row_tasks(group_sizes: jax.Array, block_m: int, n_tasks: int, align: int = 8):
+    """The row blocks of a grouped product, one task each: group [T], first row [T] (a multiple
+    of `align`), offset of the group's first row in the block [T] and its row count there [T]
+    (0: nothing to do). A group's blocks start at its first row rounded down to `align`, so a
+    block shared by two groups is computed once for each; cdiv(M, block_m) + E - 1 tasks
+    cover any grouping of M rows."""
+    E = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // align * align
+    blocks = jnp.where(sizes > 0, (ends - first + block_m - 1) // block_m, 0)
+    last_task = jnp.cumsum(blocks)  # one past each group's last task
+    t = jnp.arange(n_tasks, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(last_task, t, side="right", method="compare_all"), E - 1).astype(jnp.int32)
+    row0 = first[group] + (t - (last_task - blocks)[group]) * block_m
+    lo, hi = jnp.maximum(row0, starts[group]), jnp.minimum(row0 + block_m, ends[group])
+    return group, row0, lo - row0, jnp.maximum(hi - lo, 0)
+
+
 def _work_items(group_sizes, M: int, E: int, tile: int):
-    """The (tile, expert) pairs that overlap: expert [W], tile index [W], row ids [W, tile] and
-    which of those rows belong to the item's expert [W, tile]; W = tiles + E - 1 (padded)."""
+    """The (tile, expert) pairs that overlap (`row_tasks` with blocks on tile boundaries): expert
+    [W], tile index [W], row ids [W, tile] and which of those rows belong to the item's expert
+    [W, tile]; W = tiles + E - 1 (items with no rows point at the last tile)."""
     n_tiles = -(-M // tile)
-    end = jnp.cumsum(group_sizes)
-    start = end - group_sizes
-    first = start // tile
-    span = jnp.where(group_sizes > 0, (end - 1) // tile - first + 1, 0)  # tiles each group touches
-    offset = jnp.cumsum(span) - span
-    item = jnp.arange(n_tiles + E - 1)
-    group = jnp.clip(jnp.searchsorted(jnp.cumsum(span), item, side="right"), 0, E - 1)  # [W]
-    tile_of = jnp.clip(first[group] + item - offset[group], 0, n_tiles - 1)  # [W]
-    rows = tile_of[:, None] * tile + jnp.arange(tile)[None, :]  # [W, tile]
-    keep = (item < span.sum())[:, None] & (rows >= start[group][:, None]) & (rows < end[group][:, None])
-    return group, tile_of, rows, keep
+    group, row0, offset, n_rows = row_tasks(group_sizes, tile, n_tiles + E - 1, align=tile)
+    tile_of = jnp.minimum(row0 // tile, n_tiles - 1)  # [W]
+    local = jnp.arange(tile)[None, :]
+    keep = (local >= offset[:, None]) & (local < (offset + n_rows)[:, None])  # [W, tile]
+    return group, tile_of, tile_of[:, None] * tile + local, keep
 
 
 def _tiles(a, tile_of, keep, tile):
@@ -332,26 +347,6 @@ def _hopper_fits(K: int, N: int, dtype) -> bool:
     t = HOPPER_GROUPED_TILES
     return (_hopper() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and not K % t["block_k"] and not N % (2 * t["block_n"]))
-
-
-def row_tasks(group_sizes: jax.Array, block_m: int, n_tasks: int, align: int = 8):
-    """The row blocks of a grouped product, one task each: group [T], first row [T] (a multiple
-    of `align`), offset of the group's first row in the block [T] and its row count there [T]
-    (0: nothing to do). A group's blocks start at its first row rounded down to `align`, so a
-    block shared by two groups is computed once for each; cdiv(M, block_m) + E - 1 tasks
-    cover any grouping of M rows."""
-    E = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    first = starts // align * align
-    blocks = jnp.where(sizes > 0, (ends - first + block_m - 1) // block_m, 0)
-    last_task = jnp.cumsum(blocks)  # one past each group's last task
-    t = jnp.arange(n_tasks, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(last_task, t, side="right", method="compare_all"), E - 1).astype(jnp.int32)
-    row0 = first[group] + (t - (last_task - blocks)[group]) * block_m
-    lo, hi = jnp.maximum(row0, starts[group]), jnp.minimum(row0 + block_m, ends[group])
-    return group, row0, lo - row0, jnp.maximum(hi - lo, 0)
 
 
 def _swizzled(shape: tuple[int, int], dtype, rows: int = 8) -> tuple:
