@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
-    p.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--moments-dtype", default=TrainConfig.moments_dtype, choices=("float32", "bfloat16"))
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
     p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense|gather")

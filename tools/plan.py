@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="global sequences per micro-batch (default: batch shards)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--moments", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--moments", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--remat", default="none", choices=["none", "full"])
     p.add_argument("--attention", default="xla", choices=["xla", "flash"])
     p.add_argument("--decode-batch", type=int, default=0)

@@ -260,7 +260,10 @@ def _wg_tiles(K: int, N: int) -> tuple[tuple[int, int, int], int]:
 
 
 def _weight_grad(x, g, group_sizes, E: int, precision, dtype):
-    """The grouped weight gradient in `dtype`: the Pallas kernel where its blocks tile [K, N], else tiled."""
+    """The grouped weight gradient in `dtype`: `_hopper_weight_grad` where it applies, else the
+    Pallas kernel where its blocks tile [K, N], else tiled."""
+    if _hopper_wgrad_fits(x.shape[1], g.shape[1], x.dtype, dtype):
+        return vary_like(_hopper_weight_grad(x, g, group_sizes, E, dtype), x, g, group_sizes)
     if x.shape[1] % 128 or g.shape[1] % 128:
         return _tiled_weight_grad(x, g, group_sizes, E, 128, precision).astype(dtype)
     return _pallas_weight_grad(x, g, group_sizes, E, precision, dtype)
@@ -443,3 +446,114 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
         grid_names=("sm",), num_threads=3, thread_name="wg", kernel_name="grouped_matmul_hopper",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(x, w, *row_tasks(group_sizes, bm, m_tasks))
+
+
+HOPPER_WEIGHT_GRAD_TILES = dict(block_m=64, block_k=128, block_n=128, num_stages=3, min_k=1024)
+"""`_hopper_weight_grad`'s tiles: each of two compute warpgroups owns a [128, 128] block of a
+[128, 256] gradient tile; 64 rows a step through 3 shared-memory stages. On the H200 at the
+bench shape (98,304 rows, gamma(4) skewed over 64 experts; ms, against the Pallas kernel):
+K 2048 -> N 1024 (gate and up) 0.689 / 0.806; K 512 -> N 2048 (down) 0.419 / 0.394, so it runs
+where K >= `min_k` (docs/benchmarks.md)."""
+
+
+def _hopper_wgrad_fits(K: int, N: int, dtype, out_dtype) -> bool:
+    """Whether `_hopper_weight_grad` runs x [M, K], g [M, N] here: a Hopper GPU, 16-bit operands
+    and gradient (an fp32 tile's staging would not fit in shared memory beside 3 stages), K a
+    multiple of the tile's 128 rows, at least `min_k`, and N of its 256 columns."""
+    t = HOPPER_WEIGHT_GRAD_TILES
+    sixteen_bit = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
+    return (_hopper() and {jnp.dtype(dtype), jnp.dtype(out_dtype)} <= sixteen_bit
+            and K >= t["min_k"] and not K % t["block_k"] and not N % (2 * t["block_n"]))
+
+
+def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: int, dtype) -> jax.Array:
+    """dW[e] = x_e^T g_e for rows grouped by expert: x [M, K], g [M, N] -> [E, K, N] in `dtype`,
+    accumulated in fp32.
+
+    Mosaic GPU (Hopper wgmma), persistent and warp-specialised like `_hopper_grouped_matmul`:
+    one program per SM walks the [128, 256] tiles of every expert's gradient, expert slowest
+    (the programs in flight share that expert's rows in L2); a memory warpgroup streams 64-row
+    blocks of x ([64, 128], fed to wgmma transposed) and g ([64, 256]) from the expert's first
+    row rounded down to 8, while two compute warpgroups each accumulate one [128, 128] half.
+    In a block that straddles the expert's rows both operands' foreign rows are set to zero in
+    shared memory (selected, not multiplied: rows outside every group may hold anything); both
+    warpgroups write the same x values. An expert without rows runs one such block, all of it
+    zeroed, and writes a zero gradient.
+    """
+    M, K = x.shape
+    N = g.shape[1]
+    t = HOPPER_WEIGHT_GRAD_TILES
+    bm, bk, bn = t["block_m"], t["block_k"], t["block_n"]
+    k_tiles, n_tiles = K // bk, N // (2 * bn)
+    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // 8 * 8
+    blocks = jnp.maximum((ends - first + bm - 1) // bm, 1)
+
+    def kernel(x_gmem, g_gmem, starts_gmem, ends_gmem, first_gmem, blocks_gmem, out_gmem):
+        def pipeline(step, context, n_blocks):
+            return plgpu.emit_pipeline_warp_specialized(
+                step, grid=(n_blocks,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+                max_concurrent_steps=t["num_stages"], compute_context=context,
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda r: (r, 0), transforms=_swizzled((bm, bk), x.dtype)),
+                          plgpu.BlockSpec((bm, 2 * bn), lambda r: (r, 0), transforms=_swizzled((bm, 2 * bn), g.dtype))])
+
+        def operands(row0, ki, ni):  # x [M, bk], g [M, 2bn] from row0: the pipeline reads its blocks only
+            rows = pl.ds(row0, M)
+            return x_gmem.at[rows, pl.ds(ki * bk, bk)], g_gmem.at[rows, pl.ds(ni * 2 * bn, 2 * bn)]
+
+        def zero_rows_outside(ref, shape, lo, hi):  # ref [bm, C]: rows outside [lo, hi) set to 0
+            row = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
+            ref[...] = jnp.where((row >= lo) & (row < hi), ref[...], 0).astype(ref.dtype)
+
+        unused = lambda *_, **__: None  # buffers for every stage: a static grid shorter than that would get fewer
+
+        @functools.partial(pl.run_scoped, collective_axes="wg",
+                           allocations=pipeline(unused, unused, t["num_stages"]).get_allocations(*operands(0, 0, 0)),
+                           out_smem=plgpu.SMEM((2, bk, bn), dtype, transforms=_swizzled((bk, bn), dtype, rows=1)))
+        def _(allocations, out_smem):
+            wg = jax.lax.axis_index("wg")
+
+            @plgpu.nd_loop((E * k_tiles * n_tiles,), collective_axes="sm")
+            def _(loop):
+                e, tile = jax.lax.div(loop.index[0], k_tiles * n_tiles), jax.lax.rem(loop.index[0], k_tiles * n_tiles)
+                ki, ni = jax.lax.div(tile, n_tiles), jax.lax.rem(tile, n_tiles)
+                row0 = pl.multiple_of(first_gmem[e], 8)
+                start, end = starts_gmem[e], ends_gmem[e]
+
+                def step(r, x_smem, g_smem, acc):  # acc [bk, bn] += x block^T . this warpgroup's g half
+                    g_half = g_smem.at[:, pl.ds(wg * bn, bn)]
+                    block0 = row0 + r[0] * bm
+                    lo, hi = start - block0, end - block0  # the expert's rows in this block
+
+                    @pl.when((lo > 0) | (hi < bm))
+                    def _():
+                        zero_rows_outside(x_smem, (bm, bk), lo, hi)
+                        zero_rows_outside(g_half, (bm, bn), lo, hi)
+                        plgpu.commit_smem()
+
+                    plgpu.wgmma(acc, plgpu.transpose_ref(x_smem, (1, 0)), g_half)
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((bk, bn)))
+                    def _(acc):
+                        run(acc)
+                        out = acc[...].astype(dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copy has read out_smem
+                        out_smem.at[wg][...] = out
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg], out_gmem.at[e, pl.ds(ki * bk, bk), pl.ds(ni * 2 * bn + wg * bn, bn)])
+
+                pipeline(step, context, blocks_gmem[e])(*operands(row0, ki, ni), allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((E, K, N), dtype), grid=(_sm_count(),),
+        grid_names=("sm",), num_threads=3, thread_name="wg", kernel_name="grouped_weight_grad_hopper",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(x, g, starts, ends, first, blocks)

@@ -46,12 +46,13 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def einsum_f32(spec: str, a: jax.Array, b: jax.Array, *, dtype) -> jax.Array:
-    """Operands cast to `dtype`, accumulated and returned in fp32 (not rounded), for consumers
-    that keep working in fp32 (the loss); no gradient rule of its own."""
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, *, dtype, out_dtype=jnp.float32) -> jax.Array:
+    """Operands cast to `dtype`, accumulated in fp32 and returned in fp32 (not rounded) for
+    consumers that keep working in fp32, or rounded once to `out_dtype` by the GEMM itself
+    (the loss's logits: half the bytes for the passes that read them); no gradient rule of its own."""
     if jnp.dtype(dtype) == jnp.float32:
         return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
-    return _dot(spec, a.astype(dtype), b.astype(dtype))
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out_dtype)
 
 
 def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:

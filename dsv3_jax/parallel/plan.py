@@ -60,7 +60,7 @@ class Setup:
     seq: int
     accum: int = 1  # micro-batches per step
     precision: str = "bf16"  # bf16 | fp8_emulated | fp8_native
-    moments: str = "float32"  # Adam m and v: float32 | bfloat16
+    moments: str = TrainConfig.moments_dtype  # Adam m and v: bfloat16 | float32
     remat: str = "none"
     attention: str = "xla"
     decode_batch: int = 0

@@ -37,7 +37,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.1  # not on norm scales (see optimizer.decay_mask)
     clip_norm: float = 1.0
-    moments_dtype: str = "float32"  # or "bfloat16" (the paper's AdamW m and v)
+    moments_dtype: str = "bfloat16"  # the paper's AdamW m and v (SPEC F), or "float32"
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_lambda_until: float = 10e12 / PAPER_TOKENS
@@ -57,7 +57,7 @@ class TrainConfig:
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     scan_unroll: int = 0  # layers per layer-scan iteration; 0: by backend (train.step.layers_per_scan)
     param_dtype: str = "float32"
-    loss_chunk: int = 4096  # tokens per cross-entropy chunk ([chunk, vocab] fp32 logits at a time)
+    loss_chunk: int = 4096  # tokens per cross-entropy chunk ([chunk, vocab] logits at a time)
     mask_documents: bool = False  # True: attention stays within a packed document (the paper did not: SPEC)
     log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10
     checkpoint_every: int = 100

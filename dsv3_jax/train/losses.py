@@ -16,8 +16,10 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: 
 
     h [N,D], w [D,V] (the LM head), targets/mask [N] -> (mean loss, token count).
     Tokens are taken `chunk` at a time (chunk c holds tokens c, c + C, c + 2C, ..., so a
-    batch-sharded N stays sharded inside each chunk); each chunk's [chunk, V] logits are exact
-    fp32 sums of `dtype` products. When differentiated, the forward pass also forms both
+    batch-sharded N stays sharded inside each chunk); each chunk's [chunk, V] logits are fp32
+    sums of `dtype` products rounded once to `dtype`, as the references' head returns them (HF
+    then upcasts for the loss, as here; fp32 logits cost the bench step ~1 ms on an H200), and
+    the softmax is fp32. When differentiated, the forward pass also forms both
     gradients from the same logits (softmax minus one-hot), so the backward pass only scales
     them: three GEMMs per chunk instead of four with a recomputed forward.
     """
@@ -55,8 +57,8 @@ def _logsumexp(x: jax.Array) -> jax.Array:
 
 
 def _chunk_nll(h, w, targets, dtype):
-    """One chunk: logits [n,V] fp32, log-sum-exp [n], -log p(target) [n]."""
-    logits = einsum_f32("nd,dv->nv", h, w, dtype=dtype)
+    """One chunk: logits [n,V] (rounded to `dtype`) in fp32, log-sum-exp [n], -log p(target) [n]."""
+    logits = einsum_f32("nd,dv->nv", h, w, dtype=dtype, out_dtype=dtype).astype(jnp.float32)
     lse = _logsumexp(logits)
     return logits, lse, lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
