@@ -158,22 +158,73 @@ def test_row_tasks_cover_every_grouped_row_once(block_m):
         np.testing.assert_array_equal(owner, expected)
 
 
-def test_hopper_kernel_matches_per_group_products_in_gpu_interpret_mode(monkeypatch):
-    """The Hopper kernel's product (persistent tile loop, warp-specialised pipeline, ragged row
-    stores) run by Pallas' GPU interpreter on the CPU. Blocks reaching past the rows read NaN
-    (uninitialised memory), so a row stored from the wrong task or block would show. The input
-    gradient's form reads its weight block through a transposed shared-memory view, which the
-    interpreter does not model (jax 0.10); `tools/check_kernels.py` compares both on a GPU."""
+@pytest.fixture
+def gpu_interpreter(monkeypatch):
+    """Pallas' GPU interpreter on the CPU (two persistent programs), taught the two things the
+    Hopper kernels use that it lacks in jax 0.10: a wgmma operand read through a transposed
+    shared-memory view (its wgmma callback fails on the transpose; here the operand is read
+    through the other transforms and transposed after), and `plgpu.layout_cast` (a register
+    layout hint, the identity on values)."""
+    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
+    from jax._src.state.types import TransposeTransform
 
+    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_dtype, source_info=None, **refs):
+        memory = gpu_callbacks._get_shared_memory()
+        thread = memory.get_global_thread_id(int(device_id), int(thread_id))
+        info = interpret_utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=tuple(
+            int(c) for c in grid_point_coords), thread_id=int(thread_id), source_info=source_info)
+        operands = {}
+        for name in ("acc", "a", "b"):
+            key = gpu_callbacks.HostAllocationKey.from_array(refs[f"{name}_allocation_key_as_array"])
+            transforms = list(gpu_callbacks._remove_noop_transforms(refs[f"{name}_transforms"]))
+            transpose = transforms and isinstance(transforms[-1], TransposeTransform) and transforms.pop()
+            where = interpret_utils.to_range(jax.tree.map(int, tuple(transforms)))
+            value = memory.get_buffer_content(key, where, thread, logging_info=info)[0]
+            operands[name] = (key, where, np.transpose(value, transpose.permutation) if transpose else value)
+        key, where, acc = operands["acc"]
+        out = acc + np.matmul(operands["a"][2], operands["b"][2], dtype=acc_dtype)
+        memory.store_buffer_content(key, where, out, thread, logging_info=info)
+        return token
+
+    monkeypatch.setattr(gpu_callbacks, "wgmma", wgmma)
+    monkeypatch.setattr(gm.plgpu, "layout_cast", lambda x, layout: x)
     monkeypatch.setattr(gm, "_sm_count", lambda: 2)  # two persistent programs share the tiles
+    with force_gpu_interpret_mode(InterpretGPUParams(out_of_bounds_reads="uninitialized")):
+        yield
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_hopper_kernel_matches_per_group_products_in_gpu_interpret_mode(gpu_interpreter, transposed):
+    """The Hopper kernel's product and its transposed-weight form (persistent tile loop,
+    warp-specialised pipeline, ragged row stores) run by Pallas' GPU interpreter on the CPU.
+    Blocks reaching past the rows read NaN (uninitialised memory), so a row stored from the
+    wrong task or block would show."""
     rs = np.random.RandomState(4)
     sizes = [100, 0, 150, 7]  # 257 of 300 rows: a group boundary inside a block, an empty group
     M, K, N = 300, 128, 256
     x = rs.randn(M, K).astype(jnp.bfloat16)
     w = (rs.randn(len(sizes), K, N) * 0.1).astype(jnp.bfloat16)
-    with force_gpu_interpret_mode(InterpretGPUParams(out_of_bounds_reads="uninitialized")):
-        got = gm._hopper_grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes), transposed=False)
+    w_in = np.swapaxes(w, 1, 2) if transposed else w  # [E, N, K]: the input gradient's layout
+    got = gm._hopper_grouped_matmul(jnp.asarray(x), jnp.asarray(w_in), jnp.asarray(sizes), transposed=transposed)
     want = reference(x.astype(np.float32), w.astype(np.float32), sizes)[:sum(sizes)]
     got = np.asarray(got[:sum(sizes)], np.float32)
     np.testing.assert_allclose(got, want, rtol=0, atol=np.abs(want).max() * 2 ** -7)
+
+
+def test_hopper_weight_gradient_matches_numpy_in_gpu_interpret_mode(gpu_interpreter):
+    """The Hopper weight-gradient kernel under the GPU interpreter: a 37-row group (its neighbour
+    then starts off the 8-row grid), an empty group (a zero gradient), a group over several row
+    blocks, two K and two N tiles, and NaN in the rows after the groups, which the blocks that
+    straddle a group boundary must select away rather than multiply by zero."""
+    rs = np.random.RandomState(6)
+    sizes = [37, 0, 150, 100]  # 287 of 320 rows
+    M, K, N = 320, 256, 512
+    x, g = rs.randn(M, K).astype(np.float32), rs.randn(M, N).astype(np.float32)
+    x[sum(sizes):], g[sum(sizes):] = np.nan, np.nan
+    xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    got = gm._hopper_weight_grad(jnp.asarray(xb), jnp.asarray(gb), jnp.asarray(sizes), len(sizes), jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    want = per_group_weight_grad(xb.astype(np.float64), gb.astype(np.float64), sizes)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=np.abs(want).max() * 2 ** -8)
