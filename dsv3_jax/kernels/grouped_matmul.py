@@ -2,9 +2,10 @@
 
 Three implementations of the same product:
 - "tokamax": the GPU kernels (GPU default when tokamax is installed; XLA's GPU ragged_dot
-  expands to dense and is ~60x slower there, PERF.md). On Hopper our Mosaic GPU kernel for the
-  product and its input gradient (which reads the weight transposed in place), elsewhere
-  tokamax's grouped-matmul kernel; our Pallas (Triton) kernel for the weight gradient.
+  expands to dense and is ~60x slower there, PERF.md). On Hopper our Mosaic GPU kernels for the
+  product, its input gradient (which reads the weight transposed in place) and, where K >= 1024,
+  its weight gradient; elsewhere tokamax's grouped-matmul kernel and our Pallas (Triton) kernel
+  for the weight gradient.
 - "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the TPU default).
 - "tiled": rows cut into fixed tiles; each (tile, expert) pair that overlaps becomes one work
   item, so there are at most tiles + E - 1 items of dense [tile, K] x [K, N] matmuls, rows
@@ -272,8 +273,8 @@ def _weight_grad(x, g, group_sizes, E: int, precision, dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tokamax(x, w, group_sizes, precision):
     """The product and input gradient by `_hopper_grouped_matmul` where it applies (`_hopper_fits`),
-    else tokamax's kernel; the weight gradient is ours (Pallas): tokamax's measured wrong on the
-    H200 (tokamax 0.0.17: 55% max error vs the portable path)."""
+    else tokamax's kernel; the weight gradient is ours (`_weight_grad`): tokamax's measured wrong
+    on the H200 (tokamax 0.0.17: 55% max error vs the portable path)."""
     if _hopper_fits(x.shape[1], w.shape[2], x.dtype):
         return vary_like(_hopper_grouped_matmul(x, w, group_sizes, transposed=False), x, w, group_sizes)
     import tokamax

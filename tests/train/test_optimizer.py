@@ -43,29 +43,28 @@ def test_bf16_moments_match_adamw_that_rounds_its_stored_moments():
     params = _params()
     ours = make_optimizer(TrainConfig())
     state, p_ours = ours.init(params), params
-    p_ref = jax.tree.map(np.asarray, params)
-    decay = decay_mask(params)
-    m = jax.tree.map(np.zeros_like, p_ref)
-    v = jax.tree.map(np.zeros_like, p_ref)
-    to_bf16 = lambda a: a.astype(jnp.bfloat16).astype(np.float32)
+    p_ref = [np.asarray(p) for p in jax.tree.leaves(params)]
+    decay = jax.tree.leaves(decay_mask(params))
+    m, v = [np.zeros_like(p) for p in p_ref], [np.zeros_like(p) for p in p_ref]
     rs = np.random.RandomState(1)
     for t in range(1, 5):
-        g = jax.tree.map(lambda p: (rs.randn(*p.shape) * 3).astype(np.float32), p_ref)
-        u, state = ours.update(jax.tree.map(jnp.asarray, g), state, p_ours)
+        g = jax.tree.map(lambda p: (rs.randn(*p.shape) * 3).astype(np.float32), params)
+        u, state = ours.update(g, state, p_ours)
         p_ours = jax.tree.map(lambda p, u: p - lr * u, p_ours, u)
-        norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in jax.tree.leaves(g)))
-        g = jax.tree.map(lambda x: x * np.float32(min(1.0, 1.0 / norm)), g)
-        m_new = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
-        v_new = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
-        step = lambda m, v, p, d: (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps) + (wd * p if d else 0)
-        p_ref = jax.tree.map(lambda p, m, v, d: p - lr * step(m, v, p, d), p_ref, m_new, v_new, decay)
-        m, v = jax.tree.map(to_bf16, m_new), jax.tree.map(to_bf16, v_new)
+        g = [np.asarray(x) for x in jax.tree.leaves(g)]
+        scale = np.float32(min(1.0, 1.0 / np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g))))
+        for i, (gi, di) in enumerate(zip(g, decay)):
+            gi = gi * scale
+            m_i, v_i = b1 * m[i] + (1 - b1) * gi, b2 * v[i] + (1 - b2) * gi * gi
+            step = (m_i / (1 - b1 ** t)) / (np.sqrt(v_i / (1 - b2 ** t)) + eps) + (wd * p_ref[i] if di else 0)
+            p_ref[i] = p_ref[i] - lr * step
+            m[i], v[i] = (a.astype(jnp.bfloat16).astype(np.float32) for a in (m_i, v_i))
     adam = state[1]
     for ours_, ref in ((adam.mu, m), (adam.nu, v)):
-        for a, b in zip(jax.tree.leaves(ours_), jax.tree.leaves(ref)):
+        for a, b in zip(jax.tree.leaves(ours_), ref):
             assert a.dtype == jnp.bfloat16
             np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2 ** -8)
-    for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
+    for a, b in zip(jax.tree.leaves(p_ours), p_ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
