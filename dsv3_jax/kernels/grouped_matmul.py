@@ -359,6 +359,15 @@ def _swizzled(shape: tuple[int, int], dtype, rows: int = 8) -> tuple:
     return plgpu.TilingTransform((rows, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
+def _stage_tile(acc, out_smem) -> None:
+    """A compute warpgroup's finished accumulator into its shared-memory block, in the block's
+    dtype, once the previous tile's copies out of that block have read it."""
+    out = acc[...].astype(out_smem.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    out_smem[...] = out
+    plgpu.commit_smem()
+
+
 def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transposed: bool) -> jax.Array:
     """x [M, K] (rows grouped by expert) times each group's w[e] [K, N], or w[e]^T for w [E, N, K]
     when `transposed` -> [M, N] in x's dtype, accumulated in fp32. Rows outside every group are
@@ -422,10 +431,7 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bm, bn)))
                     def _(acc):
                         run(acc)
-                        out = acc[...].astype(x.dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copies have read out_smem
-                        out_smem.at[wg][...] = out
-                        plgpu.commit_smem()
+                        _stage_tile(acc, out_smem.at[wg])
                         done, col = offset, ni * 2 * bn + wg * bn
                         for size in (bm >> i for i in range(bm.bit_length())):
                             @pl.when((n_rows & size) != 0)
@@ -542,10 +548,7 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bk, bn)))
                     def _(acc):
                         run(acc)
-                        out = acc[...].astype(dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copy has read out_smem
-                        out_smem.at[wg][...] = out
-                        plgpu.commit_smem()
+                        _stage_tile(acc, out_smem.at[wg])
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg], out_gmem.at[e, pl.ds(ki * bk, bk), pl.ds(ni * 2 * bn + wg * bn, bn)])
 
