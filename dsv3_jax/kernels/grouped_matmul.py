@@ -151,6 +151,15 @@ def _ragged_bwd(precision, res, g):
 _ragged.defvjp(_ragged_fwd, _ragged_bwd)
 
 
+def _group_bounds(group_sizes: jax.Array, align: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each group's first row [E], one past its last [E] (groups contiguous from row 0), and its
+    first row rounded down to `align` [E], where a kernel's row blocks for it start."""
+    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    return starts, ends, starts // align * align
+
+
 def row_tasks(group_sizes: jax.Array, block_m: int, n_tasks: int, align: int = 8):
     """The row blocks of a grouped product, one task each: group [T], first row [T] (a multiple
     of `align`), offset of the group's first row in the block [T] and its row count there [T]
@@ -158,11 +167,8 @@ def row_tasks(group_sizes: jax.Array, block_m: int, n_tasks: int, align: int = 8
     block shared by two groups is computed once for each; cdiv(M, block_m) + E - 1 tasks
     cover any grouping of M rows."""
     E = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    first = starts // align * align
-    blocks = jnp.where(sizes > 0, (ends - first + block_m - 1) // block_m, 0)
+    starts, ends, first = _group_bounds(group_sizes, align)
+    blocks = jnp.where(ends > starts, (ends - first + block_m - 1) // block_m, 0)
     last_task = jnp.cumsum(blocks)  # one past each group's last task
     t = jnp.arange(n_tasks, dtype=jnp.int32)
     group = jnp.minimum(jnp.searchsorted(last_task, t, side="right", method="compare_all"), E - 1).astype(jnp.int32)
@@ -368,6 +374,21 @@ def _stage_tile(acc, out_smem) -> None:
     plgpu.commit_smem()
 
 
+def _ws_pipeline(step, context, grid: tuple, in_specs: list, stages: int):
+    """The Hopper kernels' pipeline: a memory warpgroup streams `in_specs`' blocks over `grid`
+    through `stages` shared-memory buffers while two compute warpgroups run `step` on them, each
+    with its own accumulator carried in `context`."""
+    return plgpu.emit_pipeline_warp_specialized(
+        step, grid=grid, memory_registers=40, wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
+        compute_context=context, in_specs=in_specs)
+
+
+def _persistent_call(kernel, out_type: jax.ShapeDtypeStruct, name: str):
+    """`kernel` as one program per SM (axis "sm"), each a memory and two compute warpgroups ("wg")."""
+    return plgpu.kernel(kernel, out_type=out_type, grid=(_sm_count(),), grid_names=("sm",), num_threads=3,
+                        thread_name="wg", kernel_name=name, compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
 def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transposed: bool) -> jax.Array:
     """x [M, K] (rows grouped by expert) times each group's w[e] [K, N], or w[e]^T for w [E, N, K]
     when `transposed` -> [M, N] in x's dtype, accumulated in fp32. Rows outside every group are
@@ -394,12 +415,10 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
 
     def kernel(x_gmem, w_gmem, group_gmem, row0_gmem, offset_gmem, rows_gmem, out_gmem):
         def pipeline(step, context):
-            return plgpu.emit_pipeline_warp_specialized(
-                step, grid=(K // bk,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-                max_concurrent_steps=t["num_stages"], compute_context=context,
-                in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
-                          plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
-                                          transforms=_swizzled(w_block, w.dtype))])
+            return _ws_pipeline(step, context, (K // bk,), [
+                plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
+                plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
+                                transforms=_swizzled(w_block, w.dtype))], t["num_stages"])
 
         def weight_tile(e, ni):  # [2bn, K] or [K, 2bn] of expert e
             cols = pl.ds(ni * 2 * bn, 2 * bn)
@@ -448,11 +467,8 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    return plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(_sm_count(),),
-        grid_names=("sm",), num_threads=3, thread_name="wg", kernel_name="grouped_matmul_hopper",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, w, *row_tasks(group_sizes, bm, m_tasks))
+    return _persistent_call(kernel, jax.ShapeDtypeStruct((M, N), x.dtype), "grouped_matmul_hopper")(
+        x, w, *row_tasks(group_sizes, bm, m_tasks))
 
 
 HOPPER_WEIGHT_GRAD_TILES = dict(block_m=64, block_k=128, block_n=128, num_stages=3, min_k=1024)
@@ -492,19 +508,15 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
     t = HOPPER_WEIGHT_GRAD_TILES
     bm, bk, bn = t["block_m"], t["block_k"], t["block_n"]
     k_tiles, n_tiles = K // bk, N // (2 * bn)
-    sizes = jnp.maximum(group_sizes, 0).astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    first = starts // 8 * 8
+    starts, ends, first = _group_bounds(group_sizes, 8)
     blocks = jnp.maximum((ends - first + bm - 1) // bm, 1)
 
     def kernel(x_gmem, g_gmem, starts_gmem, ends_gmem, first_gmem, blocks_gmem, out_gmem):
         def pipeline(step, context, n_blocks):
-            return plgpu.emit_pipeline_warp_specialized(
-                step, grid=(n_blocks,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-                max_concurrent_steps=t["num_stages"], compute_context=context,
-                in_specs=[plgpu.BlockSpec((bm, bk), lambda r: (r, 0), transforms=_swizzled((bm, bk), x.dtype)),
-                          plgpu.BlockSpec((bm, 2 * bn), lambda r: (r, 0), transforms=_swizzled((bm, 2 * bn), g.dtype))])
+            return _ws_pipeline(step, context, (n_blocks,), [
+                plgpu.BlockSpec((bm, bk), lambda r: (r, 0), transforms=_swizzled((bm, bk), x.dtype)),
+                plgpu.BlockSpec((bm, 2 * bn), lambda r: (r, 0), transforms=_swizzled((bm, 2 * bn), g.dtype))],
+                t["num_stages"])
 
         def operands(row0, ki, ni):  # x [M, bk], g [M, 2bn] from row0: the pipeline reads its blocks only
             rows = pl.ds(row0, M)
@@ -556,8 +568,5 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    return plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((E, K, N), dtype), grid=(_sm_count(),),
-        grid_names=("sm",), num_threads=3, thread_name="wg", kernel_name="grouped_weight_grad_hopper",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, g, starts, ends, first, blocks)
+    return _persistent_call(kernel, jax.ShapeDtypeStruct((E, K, N), dtype), "grouped_weight_grad_hopper")(
+        x, g, starts, ends, first, blocks)

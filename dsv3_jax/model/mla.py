@@ -83,6 +83,11 @@ class MLA(nnx.Module):
             kv_a = self.kv_a_proj(x)  # [B,T,R+Kr]
             return self.kv_a_norm(kv_a[..., :R]), apply_rope(kv_a[..., R:], cos, sin)
 
+    def _kv_b_heads(self) -> jax.Array:
+        """kv_b's weight per head: [R,H*(Kn+Kv)] -> [R,H,Kn+Kv] (W_UK, then W_UV)."""
+        c = self.config
+        return self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_attention_heads, -1)
+
     def _keys_values(self, latent: jax.Array) -> tuple[jax.Array, jax.Array]:
         """latent [B,T,R] -> k_nope [B,T,H,Kn], v [B,T,H,Kv]: kv_b's W_UK and W_UV columns as two
         products, so that neither is sliced out of a joint output nor their gradients joined
@@ -91,7 +96,7 @@ class MLA(nnx.Module):
         c = self.config
         B, T, R = latent.shape
         H, Kn, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
-        w = self.kv_b_proj.kernel[...].reshape(R, H, Kn + Kv)  # [R,H*(Kn+Kv)] -> [R,H,Kn+Kv]
+        w = self._kv_b_heads()
         kw = dict(dtype=self.kv_b_proj.dtype, recipe=fp8.active())
         k_nope = einsum("btr,rn->btn", latent, w[..., :Kn].reshape(R, H * Kn), **kw)
         v = einsum("btr,rn->btn", latent, w[..., Kn:].reshape(R, H * Kv), **kw)
@@ -131,7 +136,7 @@ class MLA(nnx.Module):
         """
         c = self.config
         B, T, _ = x.shape
-        H, Kn, Kv, R = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+        H, Kn, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
         q = self._queries(x, cos, sin)
         q_nope, q_pe = q[..., :Kn], q[..., Kn:]
         latent, k_pe = self._latent(x, cos, sin)
@@ -140,7 +145,7 @@ class MLA(nnx.Module):
             cache = LatentCache(
                 cache.latent.at[view.layer, rows, view.slots].set(latent.astype(cache.latent.dtype), mode="drop"),
                 cache.k_pe.at[view.layer, rows, view.slots].set(k_pe.astype(cache.k_pe.dtype), mode="drop"))
-        w_kv_b = self.kv_b_proj.kernel[...].reshape(R, H, Kn + Kv)  # [R,H*(Kn+Kv)] -> [R,H,Kn+Kv]
+        w_kv_b = self._kv_b_heads()
         with jax.named_scope("absorb_q"):
             q_lat = einsum("bthk,rhk->bthr", q_nope, w_kv_b[..., :Kn], dtype=x.dtype)  # W_UK
         with jax.named_scope("core"):
