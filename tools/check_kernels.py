@@ -2,11 +2,11 @@
 
 Compares, on the current backend, every available grouped-matmul implementation against the
 "tiled" one and the other ops' implementations against "xla" (attention; the routed experts'
-row moves; the block-scaled FP8 matmul, through fp8_native's linear), forward and gradients, in
-bf16 at a bench-like shape, and the latent-cache decode attention's forward at a decode step's
-shape. With more than one device it also runs the routed experts expert-parallel over all of
-them, on each transport, against the same problem on one device. Run it on a GPU with tokamax
-installed to check the GPU kernels.
+row moves; the block-scaled FP8 matmul, through fp8_native's linear; the loss's softmax
+passes), forward and gradients, in bf16 at a bench-like shape, and the latent-cache decode
+attention's forward at a decode step's shape. With more than one device it also runs the routed
+experts expert-parallel over all of them, on each transport, against the same problem on one
+device. Run it on a GPU with tokamax installed to check the GPU kernels.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsv3_jax import fp8, kernels, parallel  # noqa: E402
-from dsv3_jax.kernels import attention, grouped_matmul, latent_attention, row_gather, scaled_matmul  # noqa: E402
+from dsv3_jax.kernels import attention, cross_entropy, grouped_matmul, latent_attention, row_gather, scaled_matmul  # noqa: E402
 from dsv3_jax.parallel import routed_experts  # noqa: E402
 from dsv3_jax.parallel.expert import TRANSPORTS, place  # noqa: E402
 
@@ -100,6 +100,16 @@ def main():
 
     compare(out, "scaled_matmul", fp8_linear, scaled_matmul.IMPLS, "xla", x, w)
 
+    n, V = (8, 1000) if small else (512, 129280)  # a loss chunk's rows (bench vocabulary)
+    logits = jnp.asarray(rs.randn(n, V) * 3, jnp.bfloat16)
+
+    def xent(impl, logits, targets, weight):
+        lse = cross_entropy.logsumexp(logits, impl=impl)
+        return lse, cross_entropy.xent_grad(logits, lse, targets, weight, impl=impl)
+
+    compare(out, "cross_entropy", xent, cross_entropy.IMPLS, "xla", logits, jnp.asarray(rs.randint(0, V, n)),
+            jnp.asarray(rs.rand(n), jnp.float32))
+
     B, T, H = (1, 128, 2) if small else (2, 1024, 16)
     q = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
     k = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
@@ -136,7 +146,8 @@ def main():
                        "attention (causal bf16)": attention.default_impl(attention.cudnn_takes(q, v, None)),
                        "attention (documents)": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
-                       "scaled_matmul": scaled_matmul.default_impl(), "row_gather": row_gather.default_impl()}
+                       "scaled_matmul": scaled_matmul.default_impl(), "row_gather": row_gather.default_impl(),
+                       "cross_entropy": cross_entropy.default_impl()}
     print(json.dumps(out))
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     scaled_matmul_impl: str = "auto"  # fp8_native GEMMs: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
     row_gather_impl: str = "auto"  # routed-expert row moves: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
+    cross_entropy_impl: str = "auto"  # the loss's softmax: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
     expert_layout: str = "auto"  # routed-expert rows: "auto" (= "grouped") or "blocks" (kernels.grouped_matmul)
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged", "dense" or "gather"
     expert_capacity_factor: float = 0.0  # dense/gather transports: rows x the balanced share (0: any routing)
@@ -86,7 +87,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: float32 or bfloat16")
         for f, op in (("attention_impl", "attention"), ("grouped_matmul_impl", "grouped_matmul"),
                       ("scaled_matmul_impl", "scaled_matmul"), ("row_gather_impl", "row_gather"),
-                      ("expert_layout", "expert_layout")):
+                      ("cross_entropy_impl", "cross_entropy"), ("expert_layout", "expert_layout")):
             try:
                 kernels.validate(op, getattr(self, f))
             except ValueError as e:

@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.kernels import cross_entropy
 from dsv3_jax.model.layers import einsum_f32
 
 
@@ -19,9 +20,9 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: 
     batch-sharded N stays sharded inside each chunk); each chunk's [chunk, V] logits are fp32
     sums of `dtype` products rounded once to `dtype`, as the references' head returns them (HF
     then upcasts for the loss, as here; fp32 logits cost the bench step ~1 ms on an H200), and
-    the softmax is fp32. When differentiated, the forward pass also forms both
-    gradients from the same logits (softmax minus one-hot), so the backward pass only scales
-    them: three GEMMs per chunk instead of four with a recomputed forward.
+    the softmax is fp32 (`kernels.cross_entropy`). When differentiated, the forward pass also
+    forms both gradients from the same logits (softmax minus one-hot), so the backward pass only
+    scales them: three GEMMs per chunk instead of four with a recomputed forward.
     """
     count = mask.sum()
     weight = mask.astype(jnp.float32) / jnp.maximum(count, 1)  # [N]: each token's share of the mean
@@ -39,28 +40,12 @@ def _unchunk(a: jax.Array, n: int) -> jax.Array:
     return a.swapaxes(0, 1).reshape((-1,) + a.shape[2:])[:n]
 
 
-def _logsumexp(x: jax.Array) -> jax.Array:
-    """x [n,V] fp32 -> log sum exp over V [n] in one pass over x: the running max and the sum
-    rescaled to it form one variadic reduction (jax.nn.logsumexp reads x twice, once for the
-    max; at the bench shape a chunk's logits are 2 GB). A combine rescales only the partial
-    with the smaller max: one exp per element, not two (0.58 against 0.76 ms a bench chunk on
-    an H200)."""
-    def combine(a, b):
-        (m_a, s_a), (m_b, s_b) = a, b
-        a_wins = m_a >= m_b
-        e = jnp.exp(-jnp.abs(m_a - m_b))  # exp(smaller max - larger max)
-        return jnp.where(a_wins, m_a, m_b), jnp.where(a_wins, s_a + s_b * e, s_a * e + s_b)
-
-    low = jnp.finfo(jnp.float32).min  # finite: two empty partials combine to (low, 0), not NaN
-    m, total = jax.lax.reduce((x, jnp.ones_like(x)), (low, jnp.float32(0)), combine, (x.ndim - 1,))
-    return m + jnp.log(total)
-
-
 def _chunk_nll(h, w, targets, dtype):
-    """One chunk: logits [n,V] (rounded to `dtype`) in fp32, log-sum-exp [n], -log p(target) [n]."""
-    logits = einsum_f32("nd,dv->nv", h, w, dtype=dtype, out_dtype=dtype).astype(jnp.float32)
-    lse = _logsumexp(logits)
-    return logits, lse, lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    """One chunk: logits [n,V] (rounded to `dtype`), their log-sum-exp [n] and -log p(target) [n]
+    (fp32)."""
+    logits = einsum_f32("nd,dv->nv", h, w, dtype=dtype, out_dtype=dtype)
+    lse = cross_entropy.logsumexp(logits)
+    return logits, lse, lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0].astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -85,8 +70,7 @@ def _weighted_nll_fwd(h, w, targets, weight, chunk, dtype):
         total, dw = carry
         h_c, t_c, wt_c = xs
         logits, lse, nll = _chunk_nll(h_c, w_c, t_c, dtype)
-        probs = jnp.exp(logits - lse[:, None])
-        dlogits = (wt_c[:, None] * (probs - jax.nn.one_hot(t_c, w.shape[1], dtype=jnp.float32))).astype(dtype)
+        dlogits = cross_entropy.xent_grad(logits, lse, t_c, wt_c)
         dh = einsum_f32("nv,dv->nd", dlogits, w_c, dtype=dtype)
         dw = dw + einsum_f32("nd,nv->dv", h_c, dlogits, dtype=dtype)
         return (total + (wt_c * nll).sum(), dw), dh.astype(h.dtype)

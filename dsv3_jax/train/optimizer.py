@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from dsv3_jax.train.config import TrainConfig
 
@@ -20,6 +21,36 @@ class AdamState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
+
+
+def global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf, in fp32 (the step's grad_norm and the clipping
+    norm: the same expression, so XLA computes it once). A layer stack's leaf (an nnx.Variable
+    with dims beyond its `logical_axes`) is summed one layer at a time: its gradient is the
+    unrolled layers' gradients joined, and a sum read through that join ran at half the HBM rate
+    (H200, 11 x [64,2048,1024] bf16: 1.44 against 0.71 ms a layer at a time)."""
+    def layers(v) -> list[jax.Array]:
+        if not isinstance(v, nnx.Variable):
+            return [v]
+        x = v[...]
+        lead = x.ndim - len(v.get_metadata().get("logical_axes") or x.shape)
+        return list(x.reshape((-1,) + x.shape[lead:])) if lead else [x]
+
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for v in leaves for x in layers(v)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (updates scaled by max_norm / norm where the norm exceeds it)
+    with `global_norm`'s norm."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.GradientTransformation:
@@ -53,7 +84,7 @@ def decay_mask(params):
 
 def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(c.clip_norm),
+        clip_by_global_norm(c.clip_norm),
         scale_by_adam(c.adam_b1, c.adam_b2, c.adam_eps, jnp.dtype(c.moments_dtype)),
         optax.add_decayed_weights(c.weight_decay, mask=decay_mask),
     )

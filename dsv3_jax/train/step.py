@@ -24,7 +24,7 @@ from dsv3_jax.model.transformer import full_depth, remat, scan_unroll
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy, shifted_targets
-from dsv3_jax.train.optimizer import make_optimizer
+from dsv3_jax.train.optimizer import global_norm, make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -75,7 +75,7 @@ def make_losses(graphdef, config: ModelConfig, c: TrainConfig):
         B, T = tokens.shape
         with fp8.use(recipe), kernels.use(c.attention_impl, c.grouped_matmul_impl,
                                           scaled_matmul=c.scaled_matmul_impl, expert_layout=c.expert_layout,
-                                          row_gather=c.row_gather_impl), \
+                                          row_gather=c.row_gather_impl, cross_entropy=c.cross_entropy_impl), \
                 parallel.expert_transport(c.expert_transport, c.expert_capacity_factor), \
                 remat(c.remat), scan_unroll(layers_per_scan(config, c)):
             if c.mask_documents:
@@ -124,7 +124,7 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
             lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
         (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
         loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        grad_norm = global_norm(grads)
 
         lr = schedule.learning_rate(c, frac)
         with jax.named_scope("optimizer"):

@@ -2,9 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from dsv3_jax.train.config import TrainConfig
-from dsv3_jax.train.optimizer import decay_mask, make_optimizer
+from dsv3_jax.train.optimizer import decay_mask, global_norm, make_optimizer
 
 
 def _params():
@@ -72,3 +73,15 @@ def test_bf16_moments_are_stored_in_bf16():
     state = make_optimizer(TrainConfig(moments_dtype="bfloat16")).init(_params())
     adam = state[1]
     assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_global_norm_sums_stacked_layers_one_at_a_time_to_the_whole_norm():
+    """Variables with a stacked-layer dim (beyond their logical axes) are summed slice by slice;
+    the result is the norm of every value, as NumPy computes it."""
+    rs = np.random.RandomState(2)
+    stacked = nnx.Param(jnp.asarray(rs.randn(3, 4, 5), jnp.bfloat16), logical_axes=("embed", "heads"))
+    two_stacks = nnx.Param(jnp.asarray(rs.randn(2, 2, 4), jnp.float32), logical_axes=("norm",))
+    plain = nnx.Param(jnp.asarray(rs.randn(6), jnp.float32), logical_axes=("norm",))
+    tree = nnx.State({"a": stacked, "b": two_stacks, "c": plain, "d": jnp.asarray(rs.randn(2, 3), jnp.float32)})
+    values = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+    np.testing.assert_allclose(float(jax.jit(global_norm)(tree)), np.linalg.norm(np.concatenate(values)), rtol=1e-6)
