@@ -1,11 +1,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsv3_jax.train.losses import chunked_cross_entropy, shifted_targets
 
 
-def test_chunked_cross_entropy_equals_full_softmax_in_value_and_gradient():
+@pytest.mark.parametrize("chunk", [16, 64])  # three chunks (the last one short); one chunk
+def test_chunked_cross_entropy_equals_full_softmax_in_value_and_gradient(chunk):
     rs = np.random.RandomState(0)
     N, D, V = 37, 16, 103  # V not a multiple of the chunk
     h, w = jnp.asarray(rs.randn(N, D), jnp.float32), jnp.asarray(rs.randn(D, V), jnp.float32)
@@ -18,14 +20,14 @@ def test_chunked_cross_entropy_equals_full_softmax_in_value_and_gradient():
         return jnp.where(mask, nll, 0).sum() / mask.sum()
 
     def chunked(h, w):
-        return chunked_cross_entropy(h, w, targets, mask, chunk=16, dtype=jnp.float32)[0]
+        return chunked_cross_entropy(h, w, targets, mask, chunk=chunk, dtype=jnp.float32)[0]
 
     np.testing.assert_allclose(chunked(h, w), full(h, w), rtol=1e-5)
     value, grads = jax.value_and_grad(chunked, (0, 1))(h, w)  # the forward pass that also forms gradients
     np.testing.assert_allclose(value, full(h, w), rtol=1e-5)
     for a, b in zip(grads, jax.grad(full, (0, 1))(h, w)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert int(chunked_cross_entropy(h, w, targets, mask, chunk=16, dtype=jnp.float32)[1]) == int(mask.sum())
+    assert int(chunked_cross_entropy(h, w, targets, mask, chunk=chunk, dtype=jnp.float32)[1]) == int(mask.sum())
 
 
 def test_cross_entropy_of_huge_logits_matches_float64_numpy():
