@@ -42,20 +42,24 @@ def global_norm(tree) -> jax.Array:
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm (updates scaled by max_norm / norm where the norm exceeds it)
-    with `global_norm`'s norm."""
+    with `global_norm`'s norm, as one scalar factor: a multiply an element, not a division."""
 
     def update(updates, state, params=None):
         del params
         norm = global_norm(updates)
-        keep = norm < max_norm
-        return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.GradientTransformation:
     """Adam's bias-corrected m / (sqrt(v) + eps) with both moments stored in `moments_dtype`
-    (optax's own keeps v in the parameter dtype); moment arithmetic is fp32."""
+    (optax's own keeps v in the parameter dtype); moment arithmetic is fp32. The bias
+    corrections are scalar reciprocals, so an element costs one division: with a division for
+    each correction and for clipping, the updates of the stacked expert weights were bound by
+    their arithmetic, not by HBM (bench step on an H200: 7.59 -> 6.75 ms gate and up, 4.75 ->
+    3.85 ms down)."""
 
     def init(params):
         zeros = lambda p: jnp.zeros(p.shape, moments_dtype)
@@ -67,8 +71,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.Grad
         mu = jax.tree.map(lambda m, g: b1 * m.astype(jnp.float32) + (1 - b1) * g, state.mu, g32)
         nu = jax.tree.map(lambda v, g: b2 * v.astype(jnp.float32) + (1 - b2) * g * g, state.nu, g32)
         count = state.count + 1
-        c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
-        updates = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+        r1, r2 = 1 / (1 - b1 ** count.astype(jnp.float32)), 1 / (1 - b2 ** count.astype(jnp.float32))
+        updates = jax.tree.map(lambda m, v: m * r1 / (jnp.sqrt(v * r2) + eps), mu, nu)
         cast = lambda t: jax.tree.map(lambda x: x.astype(moments_dtype), t)
         return updates, AdamState(count, cast(mu), cast(nu))
 
