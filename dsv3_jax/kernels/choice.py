@@ -2,8 +2,8 @@
 
 `use(...)` sets the choice for everything traced inside it (the train step wraps its loss in
 it from `TrainConfig.attention_impl`, `grouped_matmul_impl`, `scaled_matmul_impl`,
-`row_gather_impl`, `cross_entropy_impl` and `expert_layout`); each op's `default_impl` asks `forced` first. Read at
-trace time, like `fp8.use`.
+`row_gather_impl`, `cross_entropy_impl` and `expert_layout`); each op's `default_impl` asks
+`forced` first. Read at trace time, like `fp8.use`.
 """
 
 from __future__ import annotations

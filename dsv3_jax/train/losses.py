@@ -64,7 +64,7 @@ def _weighted_nll(h, w, targets, weight, chunk: int, dtype):
 def _weighted_nll_fwd(h, w, targets, weight, chunk, dtype):
     """The loss and its gradients dh [N,D], dw [D,V] (fp32) in one pass over the chunks. The
     first chunk's dw starts the sum, so no [D,V] of zeros is written and read (bench step on an
-    H200: ~0.4 ms)."""
+    H200: the loss's kernels 0.7 ms faster)."""
     n_chunks = -(-h.shape[0] // chunk)
     w_c = w.astype(dtype)
 
