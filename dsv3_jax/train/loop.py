@@ -1,4 +1,10 @@
-"""The training loop: restore or initialise, step, log, checkpoint, stop cleanly."""
+"""The training loop: restore or initialise, step, log, checkpoint, stop cleanly.
+
+One step is kept in flight: the next step is dispatched (its batch read and placed) before the
+last one's metrics are fetched, so the device does not wait for the host between steps (bench
+shape on an H200: 191.6-192.0 ms a step against 192.9-195.4 waiting for each). A checkpoint, a
+held-out evaluation and the last step wait for their own step first, as they need its state.
+"""
 
 from __future__ import annotations
 
@@ -206,7 +212,38 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True)
     history: list[dict] = []
     held_out = {}  # the last held-out loss, for the progress bar
-    step = start
+    step, seen = start, int(state.micro_batches)  # micro-batches consumed, counted here so no step waits
+    pending, done_at = None, 0.0  # the step in flight whose metrics are not fetched yet; when the last was
+
+    def fetch(p) -> dict:
+        """A dispatched step's record: its metrics fetched (waiting for it to finish); a non-finite
+        step stops the run."""
+        nonlocal done_at
+        at, dispatched, m, tokens, micro_batches = p
+        m = jax.device_get(m)
+        seconds = time.perf_counter() - max(dispatched, done_at)  # from when the device began it
+        done_at = time.perf_counter()
+        if not m["finite"]:
+            raise NonFiniteError(
+                f"step {at}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not finite; "
+                f"the update was skipped and the run stopped. Last checkpoint: "
+                f"{'none' if ckpt.latest_step() is None else f'step {ckpt.latest_step()}'} in {ckpt.directory}. "
+                "Lower train.peak_lr or check the data.")
+        return {"step": at, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0 and k != "finite"},
+                "max_violation_per_layer": [float(v) for v in m["max_violation_per_layer"]],
+                "tokens_per_sec": float(tokens / seconds), "step_seconds": seconds,
+                "tokens_seen": micro_batches * data_config.batch_size * data_config.seq_len}
+
+    def emit(record: dict) -> None:
+        if record["step"] % log_every == 0 or record["step"] == tc.steps or "val_lm_loss" in record:
+            writer.write(record)
+            history.append(record)
+            if on_log is not None:
+                on_log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                        maxvio=f"{record['max_violation']:.2f}", **held_out)
+
     try:
         while step < tc.steps and stop["signal"] is None:
             A = schedule.accum_at(tc, step)
@@ -214,35 +251,22 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
             _check_token_ids(micro, config.vocab_size, f"step {step + 1}")
             batch = {k: parallel.shard_batch(np.stack([m[k] for m in micro]), mesh, data_config.batch_size,
                                              batch_dim=1) for k in micro[0]}  # [A,B,T] global
-            t0 = time.perf_counter()
-            state, m = step_fn(state, batch)
-            m = jax.device_get(m)
-            seconds = time.perf_counter() - t0
-            if not m["finite"]:
-                raise NonFiniteError(
-                    f"step {step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not finite; "
-                    f"the update was skipped and the run stopped. Last checkpoint: "
-                    f"{'none' if ckpt.latest_step() is None else f'step {ckpt.latest_step()}'} in {ckpt.directory}. "
-                    "Lower train.peak_lr or check the data.")
-            step += 1
-            record = {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0 and k != "finite"},
-                      "max_violation_per_layer": [float(v) for v in m["max_violation_per_layer"]],
-                      "tokens_per_sec": float(batch["tokens"].size / seconds), "step_seconds": seconds,
-                      "tokens_seen": int(state.micro_batches) * data_config.batch_size * data_config.seq_len}
+            state, m = step_fn(state, batch)  # queued behind the step in flight
+            step, seen = step + 1, seen + A
+            if pending is not None:  # the previous step's metrics, fetched while this one runs
+                emit(fetch(pending))
+            pending = (step, time.perf_counter(), m, batch["tokens"].size, seen)
             evaluate = eval_fn is not None and (step % eval_every == 0 or step == tc.steps)
-            if evaluate:
-                record["val_lm_loss"] = _evaluate(eval_fn, state, val)
-                held_out = {"val": f"{record['val_lm_loss']:.3f}"}
-            if step % log_every == 0 or step == tc.steps or evaluate:
-                writer.write(record)
-                history.append(record)
-                if on_log is not None:
-                    on_log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                            maxvio=f"{record['max_violation']:.2f}", **held_out)
-            if step % tc.checkpoint_every == 0:
-                ckpt.save(step, state, data, config, tc)
+            if evaluate or step % tc.checkpoint_every == 0 or step == tc.steps:  # these need this step's state
+                record, pending = fetch(pending), None
+                if evaluate:
+                    record["val_lm_loss"] = _evaluate(eval_fn, state, val)
+                    held_out = {"val": f"{record['val_lm_loss']:.3f}"}
+                emit(record)
+                if step % tc.checkpoint_every == 0:
+                    ckpt.save(step, state, data, config, tc)
+        if pending is not None:  # stopped by a signal with a step in flight
+            emit(fetch(pending))
         if ckpt.latest_step() != step:  # the last step reached is always saved
             ckpt.save(step, state, data, config, tc)
     finally:

@@ -74,6 +74,22 @@ def test_resume_is_exact(tmp_path, corpus, straight):
     assert [r["max_violation"] for r in first + second] == [r["max_violation"] for r in full]
 
 
+def test_each_step_is_queued_before_the_last_ones_metrics_are_fetched(tmp_path, corpus, monkeypatch):
+    """One step in flight: a step's record is made after the next step was dispatched, except at a
+    checkpoint and the last step, whose state the loop needs before going on."""
+    dispatched, seen_at_log, jit = [], [], loop.jit_train_step
+
+    def counting(*args, **kw):
+        step_fn = jit(*args, **kw)
+        return lambda state, batch: dispatched.append(1) or step_fn(state, batch)
+
+    monkeypatch.setattr(loop, "jit_train_step", counting)
+    tc = TrainConfig(steps=6, schedule_steps=16, checkpoint_every=3, peak_lr=3e-3)
+    train(str(tmp_path), MODEL, tc, corpus, progress=False, devices=jax.devices()[:1],
+          on_log=lambda r: seen_at_log.append((r["step"], len(dispatched))))
+    assert seen_at_log == [(1, 2), (2, 3), (3, 3), (4, 5), (5, 6), (6, 6)]
+
+
 def test_restore_onto_a_different_mesh(tmp_path, corpus, straight):
     """A one-device checkpoint continues over three mesh axes and logs the one-device run's losses
     (bf16 compute, so reduction order shows); the model's gradients on more meshes are compared in
