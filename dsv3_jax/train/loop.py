@@ -2,8 +2,8 @@
 
 One step is kept in flight: the next step is dispatched (its batch read and placed) before the
 last one's metrics are fetched, so the device does not wait for the host between steps (bench
-shape on an H200: 191.6-192.0 ms a step against 192.9-195.4 waiting for each). A checkpoint, a
-held-out evaluation and the last step wait for their own step first, as they need its state.
+shape on an H200: 191.6-192.0 ms a step against 192.9-195.4 waiting for each). A checkpoint and a
+held-out evaluation wait for their own step first, as they need its state.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
                 emit(fetch(pending))
             pending = (step, time.perf_counter(), m, batch["tokens"].size, seen)
             evaluate = eval_fn is not None and (step % eval_every == 0 or step == tc.steps)
-            if evaluate or step % tc.checkpoint_every == 0 or step == tc.steps:  # these need this step's state
+            if evaluate or step % tc.checkpoint_every == 0:  # these need this step's state
                 record, pending = fetch(pending), None
                 if evaluate:
                     record["val_lm_loss"] = _evaluate(eval_fn, state, val)
@@ -265,7 +265,7 @@ def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_l
                 emit(record)
                 if step % tc.checkpoint_every == 0:
                     ckpt.save(step, state, data, config, tc)
-        if pending is not None:  # stopped by a signal with a step in flight
+        if pending is not None:  # the last step, or the step in flight when a signal came
             emit(fetch(pending))
         if ckpt.latest_step() != step:  # the last step reached is always saved
             ckpt.save(step, state, data, config, tc)

@@ -76,7 +76,7 @@ def test_resume_is_exact(tmp_path, corpus, straight):
 
 def test_each_step_is_queued_before_the_last_ones_metrics_are_fetched(tmp_path, corpus, monkeypatch):
     """One step in flight: a step's record is made after the next step was dispatched, except at a
-    checkpoint and the last step, whose state the loop needs before going on."""
+    checkpoint, whose state the loop needs before going on, and the last step, with none after it."""
     dispatched, seen_at_log, jit = [], [], loop.jit_train_step
 
     def counting(*args, **kw):
