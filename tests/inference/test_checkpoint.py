@@ -3,7 +3,6 @@ only what inference needs, clear errors; generate and eval on a mesh."""
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -204,38 +203,44 @@ def test_generate_cli_on_a_mesh_gives_the_one_device_greedy_tokens(workdir, conv
     assert capsys.readouterr().out == greedy_text[1]
 
 
-def _two_processes(args: list[str], start: str) -> list[str]:
+_PRINT_TO_FILE = ("import runpy, sys; sys.stdout = open(sys.argv.pop(1), 'w', encoding='utf-8', newline=''); "
+                  "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+
+
+def _two_processes(args: list[str], start: str, tmp_path) -> list[str]:
     """`python -m ARGS` in two CPU processes x 4 devices (jax.distributed over loopback, gloo) ->
-    each one's stdout from the first `start` on ("" without one), Gloo's connection notes left
-    out: Gloo writes them to the same stdout from its own threads, unbuffered, as whole lines
-    before or after Python's buffered output (and may break each other's lines)."""
+    what each one prints from the first `start` on ("" without one). Python's stdout goes to a
+    file of its own: Gloo writes its connection notes to the process's stdout from its own
+    threads, unbuffered, and one can land inside a printed line."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [subprocess.Popen([sys.executable, "-m", *args, "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    files = [tmp_path / f"stdout{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _PRINT_TO_FILE, str(files[i]), *args, "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
              for i in range(2)]
-    try:  # bytes, decoded here: text mode would turn a generated "\r" into "\n"
-        outs = [tuple(b.decode() for b in p.communicate(timeout=300)) for p in procs]
+    try:
+        errs = [p.communicate(timeout=300)[1].decode() for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
-    outs = [re.sub(r"^\[Gloo\][^\n]*\n", "", out, flags=re.M) for out, _ in outs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for err in errs]
+    outs = [f.read_bytes().decode() for f in files]  # bytes, decoded here: text mode would turn a "\r" into "\n"
     return [out[out.index(start):] if start in out else "" for out in outs]
 
 
 def test_generate_and_eval_clis_over_two_processes(workdir, converted, greedy_text, tmp_path):
     """The mesh over two processes: process 0 prints one device's greedy text and bits per byte,
     process 1 nothing."""
-    assert _two_processes(["dsv3_jax.generate", *_generate_args(workdir, converted)], "--- ") == [greedy_text[1], ""]
+    assert _two_processes(["dsv3_jax.generate", *_generate_args(workdir, converted)], "--- ", tmp_path) == [
+        greedy_text[1], ""]
     text = tmp_path / "t.txt"
     text.write_text("the lazy dog jumps over the quick brown fox")
     out, other = _two_processes(["dsv3_jax.eval", "bpb", "--ckpt", str(converted), "--text", str(text), "--window",
-                                 "32", "--dtype", "float32", "--mesh", MESH], "{")
+                                 "32", "--dtype", "float32", "--mesh", MESH], "{", tmp_path)
     tok = read_tokenizer(str(converted / "tokenizer.json"))
     from dsv3_jax.eval.__main__ import text_tokens  # noqa: PLC0415
 
