@@ -140,14 +140,20 @@ def test_ragged_backward_products_take_bf16_operands():
 
 @pytest.mark.parametrize("block_m", [8, 32, 128])
 def test_row_tasks_cover_every_grouped_row_once(block_m):
-    """Each row of each group lies in exactly one task of its own group; rows past the groups in none."""
+    """Each row of each group lies in exactly one task of its own group, among the first
+    cdiv(M, block_m) + E - 1; rows past the groups in none, and the tasks after those are empty.
+    Every case asks for the tasks of the largest M and E, so one compilation serves each E."""
     rs = np.random.RandomState(3)
+    max_m, max_e = 400, 8
+    tasks = jax.jit(row_tasks, static_argnums=(1, 2))
+    all_tasks = -(-max_m // block_m) + max_e - 1
     for _ in range(40):
-        E, M = rs.randint(1, 9), rs.randint(1, 400)
+        E, M = rs.randint(1, max_e + 1), rs.randint(1, max_m)
         sizes = rs.multinomial(rs.randint(0, M + 1), np.ones(E) / E)  # at most M rows in all
         sizes[rs.randint(E)] = 0  # an empty group
         n_tasks = -(-M // block_m) + E - 1
-        group, row0, offset, rows = map(np.asarray, row_tasks(jnp.asarray(sizes), block_m, n_tasks))
+        group, row0, offset, rows = map(np.asarray, tasks(jnp.asarray(sizes), block_m, all_tasks))
+        assert not rows[n_tasks:].any()
         owner = np.full(M + block_m, -1)
         for t in range(n_tasks):
             assert row0[t] % 8 == 0 and offset[t] + rows[t] <= block_m
