@@ -78,18 +78,24 @@ def naive_decode(attn: MLA, x, cos, sin, k_cache, v_cache, slots):
 
 def test_absorbed_equals_naive_cache():
     c = CONFIG
-    attn = MLA(c, rngs=nnx.Rngs(1), dtype=jnp.float32, param_dtype=jnp.float32)
+    graphdef, state = nnx.split(MLA(c, rngs=nnx.Rngs(1), dtype=jnp.float32, param_dtype=jnp.float32))
     B, S, H = 2, 12, c.num_attention_heads
     x = jax.random.normal(jax.random.key(0), (B, 8, c.hidden_size))
     cache = LatentCache(jnp.zeros((1, B, S, c.kv_lora_rank)), jnp.zeros((1, B, S, c.qk_rope_head_dim)))
     k_cache = jnp.zeros((B, S, H, c.qk_head_dim))
     v_cache = jnp.zeros((B, S, H, c.v_head_dim))
+
+    @jax.jit  # one compilation a step length (op by op, the steps took ~16 s)
+    def both(xt, slots, cache, k_cache, v_cache):
+        attn = nnx.merge(graphdef, state)
+        cos, sin = rope_cos_sin(c, slots)
+        ours, cache = attn.decode(xt, cos, sin, CacheView(cache, jnp.int32(0), slots))
+        return ours, cache, *naive_decode(attn, xt, cos, sin, k_cache, v_cache, slots)
+
     for start, T in ((0, 5), (5, 1), (6, 2), (8, 1)):  # prefill, then steps of 1 and 2 tokens
         slots = jnp.broadcast_to(jnp.arange(start, start + T), (B, T))
-        cos, sin = rope_cos_sin(c, slots)
         xt = x[:, start: start + T] if start + T <= 8 else x[:, :T]
-        ours, cache = attn.decode(xt, cos, sin, CacheView(cache, jnp.int32(0), slots))
-        ref, k_cache, v_cache = naive_decode(attn, xt, cos, sin, k_cache, v_cache, slots)
+        ours, cache, ref, k_cache, v_cache = both(xt, slots, cache, k_cache, v_cache)
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
