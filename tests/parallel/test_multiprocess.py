@@ -24,22 +24,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("spec", ["expert=8"])  # the expert all-to-all crosses the two processes
-def test_two_processes_match_one_device(spec):
+def test_two_processes_match_one_device(spec, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE)])
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multiprocess_worker.py"), str(port), str(i), spec],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    outs = [tmp_path / f"process{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "multiprocess_worker.py"), str(port), str(i), spec,
+                               str(outs[i])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
-    results = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=400)
+            _, err = p.communicate(timeout=400)
             assert p.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         for p in procs:
             p.kill()
+    results = [json.loads(out.read_text()) for out in outs]
     assert sorted(tuple(r["rows"]) for r in results) == [(0, B // 2), (B // 2, B)]
     loss, (_, load) = nnx.jit(loss_fn)(reference_model(seed=0), jnp.asarray(tokens()))
     for r in results:
