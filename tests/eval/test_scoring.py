@@ -20,6 +20,12 @@ def model():
     return DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
+@nnx.jit
+def _logits(model, tokens):
+    """The hand computations' forward, one sequence [T] -> [T,V] (jitted: op by op it dominated the tests)."""
+    return model(tokens[None]).logits[0]
+
+
 def test_windows_score_each_token_once():
     for n, w, s in ((5, 8, 4), (40, 16, 8), (41, 16, 5)):
         scored = [t for b, e, f in windows(n, w, s) for t in range(f, e)]
@@ -31,14 +37,14 @@ def test_windows_score_each_token_once():
 
 def test_bits_per_byte_equals_hand_computation(model):
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, 12)
-    logits = np.asarray(model(jnp.asarray(tokens[None])).logits[0], np.float64)
+    logits = np.asarray(_logits(model, jnp.asarray(tokens)), np.float64)
     top = logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
     hand = -sum(logp[t, tokens[t + 1]] for t in range(11)) / np.log(2) / 30
     assert bits_per_byte(model, tokens, 30, window=16)["bits_per_byte"] == pytest.approx(hand, rel=1e-5)
     # window 8, stride 4: tokens 1-7 scored in the window [0, 8), tokens 8-11 in [4, 12) (four of context)
     def logp_of(window, begin):
-        lg = np.asarray(model(jnp.asarray(window[None])).logits[0], np.float64)
+        lg = np.asarray(_logits(model, jnp.asarray(window)), np.float64)
         lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
         return {begin + t + 1: lp[t, window[t + 1]] for t in range(len(window) - 1)}
 
@@ -50,7 +56,7 @@ def test_bits_per_byte_equals_hand_computation(model):
 
 def test_choice_scores_sum_continuation_logprobs(model):
     ctx, cont = [3, 9, 27], [81, 5]
-    logits = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ctx + cont])).logits[0], -1))
+    logits = np.asarray(jax.nn.log_softmax(_logits(model, jnp.asarray(ctx + cont)), -1))
     hand = logits[2, 81] + logits[3, 5]
     got = choice_scores(model, [ctx, ctx], [cont, [7]])
     assert got[0] == pytest.approx(hand, rel=1e-5)
