@@ -1,6 +1,6 @@
 """Where the time goes: device kernels of a jax.profiler trace, summed by name and by op class.
 
-    python tools/profile_summary.py TRACE_DIR [--steps 2] [--top 25] [--program step]
+    python tools/profile_summary.py TRACE_DIR [--steps 2] [--top 25] [--program step] [--scope REGEX]
         [--period REGEX [--phase REGEX] [--timeline]]
 
 Reads the largest trace file (`*trace.json.gz`, written by `jax.profiler.trace(...,
@@ -20,6 +20,9 @@ counts for the scope most of its fused instructions come from (the top level onl
 has another, the deeper on a tie), not its root's: the optimizer's update, fused under the
 non-finite guard's select and with the stacking of the layers' gradients it reads, is
 "optimizer", not the select's top level nor the scope of the gradient's last kernel.
+`--scope REGEX` adds, for each scope the regex finds (`re.search`), its kernels: milliseconds and
+kernels per step and the tail of the `op_name` the scope was read from (a fusion's: that of one
+of its instructions in that scope), e.g. `--scope "attention/q( bwd)?$"`.
 `--program` keeps one jitted program's kernels (e.g. a decode `step` without its prefill). GPU
 command buffers hide the op behind each kernel; profile with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them all.
@@ -181,12 +184,14 @@ def program_events(trace_dir: str, program: str | None = None) -> list[dict]:
                    if in_program(str(e.get("args", {}).get("hlo_module") or ""), program)), key=lambda e: e["ts"])
 
 
-def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: int, top: int) -> dict:
+def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: int, top: int,
+              scopes: str | None = None) -> dict:
     """events (`program_events`) summed per step by kernel, op class and, with `op_names`
-    metadata, model scope."""
+    metadata, model scope; the kernels of the scopes the regex `scopes` finds, one by one."""
     by_name: collections.Counter = collections.Counter()
     by_scope: collections.Counter = collections.Counter()
     scope_kernels: collections.Counter = collections.Counter()
+    in_scope: dict[str, dict] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
     ops: dict[str, str] = {}  # kernel -> the HLO op it ran for, where the trace says
     for e in events:
         ms = e["dur"] / 1e3 / steps  # us -> ms per step
@@ -196,6 +201,10 @@ def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: i
         by_scope[where] += ms
         scope_kernels[where] += 1
         ops.setdefault(e["name"], op_name[:200] or str(e.get("args", {}).get("hlo_op") or ""))
+        if scopes and re.search(scopes, where):  # scope -> (kernel, op name's tail) -> [ms, kernels]
+            kernel = in_scope[where][e["name"], "/".join(op_name.split("/")[-2:])]
+            kernel[0] += ms
+            kernel[1] += 1
     by_class: collections.Counter = collections.Counter()
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
@@ -207,6 +216,11 @@ def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: i
     if metadata:
         out["by_scope_ms"] = {s: round(ms, 3) for s, ms in by_scope.most_common(top)}
         out["by_scope_kernels_per_step"] = {s: round(scope_kernels[s] / steps, 1) for s, _ in by_scope.most_common(top)}
+    if scopes:
+        out["scope_kernels"] = {
+            where: [[name[:120], round(ms, 3), round(n / steps, 1), op]
+                    for (name, op), (ms, n) in sorted(in_scope[where].items(), key=lambda kv: -kv[1][0])[:top]]
+            for where in sorted(in_scope, key=lambda w: -by_scope[w])}
     return out
 
 
@@ -274,6 +288,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="steps the trace covers (results are per step)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--program", help="only this jitted function's kernels (e.g. step, train_step)")
+    p.add_argument("--scope", help="regex: also list the kernels of each scope it finds (module docstring)")
     p.add_argument("--period", help="regex of the kernel that starts each repeat of a block (module docstring)")
     p.add_argument("--phase", help="with --period: regex of the kernels whose span inside each repeat to time")
     p.add_argument("--timeline", action="store_true", help="with --period: each repeat's kernels, in start order")
@@ -282,7 +297,7 @@ def main() -> None:
         p.error("--phase and --timeline need --period")
     events = program_events(args.trace_dir, args.program)
     metadata = op_names(args.trace_dir)
-    out = summarize(events, metadata, args.steps, args.top)
+    out = summarize(events, metadata, args.steps, args.top, args.scope)
     if args.period:
         out["period"] = period(events, args.period, args.phase, metadata if args.timeline else None)
     print(json.dumps(out))

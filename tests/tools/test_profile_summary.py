@@ -66,6 +66,15 @@ def test_scopes_of_one_program_per_step(trace_dir):
     assert s["by_class_ms"] == {"elementwise fusion": pytest.approx(0.15), "matmul": pytest.approx(0.05)}
 
 
+def test_kernels_of_the_scopes_a_regex_finds(trace_dir):
+    s = _summary(trace_dir, "--program", "train_step", "--scope", "experts|optimizer")
+    assert s["scope_kernels"] == {  # by time; a kernel: ms and kernels per step, its (majority) op name tail
+        "train_step: optimizer": [["loop_select_fusion", pytest.approx(0.15), 0.5, "optimizer/mul"]],
+        "train_step: moe_layers/moe/experts": [["nvjet_sm90_gemm", pytest.approx(0.05), 0.5, "experts/dot_general"]]}
+    assert list(_summary(trace_dir, "--scope", "^train_step: opt")["scope_kernels"]) == ["train_step: optimizer"]
+    assert "scope_kernels" not in _summary(trace_dir)
+
+
 def test_every_device_kernel_without_a_program(trace_dir):
     s = _summary(trace_dir)
     assert s["device_ms_per_step"] == pytest.approx(0.225) and s["kernels_per_step"] == 1.5  # host events left out
