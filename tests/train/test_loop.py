@@ -192,10 +192,10 @@ def test_a_new_run_starts_from_pretrained_weights(tmp_path, capsys, corpus, stra
            "--seq-len", "32", "--batch-size", "8", "--set", "train.peak_lr=0", "--set", "train.bias_gamma=0",
            "--val-data", *corpus.paths, "--set", "data.val_batches=1"]
     assert main([*cli, "--steps", "1"]) == 0
-    # an override that keeps the shapes (and, as it only draws initial weights, the compiled step)
+    # an override that keeps the shapes (and, as it only draws initial weights, the compiled step:
+    # on the CLI's mesh, all devices on data, the step compiled above is reused)
     history = train(str(tmp_path / "b"), MODEL.replace(initializer_range=0.05),
-                    TrainConfig(steps=1, peak_lr=0, bias_gamma=0), corpus, progress=False, devices=jax.devices()[:1],
-                    init_from=str(converted))
+                    TrainConfig(steps=1, peak_lr=0.0, bias_gamma=0.0), corpus, progress=False, init_from=str(converted))
     assert [r["step"] for r in history] == [1]
     assert stored_config(tmp_path / "b").initializer_range == 0.05
     for run in ("a", "b"):
