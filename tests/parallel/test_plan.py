@@ -20,8 +20,6 @@ from dsv3_jax.train.optimizer import make_optimizer
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CASES = [("tiny", "data=8"), ("tiny", "expert=8"), ("tiny", "fsdp=2,expert=2,tensor=2"), ("small", "fsdp=8"),
          ("small", "data=2,tensor=4")]
-# XLA's backend (LLVM) optimisation off: it halves a compile and leaves the buffer sizes as they are
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _per_device(tree) -> dict:
@@ -117,7 +115,7 @@ def test_full_remat_keeps_one_layers_weight_copies():
 def test_lowers_and_compiles_tiny_with_xla_memory_analysis():
     s = plan.make_setup(ModelConfig.preset("tiny"), "fsdp=2,expert=2,tensor=2", 8, batch=8, seq=32)
     mesh = plan.mesh_for(s)
-    m = plan.memory_analysis(plan.lower_train_step(s, mesh).compile(FAST_COMPILE))
+    m = plan.memory_analysis(plan.lower_train_step(s, mesh).compile())
     got = plan.account(s, activations=False)
     arrays = 3 if s.train_config().mask_documents else 2  # tokens, segment ids (+ positions, read only then)
     batch = arrays * s.local_batch * s.seq * 4  # int32 per device
