@@ -283,13 +283,17 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, corpus):
     assert [r["step"] for r in _train(tmp_path, corpus, steps=6)] == [5, 6]  # and it resumes from there
 
 
+# One CPU device, with conftest's quick compiles (a child given its own XLA_FLAGS loses them)
+QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def _cli(*args):
     return [sys.executable, "-m", "dsv3_jax.train", "--preset", "tiny", "--no-progress", *args]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     workdir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": ""}  # one CPU device
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": QUICK_COMPILE}  # one CPU device
     proc = subprocess.Popen(_cli("--workdir", str(workdir), "--steps", "100000", "--data", *corpus.paths,
                                  "--seq-len", "32", "--batch-size", "8", "--set", "model.num_hidden_layers=2",
                                  "--set", "train.checkpoint_every=100000"),
