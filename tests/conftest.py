@@ -3,14 +3,9 @@ and the number of worker processes the suite runs on."""
 
 import os
 
-# The suite's time is mostly XLA compiling small programs. Without LLVM's optimisation passes
-# compiles take about a third less time and the tiny programs run about as fast (four test
-# files, cold cache: 252 -> 155 s); results move by float rounding only (the tiny model's fp32
-# gradients by at most 5e-9 at a scale of 2e-2), well inside every test's tolerance.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-).strip()
+from xla_env import xla_flags  # tests/: on the path as conftest's directory
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A bounded compile cache is one JAX locks (filelock) while it reads or writes an entry, so test
 # workers never read an entry another is still writing; set here, before jax is imported, so the

@@ -16,11 +16,10 @@ import pathlib
 
 import nbformat
 from nbclient import NotebookClient
+from xla_env import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "experiments" / "quickstart.ipynb"
-KERNEL_XLA_FLAGS = ("--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
-                    "--xla_llvm_disable_expensive_passes=true")
 REPORT = """
 import json
 print("REPORT " + json.dumps({
@@ -40,7 +39,7 @@ print("REPORT " + json.dumps({
 def _run(tmp_path) -> tuple[nbformat.NotebookNode, dict]:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(REPORT, id="test-report"))
-    env = {**os.environ, "DSV3_QUICKSTART_TINY": "1", "XLA_FLAGS": KERNEL_XLA_FLAGS, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "DSV3_QUICKSTART_TINY": "1", "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(ROOT / ".jax_cache"),
            "IPYTHONDIR": str(tmp_path / "ipython")}

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from xla_env import xla_flags
 
 from dsv3_jax import parallel
 from dsv3_jax.checkpoint.manager import Checkpointer
@@ -72,7 +73,7 @@ def test_a_workdir_trained_on_8_devices_loads_on_one(workdir, tmp_path):
               "np.savez(sys.argv[2], **{k.replace('/', '|'): np.asarray(v) for k, v in flat.items()})\n")
     out = tmp_path / "loaded.npz"
     subprocess.run([sys.executable, "-c", script, str(path), str(out)], check=True,
-                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT})
+                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), "PYTHONPATH": ROOT})
     loaded = {k.replace("|", "/"): v for k, v in np.load(out).items()}
     assert loaded.keys() == saved.keys()
     for k in saved:
@@ -216,7 +217,7 @@ def _two_processes(args: list[str], start: str, tmp_path) -> list[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+           "XLA_FLAGS": xla_flags(4)}
     files = [tmp_path / f"stdout{i}.txt" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", _PRINT_TO_FILE, str(files[i]), *args, "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],

@@ -27,7 +27,7 @@ def _free_port() -> int:
 def test_two_processes_match_one_device(spec, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE)])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), str(HERE.parent)])
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "multiprocess_worker.py"), str(port), str(i), spec,
                                str(outs[i])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

@@ -10,6 +10,7 @@ import sys
 import jax
 import pytest
 from flax import nnx
+from xla_env import QUICK_COMPILE
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import RouterBias
@@ -131,7 +132,7 @@ def test_lowers_reduced_depth_671b_on_8_devices():
 
 
 def test_tool_lowers_reduced_depth_671b_on_64_devices():
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": QUICK_COMPILE, "JAX_PLATFORMS": "cpu"}  # the tool adds its --devices
     cmd = [sys.executable, os.path.join(ROOT, "tools", "plan.py"), "--preset", "v3_671b", "--devices", "64",
            "--mesh", "fsdp=8,expert=8", "--layers", "4", "--seq", "4096", "--remat", "full", "--hbm", "h200",
            "--moments", "fp32"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -24,10 +25,8 @@ def test_flops_per_token_match_the_published_figures():
 
 
 def _bench(*args):
-    """One CPU device, with conftest's quick compiles (a child given its own XLA_FLAGS loses them;
-    the tests check how the speeds are reported, not what they are)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-           "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+    """On one CPU device (the tests check how the speeds are reported, not what they are)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "train", "--preset", "tiny",
                            "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", *args],
                           capture_output=True, text=True, env=env, cwd=ROOT)

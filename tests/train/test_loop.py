@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from xla_env import xla_flags
 
 from dsv3_jax import parallel
 from dsv3_jax.checkpoint.manager import CheckpointCorrupt
@@ -133,7 +134,8 @@ def test_export_hf_takes_the_workdir(tmp_path, straight):
     workdir, _ = straight
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, os.path.join(root, "tools", "export_hf.py"), str(workdir), str(tmp_path / "hf")],
-                   check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                   check=True, capture_output=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)})
     model, _ = load_model(workdir, dtype=np.float32)  # the run's param_dtype: what the export keeps
     dtypes = {v["dtype"] for shard in (tmp_path / "hf").glob("*.safetensors")
               for k, v in _safetensors_header(shard).items() if k != "__metadata__"}
@@ -283,17 +285,13 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, corpus):
     assert [r["step"] for r in _train(tmp_path, corpus, steps=6)] == [5, 6]  # and it resumes from there
 
 
-# One CPU device, with conftest's quick compiles (a child given its own XLA_FLAGS loses them)
-QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 def _cli(*args):
     return [sys.executable, "-m", "dsv3_jax.train", "--preset", "tiny", "--no-progress", *args]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     workdir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": QUICK_COMPILE}  # one CPU device
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.Popen(_cli("--workdir", str(workdir), "--steps", "100000", "--data", *corpus.paths,
                                  "--seq-len", "32", "--batch-size", "8", "--set", "model.num_hidden_layers=2",
                                  "--set", "train.checkpoint_every=100000"),
@@ -319,7 +317,7 @@ def test_a_run_already_at_its_steps_says_so(tmp_path, corpus, straight):
         r = subprocess.run(_cli("--workdir", str(workdir), "--steps", str(steps), "--data", *corpus.paths,
                                 "--seq-len", "32", "--batch-size", "8", "--set", "model.num_hidden_layers=2"),
                            capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": ""})
+                           env={**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": xla_flags(1)})
         assert r.returncode == 0, r.stderr
         assert (f"{workdir} is already at step 16; --steps {steps} asks for nothing more "
                 "(give --steps above 16 to train further)") in r.stderr, r.stderr
