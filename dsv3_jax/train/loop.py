@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dsv3_jax import parallel
-from dsv3_jax.checkpoint.manager import Checkpointer, abstract_like
+from dsv3_jax.checkpoint.manager import Checkpointer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.corpus import embedded_documents
 from dsv3_jax.data.pipeline import DataConfig, eval_batches, make_iterator, read_documents
@@ -32,7 +32,7 @@ from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.metrics import MetricsWriter, plot
-from dsv3_jax.train.step import init_state, jit_eval_step, jit_train_step
+from dsv3_jax.train.step import abstract_state, init_state, jit_eval_step, jit_train_step
 
 
 class NonFiniteError(RuntimeError):
@@ -196,10 +196,12 @@ def _evaluate(eval_fn, state, val: list[dict]) -> float:
 
 
 def _run(workdir, mesh, ckpt, config, tc, data_config, data, val, progress, on_log, model) -> list[dict]:
-    graphdef, tx, state = init_state(config, tc, mesh, model)
     start = ckpt.latest_step()
-    if start is not None:  # the target's shardings are this run's: a different mesh is fine
-        state = ckpt.restore(start, abstract_like(state), data)
+    if start is None:
+        graphdef, tx, state = init_state(config, tc, mesh, model)
+    else:  # the target's shardings are this run's: a different mesh is fine
+        graphdef, tx, target = abstract_state(config, tc, mesh)
+        state = ckpt.restore(start, target, data)
     start = int(state.step)
     step_fn = jit_train_step(graphdef, config, tc, tx, schedule.planned_micro_batches(tc), state, mesh)
     eval_fn = jit_eval_step(graphdef, config, tc, state, mesh) if val else None

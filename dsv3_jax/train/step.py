@@ -175,6 +175,23 @@ def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | No
     return graphdef, tx, TrainState(scalar(), scalar(), params, bias, opt_state)
 
 
+def abstract_state(config: ModelConfig, c: TrainConfig, mesh
+                   ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
+    """`init_state`'s graphdef, optimizer and state, the state as ShapeDtypeStructs with the
+    shardings `init_state` gives over `mesh`: a restore target, with nothing initialised or
+    allocated (a resumed run would otherwise compile and run the random init only to overwrite it)."""
+    model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(c.seed), dtype=jnp.dtype(c.dtype),
+                                              param_dtype=jnp.dtype(c.param_dtype)))
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    tx = make_optimizer(c)
+    sharded = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                                        parallel.param_shardings(tree, mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    return graphdef, tx, TrainState(scalar, scalar, sharded(params), sharded(bias),
+                                    sharded(jax.eval_shape(tx.init, params)))
+
+
 def jit_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx, planned_micro_batches: int, state: TrainState,
                    mesh):
     """`make_train_step` jitted with donated state, the state's shardings in and out, and

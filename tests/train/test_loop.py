@@ -66,9 +66,12 @@ def test_loss_falls_and_everything_is_written(straight):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "16", "8"]  # keep 3, last step saved
 
 
-def test_resume_is_exact(tmp_path, corpus, straight):
+def test_resume_is_exact(tmp_path, corpus, straight, monkeypatch):
+    """A resumed run continues the uninterrupted one to the bit, restoring onto a target that
+    nothing was initialised for."""
     _, full = straight
     first = _train(tmp_path, corpus, steps=8)
+    monkeypatch.setattr(loop, "init_state", lambda *a, **k: pytest.fail("a resumed run initialised a state"))
     second = _train(tmp_path, corpus, steps=16)
     assert [r["step"] for r in second] == list(range(9, 17))
     assert [r["loss"] for r in first + second] == [r["loss"] for r in full]

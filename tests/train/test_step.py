@@ -1,13 +1,24 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from dsv3_jax.checkpoint.manager import abstract_like
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, RouterBias
+from dsv3_jax.parallel import make_mesh
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.optimizer import make_optimizer
-from dsv3_jax.train.step import TrainState, layers_per_scan, make_train_step, max_violation, update_bias
+from dsv3_jax.train.step import (
+    TrainState,
+    abstract_state,
+    init_state,
+    layers_per_scan,
+    make_train_step,
+    max_violation,
+    update_bias,
+)
 
 CONFIG = ModelConfig.preset("tiny", num_hidden_layers=2)
 
@@ -124,3 +135,16 @@ def test_unmasked_documents_are_one_causal_stream_and_padding_is_not_scored():
     c = TrainConfig(mask_documents=False)
     np.testing.assert_allclose(metrics["loss"], want + c.mtp_lambda * mtp_want
                                + c.balance_alpha * float(metrics["balance_loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec,moments", [("fsdp=2,expert=4", "bfloat16"), ("data=2,tensor=2,expert=2", "float32")])
+def test_abstract_state_is_the_initial_states_shapes_and_shardings(spec, moments):
+    """The restore target of a resumed run: what `init_state` builds, with nothing built."""
+    tc, mesh = TrainConfig(moments_dtype=moments), make_mesh(spec)
+    with jax.set_mesh(mesh):
+        graphdef, _, target = abstract_state(CONFIG, tc, mesh)
+        want_graphdef, _, state = init_state(CONFIG, tc, mesh)
+    want = abstract_like(state)
+    assert graphdef == want_graphdef and jax.tree.structure(target) == jax.tree.structure(want)
+    for got, w in zip(jax.tree.leaves(target), jax.tree.leaves(want)):
+        assert (got.shape, got.dtype, got.sharding) == (w.shape, w.dtype, w.sharding)
