@@ -179,17 +179,17 @@ def abstract_state(config: ModelConfig, c: TrainConfig, mesh
                    ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
     """`init_state`'s graphdef, optimizer and state, the state as ShapeDtypeStructs with the
     shardings `init_state` gives over `mesh`: a restore target, with nothing initialised or
-    allocated (a resumed run would otherwise compile and run the random init only to overwrite it)."""
+    allocated (a resumed run would otherwise compile and run the random init only to overwrite it).
+    A mesh that does not divide the model is refused as by `init_state` (`parallel.check_fits`)."""
+    parallel.check_fits(config, mesh)
     model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(c.seed), dtype=jnp.dtype(c.dtype),
                                               param_dtype=jnp.dtype(c.param_dtype)))
     graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
     tx = make_optimizer(c)
-    sharded = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                                        parallel.param_shardings(tree, mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    return graphdef, tx, TrainState(scalar, scalar, sharded(params), sharded(bias),
-                                    sharded(jax.eval_shape(tx.init, params)))
+    return graphdef, tx, TrainState(scalar, scalar, *(parallel.abstract_sharded(t, mesh)
+                                                      for t in (params, bias, jax.eval_shape(tx.init, params))))
 
 
 def jit_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx, planned_micro_batches: int, state: TrainState,
