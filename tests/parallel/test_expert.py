@@ -243,8 +243,8 @@ def test_gate_and_up_as_one_product_equal_two(recipe, layout):
         ref, ref_grads = loss(two)(blocks, rows, gate, up, down)
         got, grads = loss(one)(blocks, rows, gate, up, down)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
-    for g, want in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-6)
+    for g, want in zip(grads, ref_grads, strict=True):  # fp32 rounding at each gradient's scale
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-6 * np.abs(want).max(initial=0))
 
 
 @pytest.mark.parametrize("layout", ["grouped", "blocks"])
