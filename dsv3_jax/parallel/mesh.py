@@ -284,16 +284,19 @@ def check_fits(config, mesh: Mesh) -> None:
                       "(any size >= the tokenizer's) splits them", stacklevel=2)
 
 
-def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None):
+def create_model(config, mesh: Mesh, *, seed: int = 0, dtype=None, param_dtype=None, abstract: bool = False):
     """DeepSeekV3(config, rngs=nnx.Rngs(seed), ...) created sharded over `mesh`.
 
     Same values as the unsharded constructor with the same seed (to an ulp: the init is jitted).
+    `abstract`: its variables as ShapeDtypeStructs instead, nothing initialised (a restore target
+    once `abstract_sharded` gives them their shardings).
     """
     from dsv3_jax.model import DeepSeekV3  # here, not at the top: the model imports this package
 
     check_fits(config, mesh)
     kw = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype).items() if v is not None}
-    return create_sharded(lambda: DeepSeekV3(config, rngs=nnx.Rngs(seed), **kw), mesh)
+    make = lambda: DeepSeekV3(config, rngs=nnx.Rngs(seed), **kw)
+    return nnx.eval_shape(make) if abstract else create_sharded(make, mesh)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,6 +158,11 @@ def jit_eval_step(graphdef, config: ModelConfig, c: TrainConfig, state: TrainSta
     return jax.jit(eval_step, in_shardings=(*shardings, parallel.batch_sharding(mesh)))
 
 
+def _create_model(config: ModelConfig, c: TrainConfig, mesh, abstract: bool = False) -> DeepSeekV3:
+    return parallel.create_model(config, mesh, seed=c.seed, dtype=jnp.dtype(c.dtype),
+                                 param_dtype=jnp.dtype(c.param_dtype), abstract=abstract)
+
+
 def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | None = None
                ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
     """A fresh TrainState sharded over `mesh` (parameters by the rules, optimizer moments like
@@ -165,8 +170,7 @@ def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | No
     `inference.checkpoint.load_weights`), else of a new model from `c.seed`. Call under
     `jax.set_mesh(mesh)`."""
     if model is None:
-        model = parallel.create_model(config, mesh, seed=c.seed, dtype=jnp.dtype(c.dtype),
-                                      param_dtype=jnp.dtype(c.param_dtype))
+        model = _create_model(config, c, mesh)
     graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
     tx = make_optimizer(c)
     opt_state = jax.jit(tx.init, out_shardings=parallel.param_shardings(jax.eval_shape(tx.init, params), mesh))(params)
@@ -181,10 +185,7 @@ def abstract_state(config: ModelConfig, c: TrainConfig, mesh
     shardings `init_state` gives over `mesh`: a restore target, with nothing initialised or
     allocated (a resumed run would otherwise compile and run the random init only to overwrite it).
     A mesh that does not divide the model is refused as by `init_state` (`parallel.check_fits`)."""
-    parallel.check_fits(config, mesh)
-    model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(c.seed), dtype=jnp.dtype(c.dtype),
-                                              param_dtype=jnp.dtype(c.param_dtype)))
-    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    graphdef, params, bias = nnx.split(_create_model(config, c, mesh, abstract=True), nnx.Param, RouterBias)
     tx = make_optimizer(c)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
