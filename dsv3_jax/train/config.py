@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import typing
 
 from dsv3_jax import kernels
@@ -67,6 +68,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # an int given for a float compiles a different program
+            value = getattr(self, f.name)
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise ValueError(f"TrainConfig.{f.name}={value!r}: must be a number")
+                object.__setattr__(self, f.name, float(value))
         for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "loss_chunk"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)}: must be >= 1")

@@ -1,5 +1,7 @@
+import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,3 +50,18 @@ def test_batch_ramp_grows_micro_batches_to_the_target():
     assert accum[:50] == [1] * 17 + [2] * 17 + [3] * 16 and accum[50:] == [4] * 50
     assert schedule.planned_micro_batches(c) == sum(accum)
     assert schedule.accum_at(TrainConfig(grad_accum=3), 0) == 3
+
+
+def test_an_int_for_a_float_setting_compiles_the_same_program():
+    as_int, as_float = TrainConfig(peak_lr=0, bias_gamma=0), TrainConfig(peak_lr=0.0, bias_gamma=0.0)
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"]
+    assert floats and all(type(getattr(as_int, f)) is float for f in floats)
+    lower = lambda fn, c: jax.jit(lambda frac: fn(c, frac)).lower(np.float32(0.5)).as_text()
+    for fn in (schedule.learning_rate, schedule.bias_gamma):
+        assert lower(fn, as_int) == lower(fn, as_float)
+
+
+@pytest.mark.parametrize("value", [True, "1e-3", None])
+def test_a_float_setting_must_be_a_number(value):
+    with pytest.raises(ValueError, match="TrainConfig.peak_lr=.*must be a number"):
+        TrainConfig(peak_lr=value)
