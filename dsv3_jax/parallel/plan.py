@@ -32,14 +32,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from dsv3_jax import fp8, kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.inference.cache import cache_bytes_per_token
 from dsv3_jax.model.transformer import remat
 from dsv3_jax.parallel.expert import ExpertRows, expert_ffn
-from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, abstract_sharded, parse_mesh_spec
+from dsv3_jax.parallel.mesh import BATCH_AXES, _variable_spec, parse_mesh_spec
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy
 
@@ -348,26 +348,13 @@ def fits(plan: dict, hbm_gib: float, usable: float = 0.9) -> bool:
 # lowering the real step
 
 
-def abstract_train_state(config: ModelConfig, tc: TrainConfig, mesh):
-    """(graphdef, tx, TrainState of ShapeDtypeStructs carrying their shardings)."""
-    from dsv3_jax.train.optimizer import make_optimizer
-    from dsv3_jax.train.step import TrainState
-
-    graphdef, params, bias = abstract_model(config, jnp.dtype(tc.param_dtype))
-    tx = make_optimizer(tc)
-    opt = jax.eval_shape(tx.init, params)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return graphdef, tx, TrainState(scalar, scalar, abstract_sharded(params, mesh), abstract_sharded(bias, mesh),
-                                    abstract_sharded(opt, mesh))
-
-
 def lower_train_step(s: Setup, mesh):
     """Lower the real jitted train step (donated, explicit shardings) for abstract inputs."""
     from dsv3_jax.parallel.mesh import batch_sharding
-    from dsv3_jax.train.step import make_train_step
+    from dsv3_jax.train.step import abstract_state, make_train_step
 
     tc = s.train_config()
-    graphdef, tx, state = abstract_train_state(s.config, tc, mesh)
+    graphdef, tx, state = abstract_state(s.config, tc, mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     bsh = batch_sharding(mesh, ndim=3, batch_dim=1)
     batch = {k: jax.ShapeDtypeStruct((s.accum, s.batch, s.seq), jnp.int32, sharding=bsh)
@@ -400,6 +387,6 @@ def fmt_bytes(n: float) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:,.2f} MiB"
 
 
-__all__ = ["ATTENTION", "GIB", "HARDWARE", "REMATS", "Setup", "abstract_train_state", "account",
+__all__ = ["ATTENTION", "GIB", "HARDWARE", "REMATS", "Setup", "account",
            "activation_bytes", "all_to_all_bytes", "device_bytes", "fits", "fmt_bytes", "kv_cache_bytes",
            "lower_train_step", "make_setup", "memory_analysis", "mesh_for", "parameter_counts"]
