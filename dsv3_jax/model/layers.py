@@ -156,7 +156,30 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+        return _scaled(self.scale[...], normed, jnp.dtype(self.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scaled(scale: jax.Array, normed: jax.Array, dtype) -> jax.Array:
+    """scale [D] times normed [..., D], both rounded to `dtype` first. A custom gradient because
+    autodiff sums the scale's gradient over every token in `dtype`: in bf16 that was ~1% off
+    at 16,384 tokens. Here the exact products are summed in fp32; the input's gradient is
+    autodiff's."""
+    return scale.astype(dtype) * normed.astype(dtype)
+
+
+def _scaled_fwd(scale, normed, dtype):
+    return _scaled(scale, normed, dtype), (scale, normed.astype(dtype), jnp.zeros((0,), normed.dtype))
+
+
+def _scaled_bwd(dtype, res, g):
+    scale, normed, normed_like = res  # an empty array carries the input's dtype
+    tokens = tuple(range(g.ndim - 1))
+    dscale = jnp.sum(g.astype(jnp.float32) * normed.astype(jnp.float32), axis=tokens)
+    return dscale.astype(scale.dtype), (g * scale.astype(dtype)).astype(normed_like.dtype)
+
+
+_scaled.defvjp(_scaled_fwd, _scaled_bwd)
 
 
 class Embed(nnx.Module):

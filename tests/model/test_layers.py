@@ -29,6 +29,25 @@ def test_rmsnorm_matches_hf_fp32_and_bf16():
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), t2n(ref_bf16(xb)))
 
 
+def test_rmsnorm_scale_gradient_sums_in_fp32():
+    """bf16 norm over 4,096 tokens: the scale's gradient is the float64 sum of the output gradient
+    times the rounded normalised value (the output itself at a unit scale) to fp32 accuracy
+    (autodiff summed it in bf16, ~1e-2 off); the input's gradient is HF's to a bf16 ulp."""
+    rs = np.random.RandomState(3)
+    x, g = rs.randn(4096, 64).astype(np.float32), rs.randn(4096, 64).astype(np.float32)
+    norm = RMSNorm(64, eps=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32)  # unit scale
+    graphdef, state = nnx.split(norm)
+    y, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), state, jnp.asarray(x, jnp.bfloat16))
+    d_state, dx = vjp(jnp.asarray(g, jnp.bfloat16))
+    g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+    want = (g64 * np.asarray(y, np.float64)).sum(0)
+    np.testing.assert_allclose(np.asarray(d_state["scale"][...]), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    ref = hf.DeepseekV3RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    xt = torch.tensor(x).to(torch.bfloat16).requires_grad_()
+    ref(xt).backward(torch.tensor(g).to(torch.bfloat16))
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), t2n(xt.grad), rtol=2**-7, atol=1e-3)
+
+
 def test_linear_is_x_times_kernel_in_out_layout():
     lin = Linear(6, 4, std=1.0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     x = np.random.RandomState(1).randn(2, 6).astype(np.float32)
