@@ -69,10 +69,30 @@ def _chosen(impl: str | None) -> str:
 
 
 def dispatch(x: jax.Array, K: int, src: jax.Array, dest: jax.Array, impl: str | None = None) -> jax.Array:
-    """x [N,D] -> rows [R,D], row r = x[src[r] // K] (zero where src[r] = N*K)."""
+    """x [N,D] -> rows [R,D], row r = x[src[r] // K] (zero where src[r] = N*K). Its gradient sums
+    a token's K rows in fp32 and rounds once, in both implementations."""
     if _chosen(impl) == "xla":
-        return take_rows(jnp.repeat(x, K, axis=0), src, dest)
+        return _dispatch_xla(x, K, src, dest)
     return _dispatch(x, K, src, dest)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _dispatch_xla(x, K, src, dest):
+    """A custom gradient because autodiff sums the K rows in x's dtype (the transpose of the repeat)."""
+    return take_rows(jnp.repeat(x, K, axis=0), src, dest)
+
+
+def _dispatch_xla_fwd(x, K, src, dest):
+    return _dispatch_xla(x, K, src, dest), (src, dest)
+
+
+def _dispatch_xla_bwd(K, res, g):
+    src, dest = res
+    slots = take_rows(g, dest, src)  # [N*K,D]: assignment m's row gradient, zero where on no row
+    return slots.reshape(-1, K, g.shape[1]).astype(jnp.float32).sum(1).astype(g.dtype), None, None
+
+
+_dispatch_xla.defvjp(_dispatch_xla_fwd, _dispatch_xla_bwd)
 
 
 def combine(rows: jax.Array, weights: jax.Array, src: jax.Array, dest: jax.Array, impl: str | None = None) -> jax.Array:

@@ -64,8 +64,8 @@ def test_dispatch_and_combine_match_numpy(impl):
 
 
 def test_bf16_rows_keep_their_dtype_and_sum_in_fp32():
-    """bf16 rows: both dispatches move them bitwise and both combines sum in fp32 alike; the
-    kernels' dispatch gradient sums a token's K slots in fp32 and rounds once."""
+    """bf16 rows: both dispatches move them bitwise and both combines sum in fp32 alike; both
+    dispatch gradients sum a token's K slots in fp32 and round once."""
     src, dest = (jnp.asarray(a) for a in _placement())
     rs = np.random.RandomState(2)
     x = jnp.asarray(rs.randn(N, D), jnp.bfloat16)
@@ -78,9 +78,12 @@ def test_bf16_rows_keep_their_dtype_and_sum_in_fp32():
     assert moved.dtype == jnp.bfloat16
     np.testing.assert_array_equal(moved, dispatch(x, K, src, dest, "xla"))
     np.testing.assert_array_equal(combine(rows, w, src, dest, "pallas"), combine(rows, w, src, dest, "xla"))
-    dx = jax.jit(lambda x, g: jax.vjp(lambda x: row_gather.dispatch(x, K, src, dest, "pallas"), x)[1](g)[0])(x, g)
     slots = np.concatenate([np.asarray(g, np.float32), np.zeros((1, D), np.float32)])[np.asarray(dest).reshape(N, K)]
-    np.testing.assert_array_equal(dx, jnp.asarray(slots.sum(1)).astype(jnp.bfloat16))
+    for impl in row_gather.IMPLS:
+        moved_like = jax.jit(lambda x, impl=impl: row_gather.dispatch(x, K, src, dest, impl))
+        dx = jax.vjp(moved_like, x)[1](g)[0]
+        assert dx.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(dx, jnp.asarray(slots.sum(1)).astype(jnp.bfloat16), err_msg=impl)
 
 
 def test_unknown_impl_is_refused():
