@@ -182,6 +182,26 @@ def _scaled_bwd(dtype, res, g):
 _scaled.defvjp(_scaled_fwd, _scaled_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def broadcast_new_axis(x: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+    """x copied along a new axis `axis` of `shape` (MLA's rope key for every head, a decode step's
+    tokens for every expert). A custom gradient because autodiff sums the copies' cotangents in
+    x's dtype (bf16: ~0.4% off over 16 copies, 0.7% over 128, against 0.13% for one rounding);
+    here in fp32, rounded once, as torch's expand does."""
+    return jnp.broadcast_to(jnp.expand_dims(x, axis), shape)
+
+
+def _broadcast_fwd(x, shape, axis):
+    return broadcast_new_axis(x, shape, axis), jnp.zeros((0,), x.dtype)
+
+
+def _broadcast_bwd(shape, axis, x_like, g):
+    return (g.astype(jnp.float32).sum(axis).astype(x_like.dtype),)
+
+
+broadcast_new_axis.defvjp(_broadcast_fwd, _broadcast_bwd)
+
+
 class Embed(nnx.Module):
     """Token embedding table [V, D]."""
 

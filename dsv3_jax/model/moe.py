@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import SwiGLU, einsum, init_normal, matmul_f32
+from dsv3_jax.model.layers import SwiGLU, broadcast_new_axis, einsum, init_normal, matmul_f32
 from dsv3_jax.parallel.expert import expert_parallel, routed_experts
 
 EVERY_EXPERT_MAX_TOKENS = 128  # RoutedExperts: up to this many tokens every expert runs on every token
@@ -137,7 +137,7 @@ class RoutedExperts(nnx.Module):
         """
         N, D = x.shape
         E = self.gate_proj.shape[0]
-        xs = jnp.broadcast_to(x.astype(self.dtype), (E, N, D))
+        xs = broadcast_new_axis(x.astype(self.dtype), (E, N, D), 0)
         h = (jax.nn.silu(einsum("end,edf->enf", xs, self.gate_proj[...], dtype=self.dtype))
              * einsum("end,edf->enf", xs, self.up_proj[...], dtype=self.dtype))  # [E,N,F]
         y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
