@@ -71,4 +71,3 @@ def test_segments_attend_only_within_themselves():
         T = part.shape[1]
         alone = ours(attn, jnp.asarray(part, jnp.float32), jnp.arange(T)[None], None)
         np.testing.assert_allclose(packed[:, sl], alone, rtol=1e-5, atol=1e-6)
-
