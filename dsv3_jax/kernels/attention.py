@@ -11,11 +11,13 @@ Three implementations of the same op, each taking v's head dim as it is:
   packed documents (its per-query key start skips the blocks before a document), under a
   multi-device mesh (where it was measured, on 2 H200s; cuDNN's partitioning was not), and on
   other GPUs.
-- "cudnn": cuDNN's flash attention, plain causal only, bf16/fp16; the default for what it takes
-  on one Hopper GPU with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75
-  against tokamax's 2.93 ms a layer; the bench step 1% faster). Its backward is not bitwise
-  reproducible run to run unless XLA asks cuDNN for the deterministic algorithm
-  (`--xla_gpu_deterministic_ops=true`).
+- "cudnn": cuDNN's flash attention backward, plain causal only, bf16/fp16; the default for what
+  it takes on one Hopper GPU with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75
+  against tokamax's 2.93 ms a layer; the bench step 1% faster). Its forward is tokamax's where
+  tokamax runs (0.558 against cuDNN's 0.638 ms a bench layer), which returns the same softmax
+  statistics cuDNN's backward reads (the log-sum-exp of the scaled scores, [B,H,T]), else
+  cuDNN's own. The backward is not bitwise reproducible run to run unless XLA asks cuDNN for the
+  deterministic algorithm (`--xla_gpu_deterministic_ops=true`).
 
 Under a mesh whose every axis splits the batch or the heads, the op runs per device inside
 `shard_map` on its own rows and heads: the SPMD partitioner cannot split tokamax's kernels,
@@ -117,27 +119,65 @@ def _split_axes(x) -> set[str]:
     return {a for a, n in x.shape.items() if n > 1}
 
 
-def _tokamax(q, k, v, starts, scale):
+def _tokamax(q, k, v, starts, scale, residuals: bool = False):
     """tokamax's Mosaic GPU flash attention, document starts as its per-query k_start: a mask
     form its public function does not take yet, hence the private modules (tokamax.ops.gpu
-    would also import its Triton kernels, which need jax_triton)."""
+    would also import its Triton kernels, which need jax_triton). With `residuals`, also its
+    softmax row maxima and sums, each [B,H,T]."""
     from tokamax._src.ops.attention.base import Mask
     from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
 
     mask = Mask(is_causal=True, k_start=None if starts is None else starts[:, None, :])  # [B,1,T]
-    return PallasMosaicGpuFlashAttention()(q, k, v, mask=mask, logits_scale=scale)
+    return PallasMosaicGpuFlashAttention()(q, k, v, mask=mask, logits_scale=scale, return_residuals=residuals)
 
 
 def _cudnn(q, k, v, starts, scale):
-    """cuDNN's flash attention (Hopper, cuDNN >= 9.10 for v's head dim != q's; jax.nn's wrapper
-    still requires equal head dims, hence the private module): causal only."""
+    """cuDNN's flash attention backward (Hopper, cuDNN >= 9.10 for v's head dim != q's; jax.nn's
+    wrapper still requires equal head dims, hence the private module) after tokamax's forward
+    where tokamax runs, else cuDNN's: causal only."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
     if starts is not None:
         raise ValueError("attention impl 'cudnn' takes no packed documents: use 'tokamax' or 'xla' "
                          "for train.mask_documents=true")
+    if _tokamax_runs_here():
+        return _tokamax_then_cudnn(q, k, v, scale)
     return cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
+
+
+def _tokamax_causal(q, k, v, scale):
+    """tokamax's causal forward -> (out [B,T,H,Kv], lse [B,H,T]): the log-sum-exp of the scaled
+    scores, from its row maxima and sums."""
+    out, (row_max, row_sum) = _tokamax(q, k, v, None, scale, residuals=True)
+    return out, row_max + jnp.log(row_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tokamax_then_cudnn(q, k, v, scale):
+    return _tokamax_causal(q, k, v, scale)[0]
+
+
+def _tokamax_then_cudnn_fwd(q, k, v, scale):
+    out, lse = _tokamax_causal(q, k, v, scale)
+    return out, (q, k, v, out, lse)
+
+
+def _tokamax_then_cudnn_bwd(scale, res, g):
+    """cuDNN's backward rule fed tokamax's output and statistics: the residuals its own forward
+    would have saved (q, k, v, seven unused inputs, the statistics, the output)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    q, k, v, out, lse = res
+    unused = jnp.zeros((0,), q.dtype)
+    saved = (q, k, v, *(unused,) * 7, lse, out)
+    grads = cudnn._dot_product_attention_bwd_rule(
+        scale, 0, 0.0, (False, False), cudnn.MaskType.CAUSAL, cudnn.AttentionLayout.BTNH.value, None,
+        cudnn.check_cudnn_version(), False, saved, g)
+    return grads[:3]
+
+
+_tokamax_then_cudnn.defvjp(_tokamax_then_cudnn_fwd, _tokamax_then_cudnn_bwd)
 
 
 def _xla(q, k, v, starts, scale):
