@@ -155,7 +155,7 @@ def _tokamax_causal(q, k, v, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tokamax_then_cudnn(q, k, v, scale):
-    return _tokamax_causal(q, k, v, scale)[0]
+    return _tokamax(q, k, v, None, scale)
 
 
 def _tokamax_then_cudnn_fwd(q, k, v, scale):
