@@ -155,6 +155,7 @@ def _tokamax_causal(q, k, v, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tokamax_then_cudnn(q, k, v, scale):
+    """tokamax's causal attention, differentiated by cuDNN's backward."""
     return _tokamax(q, k, v, None, scale)
 
 
