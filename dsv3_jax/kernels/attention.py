@@ -12,12 +12,12 @@ Three implementations of the same op, each taking v's head dim as it is:
   multi-device mesh (where it was measured, on 2 H200s; cuDNN's partitioning was not), and on
   other GPUs.
 - "cudnn": cuDNN's flash attention backward, plain causal only, bf16/fp16; the default for what
-  it takes on one Hopper GPU with cuDNN >= 9.10 (bench shape on an H200, forward + backward: 2.75
-  against tokamax's 2.93 ms a layer; the bench step 1% faster). Its forward is tokamax's where
-  tokamax runs (0.558 against cuDNN's 0.638 ms a bench layer), which returns the same softmax
+  it takes on one Hopper GPU with cuDNN >= 9.10. Its forward is tokamax's where tokamax runs
+  (0.558 against cuDNN's 0.638 ms a bench layer on an H200), which returns the same softmax
   statistics cuDNN's backward reads (the log-sum-exp of the scaled scores, [B,H,T]), else
-  cuDNN's own. The backward is not bitwise reproducible run to run unless XLA asks cuDNN for the
-  deterministic algorithm (`--xla_gpu_deterministic_ops=true`).
+  cuDNN's own. Forward + backward at the bench layer: 2.68 ms, against 2.73 with cuDNN's
+  forward and ~2.9 with tokamax's own backward. The backward is not bitwise reproducible run to run
+  unless XLA asks cuDNN for the deterministic algorithm (`--xla_gpu_deterministic_ops=true`).
 
 Under a mesh whose every axis splits the batch or the heads, the op runs per device inside
 `shard_map` on its own rows and heads: the SPMD partitioner cannot split tokamax's kernels,
