@@ -146,13 +146,6 @@ def _cudnn(q, k, v, starts, scale):
     return cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
 
 
-def _tokamax_causal(q, k, v, scale):
-    """tokamax's causal forward -> (out [B,T,H,Kv], lse [B,H,T]): the log-sum-exp of the scaled
-    scores, from its row maxima and sums."""
-    out, (row_max, row_sum) = _tokamax(q, k, v, None, scale, residuals=True)
-    return out, row_max + jnp.log(row_sum)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tokamax_then_cudnn(q, k, v, scale):
     """tokamax's causal attention, differentiated by cuDNN's backward."""
@@ -160,8 +153,10 @@ def _tokamax_then_cudnn(q, k, v, scale):
 
 
 def _tokamax_then_cudnn_fwd(q, k, v, scale):
-    out, lse = _tokamax_causal(q, k, v, scale)
-    return out, (q, k, v, out, lse)
+    """Saves the output and the log-sum-exp of the scaled scores [B,H,T], from tokamax's row
+    maxima and sums."""
+    out, (row_max, row_sum) = _tokamax(q, k, v, None, scale, residuals=True)
+    return out, (q, k, v, out, row_max + jnp.log(row_sum))
 
 
 def _tokamax_then_cudnn_bwd(scale, res, g):
