@@ -335,15 +335,20 @@ def _tokamax_bwd(precision, res, g):
 _tokamax.defvjp(_tokamax_fwd, _tokamax_bwd)
 
 
-HOPPER_GROUPED_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=3, strip=8)
+HOPPER_GROUPED_TILES = dict(block_m=128, block_n=128, block_k=64, num_stages=4, strip=8, epilogue_rows=64)
 """`_hopper_grouped_matmul`'s tiles: each of two compute warpgroups owns a [128, 128] output
-block of a [128, 256] tile; K in steps of 64 through 3 shared-memory stages; tiles walked along
-N in strips of 8. On the H200 at the bench shape (98,304 rows, gamma(4) skewed over 64 experts;
-ms, against tokamax with `HOPPER_TILES`, on a transposed weight copy for the input gradients):
-K 2048 -> N 1024 (gate and up) 0.622 / 0.659; its input gradient 1024 -> 2048 0.662 / 0.691
-(0.832 with the copy); 512 -> 2048 (down) 0.401 / 0.404; its input gradient 2048 -> 512
-0.340 / 0.349. 2 stages: 8-15% slower; one warpgroup a tile (no warp specialisation): 4-7% slower;
-[128, 256] accumulators for one warpgroup do not lower (docs/benchmarks.md)."""
+block of a [128, 256] tile; K in steps of 64 through 4 shared-memory stages (fewer where they do
+not divide the steps: `_hopper_grouped_matmul`); the finished block staged out 64 rows at a time
+(4 stages and 128 staged rows would not fit in shared memory); tiles walked along N in strips
+of 8. On the H200 at the bench shape (98,304 rows, gamma(4) skewed over 64 experts; ms, two runs
+each, against 3 stages, whole-block staging and a pipeline drained at every tile): K 2048 -> N
+1024 (gate and up) 0.613 / 0.628 against 0.613 / 0.607; its input gradient 1024 -> 2048 0.637 /
+0.645 against 0.656 / 0.650; 512 -> 2048 (down) 0.365 / 0.358 against 0.397 / 0.402; its input
+gradient 2048 -> 512 0.322 / 0.331 against 0.334 / 0.331 (in the bench step: 21.8 ms a step
+against 23.2). Chained with 2 stages: 0.69, 0.71, 0.40, 0.39. Earlier, unchained: 2 stages 8-15%
+slower than 3; one warpgroup a tile (no warp specialisation) 4-7% slower; tokamax with
+`HOPPER_TILES` on a transposed weight copy 0.659, 0.832, 0.404, 0.349; [128, 256] accumulators
+for one warpgroup do not lower (docs/benchmarks.md)."""
 
 
 def _sm_count() -> int:
@@ -374,13 +379,14 @@ def _stage_tile(acc, out_smem) -> None:
     plgpu.commit_smem()
 
 
-def _ws_pipeline(step, context, grid: tuple, in_specs: list, stages: int):
+def _ws_pipeline(step, context, grid: tuple, in_specs: list, stages: int, state=None):
     """The Hopper kernels' pipeline: a memory warpgroup streams `in_specs`' blocks over `grid`
     through `stages` shared-memory buffers while two compute warpgroups run `step` on them, each
-    with its own accumulator carried in `context`."""
+    with its own accumulator carried in `context`. `state` chains one program's pipelines
+    (`plgpu.PipelinePipeline`)."""
     return plgpu.emit_pipeline_warp_specialized(
         step, grid=grid, memory_registers=40, wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
-        compute_context=context, in_specs=in_specs)
+        compute_context=context, in_specs=in_specs, pipeline_state=state)
 
 
 def _persistent_call(kernel, out_type: jax.ShapeDtypeStruct, name: str):
@@ -403,22 +409,26 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
     [128, 256] output tiles of the row tasks (`row_tasks`); a memory warpgroup streams [128, bk]
     row blocks and [bk, 256] weight blocks ([256, bk] when transposed, fed to wgmma transposed)
     through shared memory by TMA while two compute warpgroups each accumulate one [128, 128]
-    half. A tile's rows go out as copies of power-of-two row counts (static shapes) while the
-    next tile's blocks already load."""
+    half. A program's tiles run as one chain of pipelines (`plgpu.PipelinePipeline`): the memory
+    warpgroup loads the next tile's first blocks while the compute warpgroups finish a tile, and
+    a tile's rows go out as copies of power-of-two row counts (static shapes) while the next
+    tile's products run. Chaining needs the K steps in whole rounds of the stages, so the stage
+    count is the largest divisor of K / bk up to `num_stages`."""
     M, K = x.shape
     E = w.shape[0]
     N = w.shape[1] if transposed else w.shape[2]
     t = HOPPER_GROUPED_TILES
-    bm, bn, bk = t["block_m"], t["block_n"], t["block_k"]
+    bm, bn, bk, epi = t["block_m"], t["block_n"], t["block_k"], t["epilogue_rows"]
     m_tasks, n_tiles = -(-M // bm) + E - 1, N // (2 * bn)
     w_block = (2 * bn, bk) if transposed else (bk, 2 * bn)
+    stages = max(d for d in range(1, t["num_stages"] + 1) if (K // bk) % d == 0)
 
     def kernel(x_gmem, w_gmem, group_gmem, row0_gmem, offset_gmem, rows_gmem, out_gmem):
-        def pipeline(step, context):
+        def pipeline(step, context, state=None):
             return _ws_pipeline(step, context, (K // bk,), [
                 plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
                 plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
-                                transforms=_swizzled(w_block, w.dtype))], t["num_stages"])
+                                transforms=_swizzled(w_block, w.dtype))], stages, state)
 
         def weight_tile(e, ni):  # [2bn, K] or [K, 2bn] of expert e
             cols = pl.ds(ni * 2 * bn, 2 * bn)
@@ -429,12 +439,12 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
         @functools.partial(pl.run_scoped, collective_axes="wg",
                            allocations=pipeline(unused, unused).get_allocations(x_gmem.at[pl.ds(0, bm)],
                                                                                  weight_tile(0, 0)),
-                           out_smem=plgpu.SMEM((2, bm, bn), x.dtype, transforms=_swizzled((bm, bn), x.dtype, rows=1)))
+                           out_smem=plgpu.SMEM((2, epi, bn), x.dtype, transforms=_swizzled((epi, bn), x.dtype, rows=1)))
         def _(allocations, out_smem):
             wg = jax.lax.axis_index("wg")
 
-            @plgpu.nd_loop((m_tasks * n_tiles,), collective_axes="sm")
-            def _(loop):
+            @plgpu.nd_loop((m_tasks * n_tiles,), collective_axes="sm", init_carry=jnp.int32(0))
+            def ran(loop, carry):  # carry: whether this program has run a tile yet
                 mi, ni = plgpu.planar_snake(loop.index[0], (m_tasks, n_tiles), 1, t["strip"])
                 e, offset, n_rows = group_gmem[mi], offset_gmem[mi], rows_gmem[mi]
                 row0 = pl.multiple_of(row0_gmem[mi], 8)
@@ -450,20 +460,35 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bm, bn)))
                     def _(acc):
                         run(acc)
-                        _stage_tile(acc, out_smem.at[wg])
-                        done, col = offset, ni * 2 * bn + wg * bn
-                        for size in (bm >> i for i in range(bm.bit_length())):
-                            @pl.when((n_rows & size) != 0)
-                            def _(done=done, size=size):
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(done, size)],
-                                                        out_gmem.at[pl.ds(row0 + done, size), pl.ds(col, bn)],
-                                                        commit_group=False)
-                            done = done + (n_rows & size)
-                        plgpu.commit_smem_to_gmem_group()
+                        out, col = acc[...].astype(x.dtype), ni * 2 * bn + wg * bn
+                        for c in range(bm // epi):  # the tile's rows [offset, offset + n_rows) by chunks
+                            done = jnp.clip(offset - c * epi, 0, epi)
+                            n = jnp.clip(offset + n_rows - c * epi, 0, epi) - done
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            out_smem[wg] = out[c * epi:(c + 1) * epi]
+                            plgpu.commit_smem()
+                            for size in (epi >> i for i in range(epi.bit_length())):
+                                @pl.when((n & size) != 0)
+                                def _(done=done, size=size, first=row0 + c * epi):
+                                    plgpu.copy_smem_to_gmem(
+                                        out_smem.at[wg, pl.ds(done, size)],
+                                        out_gmem.at[pl.ds(first + done, size), pl.ds(col, bn)],
+                                        commit_group=False)
+                                done = done + (n & size)
+                            plgpu.commit_smem_to_gmem_group()
 
                 @pl.when(n_rows > 0)
                 def _():
-                    pipeline(step, context)(x_gmem.at[pl.ds(row0, bm)], weight_tile(e, ni), allocations=allocations)
+                    state = jnp.where(carry == 0, plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY)
+                    pipeline(step, context, state)(x_gmem.at[pl.ds(row0, bm)], weight_tile(e, ni),
+                                                   allocations=allocations)
+
+                return carry | (n_rows > 0).astype(jnp.int32)
+
+            @pl.when((wg == 2) & (ran > 0))
+            def _():  # the memory warpgroup waits for the last pipeline's buffers to be consumed
+                for slot in range(stages):
+                    plgpu.barrier_wait(allocations["flat_consumed_barrier_refs"][0].at[slot])
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -206,10 +206,11 @@ def test_hopper_kernel_matches_per_group_products_in_gpu_interpret_mode(gpu_inte
     """The Hopper kernel's product and its transposed-weight form (persistent tile loop,
     warp-specialised pipeline, ragged row stores) run by Pallas' GPU interpreter on the CPU.
     Blocks reaching past the rows read NaN (uninitialised memory), so a row stored from the
-    wrong task or block would show."""
+    wrong task or block would show. K = 4 steps of 64: each program chains the pipelines of its
+    tiles through every stage."""
     rs = np.random.RandomState(4)
     sizes = [100, 0, 150, 7]  # 257 of 300 rows: a group boundary inside a block, an empty group
-    M, K, N = 300, 128, 256
+    M, K, N = 300, 256, 256
     x = rs.randn(M, K).astype(jnp.bfloat16)
     w = (rs.randn(len(sizes), K, N) * 0.1).astype(jnp.bfloat16)
     w_in = np.swapaxes(w, 1, 2) if transposed else w  # [E, N, K]: the input gradient's layout
