@@ -370,10 +370,10 @@ def _swizzled(shape: tuple[int, int], dtype, rows: int = 8) -> tuple:
     return plgpu.TilingTransform((rows, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _stage_tile(acc, out_smem) -> None:
-    """A compute warpgroup's finished accumulator into its shared-memory block, in the block's
-    dtype, once the previous tile's copies out of that block have read it."""
-    out = acc[...].astype(out_smem.dtype)
+def _stage_tile(block: jax.Array, out_smem) -> None:
+    """A compute warpgroup's finished block (its accumulator's value, or rows of it) into its
+    shared-memory block, in that block's dtype, once the previous copies out of it have read it."""
+    out = block.astype(out_smem.dtype)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     out_smem[...] = out
     plgpu.commit_smem()
@@ -460,13 +460,11 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bm, bn)))
                     def _(acc):
                         run(acc)
-                        out, col = acc[...].astype(x.dtype), ni * 2 * bn + wg * bn
+                        out, col = acc[...], ni * 2 * bn + wg * bn
                         for c in range(bm // epi):  # the tile's rows [offset, offset + n_rows) by chunks
                             done = jnp.clip(offset - c * epi, 0, epi)
                             n = jnp.clip(offset + n_rows - c * epi, 0, epi) - done
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            out_smem[wg] = out[c * epi:(c + 1) * epi]
-                            plgpu.commit_smem()
+                            _stage_tile(out[c * epi:(c + 1) * epi], out_smem.at[wg])
                             for size in (epi >> i for i in range(epi.bit_length())):
                                 @pl.when((n & size) != 0)
                                 def _(done=done, size=size, first=row0 + c * epi):
@@ -486,7 +484,8 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
                 return carry | (n_rows > 0).astype(jnp.int32)
 
             @pl.when((wg == 2) & (ran > 0))
-            def _():  # the memory warpgroup waits for the last pipeline's buffers to be consumed
+            def _():  # what a STOP pipeline would do (the last tile is not known ahead): the memory
+                # warpgroup waits until the compute warpgroups have consumed the last buffers
                 for slot in range(stages):
                     plgpu.barrier_wait(allocations["flat_consumed_barrier_refs"][0].at[slot])
 
@@ -585,7 +584,7 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bk, bn)))
                     def _(acc):
                         run(acc)
-                        _stage_tile(acc, out_smem.at[wg])
+                        _stage_tile(acc[...], out_smem.at[wg])
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg], out_gmem.at[e, pl.ds(ki * bk, bk), pl.ds(ni * 2 * bn + wg * bn, bn)])
 
