@@ -3,7 +3,7 @@
 Three implementations of the same product:
 - "tokamax": the GPU kernels (GPU default when tokamax is installed; XLA's GPU ragged_dot
   expands to dense and is ~60x slower there, PERF.md). On Hopper our Mosaic GPU kernels for the
-  product, its input gradient (which reads the weight transposed in place) and, where K >= 1024,
+  product, its input gradient (which reads the weight transposed in place) and, where K >= 512,
   its weight gradient; elsewhere tokamax's grouped-matmul kernel and our Pallas (Triton) kernel
   for the weight gradient.
 - "ragged": `jax.lax.ragged_dot`, XLA's own op (fused kernels on TPU; the TPU default).
@@ -379,14 +379,8 @@ def _stage_tile(block: jax.Array, out_smem) -> None:
     plgpu.commit_smem()
 
 
-def _ws_pipeline(step, context, grid: tuple, in_specs: list, stages: int, state=None):
-    """The Hopper kernels' pipeline: a memory warpgroup streams `in_specs`' blocks over `grid`
-    through `stages` shared-memory buffers while two compute warpgroups run `step` on them, each
-    with its own accumulator carried in `context`. `state` chains one program's pipelines
-    (`plgpu.PipelinePipeline`)."""
-    return plgpu.emit_pipeline_warp_specialized(
-        step, grid=grid, memory_registers=40, wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
-        compute_context=context, in_specs=in_specs, pipeline_state=state)
+MEMORY_REGISTERS, COMPUTE_REGISTERS = 40, 232  # a thread's registers: memory / compute warpgroups
+# (what `plgpu.emit_pipeline_warp_specialized` gives each side with two compute warpgroups)
 
 
 def _persistent_call(kernel, out_type: jax.ShapeDtypeStruct, name: str):
@@ -424,11 +418,13 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
     stages = max(d for d in range(1, t["num_stages"] + 1) if (K // bk) % d == 0)
 
     def kernel(x_gmem, w_gmem, group_gmem, row0_gmem, offset_gmem, rows_gmem, out_gmem):
-        def pipeline(step, context, state=None):
-            return _ws_pipeline(step, context, (K // bk,), [
-                plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
-                plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
-                                transforms=_swizzled(w_block, w.dtype))], stages, state)
+        def pipeline(step, context, state=None):  # `state` chains a program's pipelines
+            return plgpu.emit_pipeline_warp_specialized(
+                step, grid=(K // bk,), memory_registers=MEMORY_REGISTERS, wg_axis="wg", num_compute_wgs=2,
+                max_concurrent_steps=stages, compute_context=context, pipeline_state=state, in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
+                    plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
+                                    transforms=_swizzled(w_block, w.dtype))])
 
         def weight_tile(e, ni):  # [2bn, K] or [K, 2bn] of expert e
             cols = pl.ds(ni * 2 * bn, 2 * bn)
@@ -495,12 +491,14 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
         x, w, *row_tasks(group_sizes, bm, m_tasks))
 
 
-HOPPER_WEIGHT_GRAD_TILES = dict(block_m=64, block_k=128, block_n=128, num_stages=3, min_k=1024)
+HOPPER_WEIGHT_GRAD_TILES = dict(block_m=64, block_k=128, block_n=128, num_stages=3, min_k=512)
 """`_hopper_weight_grad`'s tiles: each of two compute warpgroups owns a [128, 128] block of a
-[128, 256] gradient tile; 64 rows a step through 3 shared-memory stages. On the H200 at the
-bench shape (98,304 rows, gamma(4) skewed over 64 experts; ms, against the Pallas kernel):
-K 2048 -> N 1024 (gate and up) 0.689 / 0.806; K 512 -> N 2048 (down) 0.419 / 0.394, so it runs
-where K >= `min_k` (docs/benchmarks.md)."""
+[128, 256] gradient tile; 64 rows a step through 3 shared-memory stages (4 and the staging
+would not fit). On the H200 at the bench shape (98,304 rows, gamma(4) skewed over 64 experts;
+ms): K 2048 -> N 1024 (gate and up) 0.637 / 0.634 against 0.652 / 0.643 with a pipeline drained
+at every tile, 0.70 for the Pallas kernel at its best tiles; K 512 -> N 2048 (down) 0.356 /
+0.365 against 0.369 / 0.372 drained and 0.376-0.378 for the Pallas kernel, so it runs where
+K >= `min_k` (docs/benchmarks.md)."""
 
 
 def _hopper_wgrad_fits(K: int, N: int, dtype, out_dtype) -> bool:
@@ -517,11 +515,14 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
     """dW[e] = x_e^T g_e for rows grouped by expert: x [M, K], g [M, N] -> [E, K, N] in `dtype`,
     accumulated in fp32.
 
-    Mosaic GPU (Hopper wgmma), persistent and warp-specialised like `_hopper_grouped_matmul`:
-    one program per SM walks the [128, 256] tiles of every expert's gradient, expert slowest
-    (the programs in flight share that expert's rows in L2); a memory warpgroup streams 64-row
-    blocks of x ([64, 128], fed to wgmma transposed) and g ([64, 256]) from the expert's first
-    row rounded down to 8, while two compute warpgroups each accumulate one [128, 128] half.
+    Mosaic GPU (Hopper wgmma), persistent and warp-specialised: one program per SM walks the
+    [128, 256] tiles of every expert's gradient, expert slowest (the programs in flight share
+    that expert's rows in L2); a memory warpgroup streams 64-row blocks of x ([64, 128], fed to
+    wgmma transposed) and g ([64, 256]) from the expert's first row rounded down to 8, while two
+    compute warpgroups each accumulate one [128, 128] half. The blocks of all a program's tiles
+    run through one ring of buffers, so the memory warpgroup loads the next tile's first blocks
+    while the compute warpgroups finish and store a tile (an expert's block count is known only
+    on the device, which `plgpu.emit_pipeline_warp_specialized` cannot chain).
     In a block that straddles the expert's rows both operands' foreign rows are set to zero in
     shared memory (selected, not multiplied: rows outside every group may hold anything); both
     warpgroups write the same x values. An expert without rows runs one such block, all of it
@@ -535,60 +536,97 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
     starts, ends, first = _group_bounds(group_sizes, 8)
     blocks = jnp.maximum((ends - first + bm - 1) // bm, 1)
 
+    stages, tiles_per_expert = t["num_stages"], k_tiles * n_tiles
+
     def kernel(x_gmem, g_gmem, starts_gmem, ends_gmem, first_gmem, blocks_gmem, out_gmem):
-        def pipeline(step, context, n_blocks):
-            return _ws_pipeline(step, context, (n_blocks,), [
-                plgpu.BlockSpec((bm, bk), lambda r: (r, 0), transforms=_swizzled((bm, bk), x.dtype)),
-                plgpu.BlockSpec((bm, 2 * bn), lambda r: (r, 0), transforms=_swizzled((bm, 2 * bn), g.dtype))],
-                t["num_stages"])
-
-        def operands(row0, ki, ni):  # x [M, bk], g [M, 2bn] from row0: the pipeline reads its blocks only
-            rows = pl.ds(row0, M)
-            return x_gmem.at[rows, pl.ds(ki * bk, bk)], g_gmem.at[rows, pl.ds(ni * 2 * bn, 2 * bn)]
-
         def zero_rows_outside(ref, shape, lo, hi):  # ref [bm, C]: rows outside [lo, hi) set to 0
             row = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
             ref[...] = jnp.where((row >= lo) & (row < hi), ref[...], 0).astype(ref.dtype)
 
-        unused = lambda *_, **__: None  # buffers for every stage: a static grid shorter than that would get fewer
-
         @functools.partial(pl.run_scoped, collective_axes="wg",
-                           allocations=pipeline(unused, unused, t["num_stages"]).get_allocations(*operands(0, 0, 0)),
+                           x_smem=plgpu.SMEM((stages, bm, bk), x.dtype, transforms=_swizzled((bm, bk), x.dtype)),
+                           g_smem=plgpu.SMEM((stages, bm, 2 * bn), g.dtype,
+                                             transforms=_swizzled((bm, 2 * bn), g.dtype)),
+                           loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                           consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                            out_smem=plgpu.SMEM((2, bk, bn), dtype, transforms=_swizzled((bk, bn), dtype, rows=1)))
-        def _(allocations, out_smem):
+        def _(x_smem, g_smem, loaded, consumed, out_smem):
             wg = jax.lax.axis_index("wg")
 
-            @plgpu.nd_loop((E * k_tiles * n_tiles,), collective_axes="sm")
-            def _(loop):
-                e, tile = jax.lax.div(loop.index[0], k_tiles * n_tiles), jax.lax.rem(loop.index[0], k_tiles * n_tiles)
-                ki, ni = jax.lax.div(tile, n_tiles), jax.lax.rem(tile, n_tiles)
-                row0 = pl.multiple_of(first_gmem[e], 8)
-                start, end = starts_gmem[e], ends_gmem[e]
+            def each_tile(body):
+                """body(e, ki, ni, step) -> step over this program's tiles, expert slowest; `step`
+                counts the row blocks run so far (its remainder by `stages` is the block's buffer)."""
+                @plgpu.nd_loop((E * tiles_per_expert,), collective_axes="sm", init_carry=jnp.int32(0))
+                def steps(loop, carry):  # carry: the blocks run so far
+                    e, tile = jax.lax.div(loop.index[0], tiles_per_expert), jax.lax.rem(loop.index[0], tiles_per_expert)
+                    return body(e, jax.lax.div(tile, n_tiles), jax.lax.rem(tile, n_tiles), carry)
+                return steps
 
-                def step(r, x_smem, g_smem, acc):  # acc [bk, bn] += x block^T . this warpgroup's g half
-                    g_half = g_smem.at[:, pl.ds(wg * bn, bn)]
-                    block0 = row0 + r[0] * bm
-                    lo, hi = start - block0, end - block0  # the expert's rows in this block
+            @pl.when(wg == 2)
+            def _():  # the memory warpgroup: a block's loads wait only for its buffer's previous block
+                plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-                    @pl.when((lo > 0) | (hi < bm))
-                    def _():
-                        zero_rows_outside(x_smem, (bm, bk), lo, hi)
-                        zero_rows_outside(g_half, (bm, bn), lo, hi)
-                        plgpu.commit_smem()
+                def load(e, ki, ni, step):
+                    rows = pl.ds(pl.multiple_of(first_gmem[e], 8), M)  # the pipeline reads its blocks only
 
-                    plgpu.wgmma(acc, plgpu.transpose_ref(x_smem, (1, 0)), g_half)
-                    plgpu.wgmma_wait(0)
-                    return acc
+                    def block(r, step):
+                        slot = jax.lax.rem(step, stages)
 
-                def context(run):
+                        @pl.when(step >= stages)
+                        def _():
+                            plgpu.barrier_wait(consumed.at[slot])
+
+                        here = pl.ds(r * bm, bm)
+                        plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(ki * bk, bk)].at[here], x_smem.at[slot],
+                                                loaded.at[slot])
+                        plgpu.copy_gmem_to_smem(g_gmem.at[rows, pl.ds(ni * 2 * bn, 2 * bn)].at[here], g_smem.at[slot],
+                                                loaded.at[slot])
+                        return step + 1
+
+                    return jax.lax.fori_loop(0, blocks_gmem[e], block, step)
+
+                total = each_tile(load)
+                for last in (total - stages + i for i in range(stages)):  # consumed before the program ends
+                    @pl.when(last >= 0)
+                    def _(last=last):
+                        plgpu.barrier_wait(consumed.at[jax.lax.rem(last, stages)])
+
+            @pl.when(wg < 2)
+            def _():  # the compute warpgroups: one [bk, bn] half of each tile's gradient
+                plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+                def accumulate(e, ki, ni, step):
+                    row0 = pl.multiple_of(first_gmem[e], 8)
+                    start, end = starts_gmem[e], ends_gmem[e]
+
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bk, bn)))
-                    def _(acc):
-                        run(acc)
+                    def step_after(acc):
+                        def block(r, step):  # acc += x block^T . this warpgroup's g half
+                            slot = jax.lax.rem(step, stages)
+                            plgpu.barrier_wait(loaded.at[slot])
+                            x_block, g_half = x_smem.at[slot], g_smem.at[slot, :, pl.ds(wg * bn, bn)]
+                            lo, hi = start - (row0 + r * bm), end - (row0 + r * bm)  # the expert's rows here
+
+                            @pl.when((lo > 0) | (hi < bm))
+                            def _():
+                                zero_rows_outside(x_block, (bm, bk), lo, hi)
+                                zero_rows_outside(g_half, (bm, bn), lo, hi)
+                                plgpu.commit_smem()
+
+                            plgpu.wgmma(acc, plgpu.transpose_ref(x_block, (1, 0)), g_half)
+                            plgpu.wgmma_wait(0)
+                            plgpu.barrier_arrive(consumed.at[slot])
+                            return step + 1
+
+                        after = jax.lax.fori_loop(0, blocks_gmem[e], block, step)
                         _stage_tile(acc[...], out_smem.at[wg])
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg], out_gmem.at[e, pl.ds(ki * bk, bk), pl.ds(ni * 2 * bn + wg * bn, bn)])
+                        return after
 
-                pipeline(step, context, blocks_gmem[e])(*operands(row0, ki, ni), allocations=allocations)
+                    return step_after
+
+                each_tile(accumulate)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
