@@ -567,7 +567,7 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
                 plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
                 def load(e, ki, ni, step):
-                    rows = pl.ds(pl.multiple_of(first_gmem[e], 8), M)  # the pipeline reads its blocks only
+                    rows = pl.ds(pl.multiple_of(first_gmem[e], 8), M)  # from the expert's first row; its blocks only
 
                     def block(r, step):
                         slot = jax.lax.rem(step, stages)
