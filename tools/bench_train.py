@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--scan-unroll", type=int, default=0, help="TrainConfig.scan_unroll: layers per scan iteration "
                    "(0: by backend)")
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk, help="TrainConfig.loss_chunk: tokens")
-    p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax|cudnn")
+    p.add_argument("--attention", default="auto", help="TrainConfig.attention_impl: auto|xla|tokamax|hopper|cudnn")
     p.add_argument("--grouped-matmul", default="auto",
                    help="TrainConfig.grouped_matmul_impl: auto|tokamax|ragged|tiled")
     p.add_argument("--expert-layout", default="auto", help="TrainConfig.expert_layout: auto|grouped|blocks")

@@ -143,7 +143,7 @@ def main():
         compare(out, name, latent_attn, latent_attention.IMPLS, "xla", q_lat, q_pe, latent, k_pe, slots)
     out["defaults"] = {"grouped_matmul": grouped_matmul.default_impl(),
                        "expert_layout": grouped_matmul.default_layout(),
-                       "attention (causal bf16)": attention.default_impl(attention.cudnn_takes(q, v, None)),
+                       "attention (causal bf16)": attention.default_impl(q, v),
                        "attention (documents)": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
                        "scaled_matmul": scaled_matmul.default_impl(), "row_gather": row_gather.default_impl(),

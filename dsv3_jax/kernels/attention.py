@@ -5,19 +5,22 @@ The mask is never an input array: query t attends keys s with starts[t] <= s <= 
 starts[t] is the first token of t's document (`document_starts`), so a kernel forms it from
 indices and skips the key blocks before a document instead of reading a [B,T,T] mask.
 
-Three implementations of the same op, each taking v's head dim as it is:
+Four implementations of the same op, each taking v's head dim as it is:
 - "xla": plain einsums, fp32 softmax; every backend.
-- "tokamax": tokamax's Mosaic GPU flash attention; the GPU default where "cudnn" is not: for
-  packed documents (its per-query key start skips the blocks before a document), under a
-  multi-device mesh (where it was measured, on 2 H200s; cuDNN's partitioning was not), and on
+- "tokamax": tokamax's Mosaic GPU flash attention; the GPU default where "hopper" and "cudnn"
+  are not: for packed documents (its per-query key start skips the blocks before a document),
+  under a multi-device mesh (where it was measured, on 2 H200s; the others were not), and on
   other GPUs.
-- "cudnn": cuDNN's flash attention backward, plain causal only, bf16/fp16; the default for what
-  it takes on one Hopper GPU with cuDNN >= 9.10. Its forward is tokamax's where tokamax runs
-  (0.558 against cuDNN's 0.638 ms a bench layer on an H200), which returns the same softmax
-  statistics cuDNN's backward reads (the log-sum-exp of the scaled scores, [B,H,T]), else
-  cuDNN's own. Forward + backward at the bench layer: 2.68 ms, against 2.73 with cuDNN's
-  forward and ~2.9 with tokamax's own backward. The backward is not bitwise reproducible run to run
-  unless XLA asks cuDNN for the deterministic algorithm (`--xla_gpu_deterministic_ops=true`).
+- "hopper": tokamax's forward, then our Mosaic GPU backward (`kernels.attention_backward`):
+  plain causal only, the shapes its kernels take; the default for those on one Hopper GPU.
+  Forward + backward at the bench layer (B4 T4096 H16, 192/128, an H200): cuDNN's forward and
+  this backward 2.42 ms against 2.94 with cuDNN's backward.
+- "cudnn": tokamax's forward, then cuDNN's flash attention backward (cuDNN's own forward where
+  tokamax does not run); plain causal only, bf16/fp16, cuDNN >= 9.10; the default on one Hopper
+  GPU for what "hopper" does not take. Not bitwise reproducible run to run unless XLA asks cuDNN
+  for the deterministic algorithm (`--xla_gpu_deterministic_ops=true`).
+Both backward passes read the forward's output and its softmax statistics, the log-sum-exp of
+the scaled scores [B,H,T], which tokamax's forward returns as row maxima m and sums l: m + log(l).
 
 Under a mesh whose every axis splits the batch or the heads, the op runs per device inside
 `shard_map` on its own rows and heads: the SPMD partitioner cannot split tokamax's kernels,
@@ -33,28 +36,39 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.kernels import attention_backward
 from dsv3_jax.kernels.choice import forced, one_device
 from dsv3_jax.parallel.mesh import activation_spec
 
-IMPLS = ("xla", "tokamax", "cudnn")
+IMPLS = ("xla", "tokamax", "hopper", "cudnn")
 
 
-def default_impl(cudnn_ok: bool = False) -> str:
-    """The impl `kernels.use` forces, else cudnn for a call it takes (`cudnn_ok`: `cudnn_takes`
-    said so) on one device where it runs (the module docstring), else tokamax on a GPU its
-    Mosaic kernels run on (Ampere and newer) where installed, else xla."""
+def default_impl(q: jax.Array | None = None, v: jax.Array | None = None, starts: jax.Array | None = None) -> str:
+    """The impl `kernels.use` forces, else, for plain causal attention (q and v given, no
+    starts) on one device: hopper where its kernels take the call and run here, else cudnn where
+    it takes the call and runs here; else tokamax on a GPU its Mosaic kernels run on (Ampere
+    and newer) where installed, else xla."""
     if forced("attention"):
         return forced("attention")
-    if cudnn_ok and one_device() and _cudnn_runs_here():
+    plain = q is not None and starts is None and one_device()
+    if plain and attention_backward.takes(q, v) and _hopper_runs_here():
+        return "hopper"
+    if plain and cudnn_takes(q, v) and _cudnn_runs_here():
         return "cudnn"
     return "tokamax" if _tokamax_runs_here() else "xla"
 
 
-def cudnn_takes(q: jax.Array, v: jax.Array, starts: jax.Array | None) -> bool:
-    """Whether cuDNN's kernel takes this call: plain causal (no documents), bf16 or fp16, head
-    dims multiples of 8 up to 256."""
+def cudnn_takes(q: jax.Array, v: jax.Array) -> bool:
+    """Whether cuDNN's kernel takes plain causal attention of these: bf16 or fp16, head dims
+    multiples of 8 up to 256."""
     dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
-    return starts is None and q.dtype in (jnp.bfloat16, jnp.float16) and dims_ok
+    return q.dtype in (jnp.bfloat16, jnp.float16) and dims_ok
+
+
+@functools.cache
+def _hopper_runs_here() -> bool:
+    """A Hopper GPU (wgmma) with tokamax's forward."""
+    return _tokamax_runs_here() and jax.devices()[0].compute_capability == "9.0"
 
 
 @functools.cache
@@ -98,10 +112,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.
     Scores accumulate in fp32 and the softmax runs in fp32; the probabilities are rounded to
     the compute dtype before the value product (as HF and the official code do).
     """
-    impl = impl or default_impl(cudnn_takes(q, v, starts))
+    impl = impl or default_impl(q, v, starts)
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: choose from {IMPLS}")
-    fn = functools.partial({"xla": _xla, "tokamax": _tokamax, "cudnn": _cudnn}[impl], scale=scale)
+    fn = functools.partial({"xla": _xla, "tokamax": _tokamax, "hopper": _hopper, "cudnn": _cudnn}[impl], scale=scale)
     heads = activation_spec("batch", None, "act_heads", None, shape=q.shape)
     if heads is None or _split_axes(heads) != _split_axes(jax.sharding.get_abstract_mesh()):
         return fn(q, k, v, starts)  # no mesh, or not split over every axis: left to the partitioner
@@ -131,6 +145,17 @@ def _tokamax(q, k, v, starts, scale, residuals: bool = False):
     return PallasMosaicGpuFlashAttention()(q, k, v, mask=mask, logits_scale=scale, return_residuals=residuals)
 
 
+def _hopper(q, k, v, starts, scale):
+    """tokamax's causal attention, differentiated by `attention_backward`."""
+    if starts is not None:
+        raise ValueError("attention impl 'hopper' takes no packed documents: use 'tokamax' or 'xla' "
+                         "for train.mask_documents=true")
+    if not attention_backward.takes(q, v):
+        raise ValueError(f"attention impl 'hopper' takes bf16/fp16 q {q.shape} and v {v.shape} with T a multiple "
+                         "of 128 and head dims multiples of 64 summing to at most 320: use 'cudnn' or 'tokamax'")
+    return _tokamax_then(q, k, v, scale, "hopper")
+
+
 def _cudnn(q, k, v, starts, scale):
     """cuDNN's flash attention backward (Hopper, cuDNN >= 9.10 for v's head dim != q's; jax.nn's
     wrapper still requires equal head dims, hence the private module) after tokamax's forward
@@ -142,29 +167,31 @@ def _cudnn(q, k, v, starts, scale):
         raise ValueError("attention impl 'cudnn' takes no packed documents: use 'tokamax' or 'xla' "
                          "for train.mask_documents=true")
     if _tokamax_runs_here():
-        return _tokamax_then_cudnn(q, k, v, scale)
+        return _tokamax_then(q, k, v, scale, "cudnn")
     return cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tokamax_then_cudnn(q, k, v, scale):
-    """tokamax's causal attention, differentiated by cuDNN's backward."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tokamax_then(q, k, v, scale, backward):
+    """tokamax's causal attention, differentiated by `backward`: "hopper" or "cudnn"."""
     return _tokamax(q, k, v, None, scale)
 
 
-def _tokamax_then_cudnn_fwd(q, k, v, scale):
+def _tokamax_then_fwd(q, k, v, scale, backward):
     """Saves the output and the log-sum-exp of the scaled scores [B,H,T], from tokamax's row
     maxima and sums."""
     out, (row_max, row_sum) = _tokamax(q, k, v, None, scale, residuals=True)
     return out, (q, k, v, out, row_max + jnp.log(row_sum))
 
 
-def _tokamax_then_cudnn_bwd(scale, res, g):
-    """cuDNN's backward rule fed tokamax's output and statistics: the residuals its own forward
-    would have saved (q, k, v, seven unused inputs, the statistics, the output)."""
+def _tokamax_then_bwd(scale, backward, res, g):
+    """Our kernels, or cuDNN's backward rule fed the residuals its own forward would have saved
+    (q, k, v, seven unused inputs, the statistics, the output)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     q, k, v, out, lse = res
+    if backward == "hopper":
+        return attention_backward.backward(q, k, v, out, lse, g, scale)
     unused = jnp.zeros((0,), q.dtype)
     saved = (q, k, v, *(unused,) * 7, lse, out)
     grads = cudnn._dot_product_attention_bwd_rule(
@@ -173,7 +200,7 @@ def _tokamax_then_cudnn_bwd(scale, res, g):
     return grads[:3]
 
 
-_tokamax_then_cudnn.defvjp(_tokamax_then_cudnn_fwd, _tokamax_then_cudnn_bwd)
+_tokamax_then.defvjp(_tokamax_then_fwd, _tokamax_then_bwd)
 
 
 def _xla(q, k, v, starts, scale):

@@ -48,7 +48,7 @@ class TrainConfig:
     dtype: str = "bfloat16"  # compute
     precision: str = "bf16"  # projections: bf16 (the compute dtype), fp8_emulated or fp8_native (SPEC F)
     fp8_pow2_scales: bool = False  # FP8 scales rounded up to powers of two
-    attention_impl: str = "auto"  # kernels: "auto" (by backend and mask), "xla", "tokamax" or "cudnn"
+    attention_impl: str = "auto"  # kernels: "auto" (by backend and mask), "xla", "tokamax", "hopper" or "cudnn"
     grouped_matmul_impl: str = "auto"  # "auto" (by backend), "tokamax", "ragged" or "tiled"
     scaled_matmul_impl: str = "auto"  # fp8_native GEMMs: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
     row_gather_impl: str = "auto"  # routed-expert row moves: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"

@@ -33,28 +33,36 @@ def test_latent_attention_auto_is_the_kernel_for_decode_steps_on_gpu_only(monkey
     assert latent_attention.default_impl(1, 512, 64) == "xla"
 
 
-def test_attention_auto_takes_cudnn_for_what_it_takes_where_it_runs(monkeypatch):
-    """cuDNN's kernel takes plain causal bf16/fp16 attention only, and is the default on one
-    device only: "auto" keeps the rest on tokamax (or xla); a forced "cudnn" with documents is
-    refused by name."""
-    q, v = jnp.ones((1, 4, 2, 192), jnp.bfloat16), jnp.ones((1, 4, 2, 128), jnp.bfloat16)
-    assert attention.cudnn_takes(q, v, None)
-    assert not attention.cudnn_takes(q, v, jnp.zeros((1, 4), jnp.int32))  # packed documents
-    assert not attention.cudnn_takes(q.astype(jnp.float32), v.astype(jnp.float32), None)
-    assert not attention.cudnn_takes(jnp.ones((1, 4, 2, 20), jnp.bfloat16), v, None)  # head dim not a multiple of 8
-    monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: True)
-    monkeypatch.setattr(attention, "_tokamax_runs_here", lambda: True)
-    assert attention.default_impl(cudnn_ok=True) == "cudnn"
-    assert attention.default_impl(cudnn_ok=False) == "tokamax"
+def test_attention_auto_takes_hopper_then_cudnn_for_what_they_take_where_they_run(monkeypatch):
+    """Plain causal attention on one device goes to our Hopper backward where its kernels take
+    the shapes, else to cuDNN's where that takes them; "auto" keeps packed documents, other
+    dtypes and multi-device meshes on tokamax (or xla); a forced "hopper" or "cudnn" with
+    documents, or "hopper" with shapes it does not take, is refused by name."""
+    q, v = jnp.ones((1, 128, 2, 192), jnp.bfloat16), jnp.ones((1, 128, 2, 128), jnp.bfloat16)
+    assert attention.cudnn_takes(q, v)
+    assert not attention.cudnn_takes(q.astype(jnp.float32), v.astype(jnp.float32))
+    assert not attention.cudnn_takes(jnp.ones((1, 128, 2, 20), jnp.bfloat16), v)  # head dim not a multiple of 8
+    for name in ("_hopper_runs_here", "_cudnn_runs_here", "_tokamax_runs_here"):
+        monkeypatch.setattr(attention, name, lambda: True)
+    documents = jnp.zeros((1, 128), jnp.int32)
+    assert attention.default_impl(q, v) == "hopper"
+    assert attention.default_impl(q[:, :100], v[:, :100]) == "cudnn"  # T off the 128-key blocks
+    assert attention.default_impl(q, v, documents) == "tokamax"
+    assert attention.default_impl(q.astype(jnp.float32), v.astype(jnp.float32)) == "tokamax"
+    assert attention.default_impl() == "tokamax"
     with jax.set_mesh(make_mesh("data=2,expert=4")):  # a multi-device mesh keeps the kernel measured there
-        assert attention.default_impl(cudnn_ok=True) == "tokamax"
+        assert attention.default_impl(q, v) == "tokamax"
     with kernels.use(attention="xla"):
-        assert attention.default_impl(cudnn_ok=True) == "xla"
+        assert attention.default_impl(q, v) == "xla"
+    monkeypatch.setattr(attention, "_hopper_runs_here", lambda: False)
+    assert attention.default_impl(q, v) == "cudnn"
     monkeypatch.setattr(attention, "_cudnn_runs_here", lambda: False)
-    assert attention.default_impl(cudnn_ok=True) == "tokamax"
-    q = jnp.ones((1, 4, 2, 16), jnp.bfloat16)
-    with pytest.raises(ValueError, match="'cudnn' takes no packed documents"):
-        attention.dot_product_attention(q, q, q[..., :8], jnp.zeros((1, 4), jnp.int32), 0.25, impl="cudnn")
+    assert attention.default_impl(q, v) == "tokamax"
+    for impl in ("hopper", "cudnn"):
+        with pytest.raises(ValueError, match=f"'{impl}' takes no packed documents"):
+            attention.dot_product_attention(q, q, v, documents, 0.25, impl=impl)
+    with pytest.raises(ValueError, match="'hopper' takes bf16/fp16 q"):
+        attention.dot_product_attention(q[:, :100], q[:, :100], v[:, :100], None, 0.25, impl="hopper")
 
 
 def test_bad_kernel_names_are_refused():
