@@ -11,11 +11,15 @@ and v head dim Kv apart (MLA's 192 and 128).
    compute warpgroups of 64 queries (dS is dS^T read through a transposed SMEM view).
 
 Writing dS out spares the one-kernel form's third accumulator and its per-tile reduction of
-dQ into HBM (the thirtieth session's kernel, 2.73 ms at the bench layer): here 1.50 + 0.38 ms
-against cuDNN's 2.30 (H200, B4 T4096 H16, 192/128). The price is dS^T's buffer, B H T^2 bf16
-(2 GiB at the bench layer), so heads run in chunks whose buffer stays within `DS_BUDGET` bytes.
-Heaviest blocks first: the grids put the block index outermost and start at the diagonal's
-longest rows (measured: 0.38 against 0.59 ms for dQ's grid with the heads outermost).
+dQ into HBM (the thirtieth session's kernel, 2.73 ms at the bench layer): here 1.37-1.50 +
+0.38 ms, 1.79 with delta, against cuDNN's 2.30 (H200, B4 T4096 H16, 192/128), with no atomic
+adds, so the same bits every run. The price is dS^T's buffer, B H T^2 bf16 (2 GiB at the bench
+layer): heads run in chunks whose buffer stays within `DS_BUDGET` bytes. Heaviest blocks
+first: the block index varies slowest in both grids, starting at the diagonal's longest rows
+(measured: 0.38 against 0.59 ms for dQ's grid with the heads varying slowest). Measured and
+not kept: the scores' and dP's products issued together (1.66 ms for `_dkv`), 32-query steps
+(1.64), P rounded to bf16 before dS (1.49); ptxas holds `_dkv` to 255 registers with ~350
+bytes spilled.
 """
 
 from __future__ import annotations
