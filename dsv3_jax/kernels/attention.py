@@ -150,6 +150,9 @@ def _hopper(q, k, v, starts, scale):
     if starts is not None:
         raise ValueError("attention impl 'hopper' takes no packed documents: use 'tokamax' or 'xla' "
                          "for train.mask_documents=true")
+    if not _hopper_runs_here():
+        raise ValueError("attention impl 'hopper' needs a Hopper GPU and tokamax (requirements-gpu.txt) for its "
+                         "forward: use 'tokamax', 'cudnn' or 'xla' here")
     if not attention_backward.takes(q, v):
         raise ValueError(f"attention impl 'hopper' takes bf16/fp16 q {q.shape} and v {v.shape} with T a multiple "
                          "of 128 and head dims multiples of 64 summing to at most 320: use 'cudnn' or 'tokamax'")

@@ -61,6 +61,9 @@ def test_attention_auto_takes_hopper_then_cudnn_for_what_they_take_where_they_ru
     for impl in ("hopper", "cudnn"):
         with pytest.raises(ValueError, match=f"'{impl}' takes no packed documents"):
             attention.dot_product_attention(q, q, v, documents, 0.25, impl=impl)
+    with pytest.raises(ValueError, match="'hopper' needs a Hopper GPU and tokamax"):
+        attention.dot_product_attention(q, q, v, None, 0.25, impl="hopper")
+    monkeypatch.setattr(attention, "_hopper_runs_here", lambda: True)
     with pytest.raises(ValueError, match="'hopper' takes bf16/fp16 q"):
         attention.dot_product_attention(q[:, :100], q[:, :100], v[:, :100], None, 0.25, impl="hopper")
 
