@@ -16,9 +16,10 @@ dQ into HBM (the thirtieth session's kernel, 2.73 ms at the bench layer): here 1
 adds, so the same bits every run. The price is dS^T's buffer, B H T^2 bf16 (2 GiB at the bench
 layer): heads run in chunks whose buffer stays within `DS_BUDGET` bytes. Heaviest blocks
 first: the block index varies slowest in both grids, starting at the diagonal's longest rows
-(measured: 0.38 against 0.59 ms for dQ's grid with the heads varying slowest). Measured and
+(measured: 0.38 against 0.59 ms for dQ's grid with the block index varying fastest). Measured and
 not kept: the scores' and dP's products issued together (1.66 ms for `_dkv`), 32-query steps
-(1.64), P rounded to bf16 before dS (1.49); ptxas holds `_dkv` to 255 registers with ~350
+(1.64), P rounded to bf16 before dS (1.49), three SMEM stages (1.72), a stage released only
+after the next step's scores (1.88); ptxas holds `_dkv` to 255 registers with ~350
 bytes spilled.
 """
 
