@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from dsv3_jax.kernels.hopper import COMPUTE_REGISTERS, MEMORY_REGISTERS, stage_tile, swizzled, wait_last_phases
+
 LOG2E = math.log2(math.e)
 BQ, BKV, STAGES = 64, 128, 2  # _dkv: queries a step, keys a program (64 a warpgroup), SMEM stages
 DQ_BQ, DQ_BK, DQ_STAGES = 128, 64, 4  # _dq: queries a program (64 a warpgroup), keys a step, stages
@@ -69,17 +71,9 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.
 
 
 def _smem(shape, dtype, cols):
-    """SMEM tiled (8, cols) and swizzled to a row of cols elements, the layout wgmma reads."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
-                                                plgpu.SwizzleTransform(cols * jnp.dtype(dtype).itemsize)))
-
-
-def _wait_last_phases(consumed, n_steps, stages):
-    """Waits for the stages' last releases, which no load waited for: a program observes every
-    phase of its barriers before it ends."""
-    for s in range(stages):
-        last = n_steps - stages + s
-        pl.when(last >= 0)(functools.partial(plgpu.barrier_wait, consumed.at[lax.rem(jnp.maximum(last, 0), stages)]))
+    """SMEM in tiles of [8, cols], swizzled to a row of cols elements: `_dkv`'s operands take
+    32-column tiles (64-byte swizzles), the thirtieth session's layout; the others 64."""
+    return plgpu.SMEM(shape, dtype, transforms=swizzled((cols,), dtype))
 
 
 def _dkv(q, k, v, lse, delta, g, scale, heads):
@@ -167,7 +161,7 @@ def _dkv(q, k, v, lse, delta, g, scale, heads):
             def accumulate(dk_acc, dv_acc):
                 pl.loop(0, BKV // BQ)(functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=True))
                 pl.loop(BKV // BQ, n_steps)(functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=False))
-                pl.when(wg == 0)(lambda: _wait_last_phases(consumed, n_steps, STAGES))
+                pl.when(wg == 0)(lambda: wait_last_phases(consumed, n_steps, STAGES))
                 return dk_acc[...], dv_acc[...]
 
             dk, dv = pl.run_scoped(accumulate, plgpu.ACC((64, K), jnp.float32), plgpu.ACC((64, Kv), jnp.float32))
@@ -213,7 +207,7 @@ def _dq(ds_t, k, scale, heads):
         def scoped(ds_smem, k_smem, out_smem, ds_bar, k_bar, consumed):
             @pl.when(wg == 2)
             def _memory():
-                plgpu.set_max_registers(40, action="decrease")
+                plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
                 @pl.loop(0, n_steps)
                 def _(i):
@@ -224,11 +218,11 @@ def _dq(ds_t, k, scale, heads):
                                             ds_bar.at[slot])
                     plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h0 + hl], k_smem.at[slot], k_bar.at[slot])
 
-                _wait_last_phases(consumed, n_steps, DQ_STAGES)
+                wait_last_phases(consumed, n_steps, DQ_STAGES)
 
             @pl.when(wg < 2)
             def _compute():
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
                 def product(acc):
                     @pl.loop(0, n_steps)
@@ -245,8 +239,7 @@ def _dq(ds_t, k, scale, heads):
                     return acc[...]
 
                 dq = pl.run_scoped(product, plgpu.ACC((BQ, K), jnp.float32))
-                out_smem.at[wg][...] = (dq * scale).astype(dtype)
-                plgpu.commit_smem()
+                stage_tile(dq * scale, out_smem.at[wg])
                 plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[b, pl.ds(qb * DQ_BQ + wg * BQ, BQ), hl])
                 plgpu.wait_smem_to_gmem(0)
 

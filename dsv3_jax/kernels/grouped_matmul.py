@@ -38,6 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels.choice import forced
+from dsv3_jax.kernels.hopper import COMPUTE_REGISTERS, MEMORY_REGISTERS, stage_tile, swizzled, wait_last_phases
 from dsv3_jax.kernels.vma import as_varying, cotangent_like, struct_like, vary_like, varying
 
 IMPLS = ("tokamax", "ragged", "tiled")
@@ -364,25 +365,6 @@ def _hopper_fits(K: int, N: int, dtype) -> bool:
             and not K % t["block_k"] and not N % (2 * t["block_n"]))
 
 
-def _swizzled(shape: tuple[int, int], dtype, rows: int = 8) -> tuple:
-    """Shared-memory transforms of a 16-bit [.., C] block: tiles of [rows, swizzle width], swizzled."""
-    swizzle = plgpu.find_swizzle(shape[-1] * jnp.dtype(dtype).itemsize * 8)
-    return plgpu.TilingTransform((rows, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
-
-
-def _stage_tile(block: jax.Array, out_smem) -> None:
-    """A compute warpgroup's finished block (its accumulator's value, or rows of it) into its
-    shared-memory block, in that block's dtype, once the previous copies out of it have read it."""
-    out = block.astype(out_smem.dtype)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    out_smem[...] = out
-    plgpu.commit_smem()
-
-
-MEMORY_REGISTERS, COMPUTE_REGISTERS = 40, 232  # a thread's registers: memory / compute warpgroups
-# (what `plgpu.emit_pipeline_warp_specialized` gives each side with two compute warpgroups)
-
-
 def _persistent_call(kernel, out_type: jax.ShapeDtypeStruct, name: str):
     """`kernel` as one program per SM (axis "sm"), each a memory and two compute warpgroups ("wg")."""
     return plgpu.kernel(kernel, out_type=out_type, grid=(_sm_count(),), grid_names=("sm",), num_threads=3,
@@ -422,9 +404,9 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
             return plgpu.emit_pipeline_warp_specialized(
                 step, grid=(K // bk,), memory_registers=MEMORY_REGISTERS, wg_axis="wg", num_compute_wgs=2,
                 max_concurrent_steps=stages, compute_context=context, pipeline_state=state, in_specs=[
-                    plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_swizzled((bm, bk), x.dtype)),
+                    plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=swizzled((bm, bk), x.dtype)),
                     plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)),
-                                    transforms=_swizzled(w_block, w.dtype))])
+                                    transforms=swizzled(w_block, w.dtype))])
 
         def weight_tile(e, ni):  # [2bn, K] or [K, 2bn] of expert e
             cols = pl.ds(ni * 2 * bn, 2 * bn)
@@ -435,7 +417,7 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
         @functools.partial(pl.run_scoped, collective_axes="wg",
                            allocations=pipeline(unused, unused).get_allocations(x_gmem.at[pl.ds(0, bm)],
                                                                                  weight_tile(0, 0)),
-                           out_smem=plgpu.SMEM((2, epi, bn), x.dtype, transforms=_swizzled((epi, bn), x.dtype, rows=1)))
+                           out_smem=plgpu.SMEM((2, epi, bn), x.dtype, transforms=swizzled((epi, bn), x.dtype, rows=1)))
         def _(allocations, out_smem):
             wg = jax.lax.axis_index("wg")
 
@@ -460,7 +442,7 @@ def _hopper_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *
                         for c in range(bm // epi):  # the tile's rows [offset, offset + n_rows) by chunks
                             done = jnp.clip(offset - c * epi, 0, epi)
                             n = jnp.clip(offset + n_rows - c * epi, 0, epi) - done
-                            _stage_tile(out[c * epi:(c + 1) * epi], out_smem.at[wg])
+                            stage_tile(out[c * epi:(c + 1) * epi], out_smem.at[wg])
                             for size in (epi >> i for i in range(epi.bit_length())):
                                 @pl.when((n & size) != 0)
                                 def _(done=done, size=size, first=row0 + c * epi):
@@ -544,12 +526,12 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
             ref[...] = jnp.where((row >= lo) & (row < hi), ref[...], 0).astype(ref.dtype)
 
         @functools.partial(pl.run_scoped, collective_axes="wg",
-                           x_smem=plgpu.SMEM((stages, bm, bk), x.dtype, transforms=_swizzled((bm, bk), x.dtype)),
+                           x_smem=plgpu.SMEM((stages, bm, bk), x.dtype, transforms=swizzled((bm, bk), x.dtype)),
                            g_smem=plgpu.SMEM((stages, bm, 2 * bn), g.dtype,
-                                             transforms=_swizzled((bm, 2 * bn), g.dtype)),
+                                             transforms=swizzled((bm, 2 * bn), g.dtype)),
                            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                           out_smem=plgpu.SMEM((2, bk, bn), dtype, transforms=_swizzled((bk, bn), dtype, rows=1)))
+                           out_smem=plgpu.SMEM((2, bk, bn), dtype, transforms=swizzled((bk, bn), dtype, rows=1)))
         def _(x_smem, g_smem, loaded, consumed, out_smem):
             wg = jax.lax.axis_index("wg")
 
@@ -585,11 +567,7 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
 
                     return jax.lax.fori_loop(0, blocks_gmem[e], block, step)
 
-                total = each_tile(load)
-                for last in (total - stages + i for i in range(stages)):  # consumed before the program ends
-                    @pl.when(last >= 0)
-                    def _(last=last):
-                        plgpu.barrier_wait(consumed.at[jax.lax.rem(last, stages)])
+                wait_last_phases(consumed, each_tile(load), stages)
 
             @pl.when(wg < 2)
             def _():  # the compute warpgroups: one [bk, bn] half of each tile's gradient
@@ -619,7 +597,7 @@ def _hopper_weight_grad(x: jax.Array, g: jax.Array, group_sizes: jax.Array, E: i
                             return step + 1
 
                         after = jax.lax.fori_loop(0, blocks_gmem[e], block, step)
-                        _stage_tile(acc[...], out_smem.at[wg])
+                        stage_tile(acc[...], out_smem.at[wg])
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg], out_gmem.at[e, pl.ds(ki * bk, bk), pl.ds(ni * 2 * bn + wg * bn, bn)])
                         return after
