@@ -104,25 +104,30 @@ def document_starts(segment_ids: jax.Array) -> jax.Array:
     return jax.lax.cummax(jnp.where(new, jnp.arange(T, dtype=jnp.int32), 0), axis=1)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array | None, scale: float,
-                          impl: str | None = None) -> jax.Array:
-    """q [B,T,H,K], k [B,T,H,K], v [B,T,H,Kv], starts [B,T] int (`document_starts`; None: every
-    query's document starts at 0) -> [B,T,H,Kv].
+def dot_product_attention(q: jax.Array, k: jax.Array | tuple[jax.Array, ...], v: jax.Array,
+                          starts: jax.Array | None, scale: float, impl: str | None = None) -> jax.Array:
+    """q [B,T,H,K], k [B,T,H,K] or its columns in parts (a tuple of [B,T,H,w], joined along the
+    last axis: MLA's k_nope and its broadcast k_pe), v [B,T,H,Kv], starts [B,T] int
+    (`document_starts`; None: every query's document starts at 0) -> [B,T,H,Kv].
 
     Scores accumulate in fp32 and the softmax runs in fp32; the probabilities are rounded to
-    the compute dtype before the value product (as HF and the official code do).
+    the compute dtype before the value product (as HF and the official code do). Given k in
+    parts, "hopper" writes each part's gradient on its own, so none is sliced out of a whole.
     """
     impl = impl or default_impl(q, v, starts)
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: choose from {IMPLS}")
+    if impl != "hopper" and isinstance(k, tuple):
+        k = jnp.concatenate(k, axis=-1)
     fn = functools.partial({"xla": _xla, "tokamax": _tokamax, "hopper": _hopper, "cudnn": _cudnn}[impl], scale=scale)
     heads = activation_spec("batch", None, "act_heads", None, shape=q.shape)
     if heads is None or _split_axes(heads) != _split_axes(jax.sharding.get_abstract_mesh()):
         return fn(q, k, v, starts)  # no mesh, or not split over every axis: left to the partitioner
     starts_spec = None if starts is None else activation_spec("batch", None, shape=starts.shape)
+    k_spec = tuple(heads for _ in k) if isinstance(k, tuple) else heads
     # every device computes only its own slice (no collectives, nothing replicated), so the
     # varying-axes check, which tokamax's Mosaic kernels do not support, is not needed
-    return jax.shard_map(fn, in_specs=(heads, heads, heads, starts_spec), out_specs=heads,
+    return jax.shard_map(fn, in_specs=(heads, k_spec, heads, starts_spec), out_specs=heads,
                          check_vma=False)(q, k, v, starts)
 
 
@@ -146,7 +151,7 @@ def _tokamax(q, k, v, starts, scale, residuals: bool = False):
 
 
 def _hopper(q, k, v, starts, scale):
-    """tokamax's causal attention, differentiated by `attention_backward`."""
+    """tokamax's causal attention, differentiated by `attention_backward` (k whole or in parts)."""
     if starts is not None:
         raise ValueError("attention impl 'hopper' takes no packed documents: use 'tokamax' or 'xla' "
                          "for train.mask_documents=true")
@@ -156,7 +161,8 @@ def _hopper(q, k, v, starts, scale):
     if not attention_backward.takes(q, v):
         raise ValueError(f"attention impl 'hopper' takes bf16/fp16 q {q.shape} and v {v.shape} with T a multiple "
                          "of 128 and head dims multiples of 64 summing to at most 320: use 'cudnn' or 'tokamax'")
-    return _tokamax_then(q, k, v, scale, "hopper")
+    parts = k if isinstance(k, tuple) else (k,)
+    return _tokamax_then(q, parts, v, scale, "hopper", tuple(p.shape[-1] for p in parts))
 
 
 def _cudnn(q, k, v, starts, scale):
@@ -170,37 +176,39 @@ def _cudnn(q, k, v, starts, scale):
         raise ValueError("attention impl 'cudnn' takes no packed documents: use 'tokamax' or 'xla' "
                          "for train.mask_documents=true")
     if _tokamax_runs_here():
-        return _tokamax_then(q, k, v, scale, "cudnn")
+        return _tokamax_then(q, (k,), v, scale, "cudnn", (k.shape[-1],))
     return cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tokamax_then(q, k, v, scale, backward):
-    """tokamax's causal attention, differentiated by `backward`: "hopper" or "cudnn"."""
-    return _tokamax(q, k, v, None, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tokamax_then(q, k_parts, v, scale, backward, widths):
+    """tokamax's causal attention (k's parts joined; `widths` their head dims), differentiated
+    by `backward`: "hopper" (a gradient for each part) or "cudnn" (one part)."""
+    return _tokamax(q, jnp.concatenate(k_parts, axis=-1), v, None, scale)
 
 
-def _tokamax_then_fwd(q, k, v, scale, backward):
+def _tokamax_then_fwd(q, k_parts, v, scale, backward, widths):
     """Saves the output and the log-sum-exp of the scaled scores [B,H,T], from tokamax's row
     maxima and sums."""
+    k = jnp.concatenate(k_parts, axis=-1)
     out, (row_max, row_sum) = _tokamax(q, k, v, None, scale, residuals=True)
     return out, (q, k, v, out, row_max + jnp.log(row_sum))
 
 
-def _tokamax_then_bwd(scale, backward, res, g):
+def _tokamax_then_bwd(scale, backward, widths, res, g):
     """Our kernels, or cuDNN's backward rule fed the residuals its own forward would have saved
     (q, k, v, seven unused inputs, the statistics, the output)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     q, k, v, out, lse = res
     if backward == "hopper":
-        return attention_backward.backward(q, k, v, out, lse, g, scale)
+        return attention_backward.backward(q, k, v, out, lse, g, scale, widths)
     unused = jnp.zeros((0,), q.dtype)
     saved = (q, k, v, *(unused,) * 7, lse, out)
-    grads = cudnn._dot_product_attention_bwd_rule(
+    dq, dk, dv = cudnn._dot_product_attention_bwd_rule(
         scale, 0, 0.0, (False, False), cudnn.MaskType.CAUSAL, cudnn.AttentionLayout.BTNH.value, None,
-        cudnn.check_cudnn_version(), False, saved, g)
-    return grads[:3]
+        cudnn.check_cudnn_version(), False, saved, g)[:3]
+    return dq, (dk,), dv
 
 
 _tokamax_then.defvjp(_tokamax_then_fwd, _tokamax_then_bwd)

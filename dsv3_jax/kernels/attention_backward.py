@@ -10,6 +10,9 @@ and v head dim Kv apart (MLA's 192 and 128).
    block's last, a memory warpgroup streaming dS^T and K tiles through four stages to two
    compute warpgroups of 64 queries (dS is dS^T read through a transposed SMEM view).
 
+dK can come out in column parts (MLA's per-head k_nope and its broadcast k_pe), each written by
+TMA on its own, so that XLA never slices the whole apart (-0.47 ms a bench step on an H200).
+
 Writing dS out spares the one-kernel form's third accumulator and its per-tile reduction of
 dQ into HBM (the thirtieth session's kernel, 2.73 ms at the bench layer): here 1.37-1.50 +
 0.38 ms, 1.79 with delta, against cuDNN's 2.30 (H200, B4 T4096 H16, 192/128), with no atomic
@@ -26,6 +29,7 @@ bytes spilled.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -40,6 +44,7 @@ LOG2E = math.log2(math.e)
 BQ, BKV, STAGES = 64, 128, 2  # _dkv: queries a step, keys a program (64 a warpgroup), SMEM stages
 DQ_BQ, DQ_BK, DQ_STAGES = 128, 64, 4  # _dq: queries a program (64 a warpgroup), keys a step, stages
 DS_BUDGET = 2 ** 31  # bytes of dS^T a call may hold
+KEY_TILE = 32  # _dkv: columns of its K and V SMEM tiles (64-byte swizzles)
 
 
 def takes(q: jax.Array, v: jax.Array) -> bool:
@@ -52,22 +57,31 @@ def takes(q: jax.Array, v: jax.Array) -> bool:
 
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, g: jax.Array,
-             scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+             scale: float, k_parts: tuple[int, ...] | None = None
+             ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
     """Gradients of causal softmax(q k^T * scale) v. q, k [B,T,H,K], v, out, g [B,T,H,Kv];
-    lse [B,H,T] f32, the natural-log log-sum-exp of the scaled scores -> dq, dk [B,T,H,K],
-    dv [B,T,H,Kv] in q's dtype."""
-    B, T, H, _ = q.shape
+    lse [B,H,T] f32, the natural-log log-sum-exp of the scaled scores -> dq [B,T,H,K], dk as
+    one array [B,T,H,w] for each part width w of `k_parts` (k's columns in order; default one
+    part, K wide), dv [B,T,H,Kv], in q's dtype. Each part is written by the kernel on its own
+    where its columns fall on the key tiles' 32-column boundaries (MLA's 128 + 64), so the
+    caller never slices k's gradient apart; otherwise the whole is written and sliced."""
+    B, T, H, K = q.shape
+    k_parts = k_parts or (K,)
+    if sum(k_parts) != K:
+        raise ValueError(f"k_parts {k_parts} do not add up to the head dim {K}")
+    written = k_parts if all(w % KEY_TILE == 0 for w in k_parts) else (K,)
     lse = lse * LOG2E  # the kernels exponentiate in base 2
     delta = jnp.einsum("bthk,bthk->bht", out.astype(jnp.float32), g.astype(jnp.float32))  # [B,H,T]
     per_head = B * T * T * jnp.dtype(q.dtype).itemsize
     chunk = max(c for c in range(1, H + 1) if H % c == 0 and (c == 1 or c * per_head <= DS_BUDGET))
     grads = []
     for h0 in range(0, H, chunk):
-        dk, dv, ds_t = _dkv(q, k, v, lse, delta, g, scale, (h0, chunk))
-        grads.append((_dq(ds_t, k, scale, (h0, chunk)), dk, dv))
-    if len(grads) == 1:
-        return grads[0]
-    return tuple(jnp.concatenate(parts, axis=2) for parts in zip(*grads))
+        *dks, dv, ds_t = _dkv(q, k, v, lse, delta, g, scale, (h0, chunk), written)
+        grads.append((_dq(ds_t, k, scale, (h0, chunk)), *dks, dv))
+    dq, *dks, dv = (parts[0] if len(grads) == 1 else jnp.concatenate(parts, axis=2) for parts in zip(*grads))
+    if len(dks) != len(k_parts):
+        dks = jnp.split(dks[0], list(itertools.accumulate(k_parts[:-1])), axis=-1)
+    return dq, tuple(dks), dv
 
 
 def _smem(shape, dtype, cols):
@@ -76,14 +90,17 @@ def _smem(shape, dtype, cols):
     return plgpu.SMEM(shape, dtype, transforms=swizzled((cols,), dtype))
 
 
-def _dkv(q, k, v, lse, delta, g, scale, heads):
-    """-> dk [B,T,Hc,K] (scaled), dv [B,T,Hc,Kv] for heads h0..h0+Hc, and dS^T [B,Hc,T/64,T,64]
-    (query tile, key, query within the tile; only the tiles on and below the diagonal written)."""
+def _dkv(q, k, v, lse, delta, g, scale, heads, k_parts):
+    """-> dk (scaled) as [B,T,Hc,w] for each part width w of `k_parts` (multiples of `KEY_TILE`),
+    dv [B,T,Hc,Kv] for heads h0..h0+Hc, and dS^T [B,Hc,T/64,T,64] (query tile, key, query
+    within the tile; only the tiles on and below the diagonal written)."""
     B, T, _, K = q.shape
     Kv, dtype = v.shape[-1], q.dtype
     (h0, Hc), n_kv, n_q = heads, T // BKV, T // BQ
+    offsets = (0, *itertools.accumulate(k_parts[:-1]))
 
-    def body(q_ref, k_ref, v_ref, lse_ref, delta_ref, g_ref, dk_ref, dv_ref, ds_ref):
+    def body(q_ref, k_ref, v_ref, lse_ref, delta_ref, g_ref, *outs):
+        *dk_refs, dv_ref, ds_ref = outs
         hl, b, kv = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("kv")
         h, wg = h0 + hl, lax.axis_index("wg")
         kv0 = kv * BKV
@@ -168,14 +185,18 @@ def _dkv(q, k, v, lse, delta, g, scale, heads):
             k_w[...] = (dk * scale).astype(dtype)
             v_w[...] = dv.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_w, dk_ref.at[b, pl.ds(kv0 + wg * 64, 64), hl], commit_group=False)
+            n = 64 if len(k_parts) == 1 else 8  # rows a copy: a part is contiguous in SMEM within 8-row tiles
+            for off, w, dk_ref in zip(offsets, k_parts, dk_refs):
+                for r in range(0, 64, n):
+                    plgpu.copy_smem_to_gmem(k_w.at[pl.ds(r, n), pl.ds(off, w)],
+                                            dk_ref.at[b, pl.ds(kv0 + wg * 64 + r, n), hl], commit_group=False)
             plgpu.copy_smem_to_gmem(v_w, dv_ref.at[b, pl.ds(kv0 + wg * 64, 64), hl], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
             scoped,
-            _smem((BKV, K), dtype, 32), _smem((BKV, Kv), dtype, 32),
+            _smem((BKV, K), dtype, KEY_TILE), _smem((BKV, Kv), dtype, KEY_TILE),
             _smem((STAGES, BQ, K), dtype, 32), _smem((STAGES, BQ, Kv), dtype, 32),
             plgpu.SMEM((STAGES, BQ), jnp.float32), plgpu.SMEM((STAGES, BQ), jnp.float32),
             _smem((2, 2, 64, BQ), dtype, 64),  # dS^T: two buffers a warpgroup
@@ -185,8 +206,8 @@ def _dkv(q, k, v, lse, delta, g, scale, heads):
             collective_axes="wg")
 
     mesh = plgpu.Mesh(grid=(Hc, B, n_kv), grid_names=("heads", "batch", "kv"), num_threads=2, thread_name="wg")
-    out_type = (jax.ShapeDtypeStruct((B, T, Hc, K), dtype), jax.ShapeDtypeStruct((B, T, Hc, Kv), dtype),
-                jax.ShapeDtypeStruct((B, Hc, n_q, T, BQ), dtype))
+    out_type = (*(jax.ShapeDtypeStruct((B, T, Hc, w), dtype) for w in k_parts),
+                jax.ShapeDtypeStruct((B, T, Hc, Kv), dtype), jax.ShapeDtypeStruct((B, Hc, n_q, T, BQ), dtype))
     return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=plgpu.CompilerParams(approx_math=True),
                      name="attention_backward_dkv")(q, k, v, lse, delta, g)
 

@@ -114,7 +114,7 @@ class MLA(nnx.Module):
             k_nope, v = self._keys_values(latent)
         heads = ("batch", None, "act_heads", None)
         q = constrain(q, *heads)  # [B,T,H,Kn+Kr]
-        k = constrain(jnp.concatenate([k_nope, broadcast_new_axis(k_pe, (B, T, H, Kr), 2)], axis=-1), *heads)
+        k = tuple(constrain(p, *heads) for p in (k_nope, broadcast_new_axis(k_pe, (B, T, H, Kr), 2)))  # its parts
         v = constrain(v, *heads)
         with jax.named_scope("core"):
             o = constrain(dot_product_attention(q, k, v, starts, c.softmax_scale), *heads)  # [B,T,H,Kv]

@@ -79,11 +79,14 @@ def apply_rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, ..., K] with its last Kr = 2 * cos.shape[-1] entries rotated (`apply_rope`), the
     rest passed through: a query's nope and rope parts as one array.
 
-    Its gradient is the inverse rotation written the same way (the rotation is orthogonal), so
-    the backward pass is one fusion like the forward; differentiating the split and join instead
-    adds two zero-padded parts (bench query on an H200: 0.064 against 0.081 ms)."""
+    The rotated part is written over x's own (a dynamic-update-slice, which XLA runs in place
+    where x is not needed after), so only the Kr columns move, not a new array joined from both
+    parts (XLA copies them out, then writes them back: bench layer's query on an H200 2 x ~22 us
+    against ~62 us, forward and backward alike). Its gradient is the inverse rotation written the same way (the
+    rotation is orthogonal); differentiating the split and join instead adds two zero-padded
+    parts (bench query on an H200: 0.064 against 0.081 ms)."""
     kn = x.shape[-1] - 2 * cos.shape[-1]
-    return jnp.concatenate([x[..., :kn], apply_rope(x[..., kn:], cos, sin)], axis=-1)
+    return jax.lax.dynamic_update_slice_in_dim(x, apply_rope(x[..., kn:], cos, sin), kn, axis=x.ndim - 1)
 
 
 def _rope_tail_fwd(x, cos, sin):
