@@ -121,6 +121,15 @@ def main():
         return (y, *vjp(jnp.ones_like(y)))
 
     compare(out, "attention", attn, attention.IMPLS, "xla", q, k, v)
+
+    def attn_parts(impl, q, k_nope, k_pe, v):  # MLA's keys: per-head k_nope, one k_pe for all heads
+        k = lambda k_nope, k_pe: (k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:]))
+        f = lambda q, k_nope, k_pe, v: attention.dot_product_attention(q, k(k_nope, k_pe), v, None, 192 ** -0.5,
+                                                                       impl=impl)
+        y, vjp = jax.vjp(f, q, k_nope, k_pe, v)
+        return (y, *vjp(jnp.ones_like(y)))
+
+    compare(out, "attention_k_parts", attn_parts, attention.IMPLS, "xla", q, k[..., :128], k[:, :, 0, 128:], v)
     seg = jnp.asarray(np.sort(rs.randint(0, 5, (B, T)), axis=1))  # packed documents
     compare(out, "attention_documents", attn, attention.IMPLS, "xla", q, k, v, attention.document_starts(seg))
 
