@@ -123,8 +123,8 @@ def main():
     compare(out, "attention", attn, attention.IMPLS, "xla", q, k, v)
 
     def attn_parts(impl, q, k_nope, k_pe, v):  # MLA's keys: per-head k_nope, one k_pe for all heads
-        k = lambda k_nope, k_pe: (k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:]))
-        f = lambda q, k_nope, k_pe, v: attention.dot_product_attention(q, k(k_nope, k_pe), v, None, 192 ** -0.5,
+        keys = lambda k_nope, k_pe: (k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:]))
+        f = lambda q, k_nope, k_pe, v: attention.dot_product_attention(q, keys(k_nope, k_pe), v, None, 192 ** -0.5,
                                                                        impl=impl)
         y, vjp = jax.vjp(f, q, k_nope, k_pe, v)
         return (y, *vjp(jnp.ones_like(y)))

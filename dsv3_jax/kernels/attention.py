@@ -161,8 +161,7 @@ def _hopper(q, k, v, starts, scale):
     if not attention_backward.takes(q, v):
         raise ValueError(f"attention impl 'hopper' takes bf16/fp16 q {q.shape} and v {v.shape} with T a multiple "
                          "of 128 and head dims multiples of 64 summing to at most 320: use 'cudnn' or 'tokamax'")
-    parts = k if isinstance(k, tuple) else (k,)
-    return _tokamax_then(q, parts, v, scale, "hopper", tuple(p.shape[-1] for p in parts))
+    return _tokamax_then(q, *_parts(k), v, scale, "hopper")
 
 
 def _cudnn(q, k, v, starts, scale):
@@ -176,18 +175,24 @@ def _cudnn(q, k, v, starts, scale):
         raise ValueError("attention impl 'cudnn' takes no packed documents: use 'tokamax' or 'xla' "
                          "for train.mask_documents=true")
     if _tokamax_runs_here():
-        return _tokamax_then(q, (k,), v, scale, "cudnn", (k.shape[-1],))
+        return _tokamax_then(q, *_parts(k), v, scale, "cudnn")
     return cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _tokamax_then(q, k_parts, v, scale, backward, widths):
+def _parts(k) -> tuple[tuple[jax.Array, ...], tuple[int, ...]]:
+    """k whole or in parts -> its parts and their head dims (static, for the backward pass)."""
+    parts = k if isinstance(k, tuple) else (k,)
+    return parts, tuple(p.shape[-1] for p in parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 4, 5))
+def _tokamax_then(q, k_parts, widths, v, scale, backward):
     """tokamax's causal attention (k's parts joined; `widths` their head dims), differentiated
     by `backward`: "hopper" (a gradient for each part) or "cudnn" (one part)."""
     return _tokamax(q, jnp.concatenate(k_parts, axis=-1), v, None, scale)
 
 
-def _tokamax_then_fwd(q, k_parts, v, scale, backward, widths):
+def _tokamax_then_fwd(q, k_parts, widths, v, scale, backward):
     """Saves the output and the log-sum-exp of the scaled scores [B,H,T], from tokamax's row
     maxima and sums."""
     k = jnp.concatenate(k_parts, axis=-1)
@@ -195,7 +200,7 @@ def _tokamax_then_fwd(q, k_parts, v, scale, backward, widths):
     return out, (q, k, v, out, row_max + jnp.log(row_sum))
 
 
-def _tokamax_then_bwd(scale, backward, widths, res, g):
+def _tokamax_then_bwd(widths, scale, backward, res, g):
     """Our kernels, or cuDNN's backward rule fed the residuals its own forward would have saved
     (q, k, v, seven unused inputs, the statistics, the output)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn

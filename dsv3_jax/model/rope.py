@@ -81,10 +81,10 @@ def apply_rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
     The rotated part is written over x's own (a dynamic-update-slice, which XLA runs in place
     where x is not needed after), so only the Kr columns move, not a new array joined from both
-    parts (XLA copies them out, then writes them back: bench layer's query on an H200 2 x ~22 us
-    against ~62 us, forward and backward alike). Its gradient is the inverse rotation written the same way (the
-    rotation is orthogonal); differentiating the split and join instead adds two zero-padded
-    parts (bench query on an H200: 0.064 against 0.081 ms)."""
+    parts (XLA copies them out, then writes them back: the bench layer's query on an H200 2 x
+    ~22 us against ~62 us, forward and backward alike). Its gradient is the inverse rotation
+    written the same way (the rotation is orthogonal); differentiating the split and join
+    instead adds two zero-padded parts (bench query on an H200: 0.064 against 0.081 ms)."""
     kn = x.shape[-1] - 2 * cos.shape[-1]
     return jax.lax.dynamic_update_slice_in_dim(x, apply_rope(x[..., kn:], cos, sin), kn, axis=x.ndim - 1)
 
