@@ -53,6 +53,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     p.add_argument("--moments-dtype", default=TrainConfig.moments_dtype, choices=("float32", "bfloat16"))
+    p.add_argument("--master-weights", default="true", choices=("true", "false"),
+                   help="true: bfloat16 params with float32 master copies (TrainConfig.master_weights, the "
+                        "paper's recipe); false: float32 params cast to bfloat16 at each use")
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
     p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense|gather")
@@ -83,7 +86,9 @@ def main() -> None:
 
     config = ModelConfig.preset(args.preset, num_nextn_predict_layers=args.mtp_depth)
     tc = TrainConfig(steps=args.warmup + args.steps, precision=args.precision, fp8_pow2_scales=args.pow2_scales,
-                     moments_dtype=args.moments_dtype, expert_transport=args.expert_transport,
+                     moments_dtype=args.moments_dtype, master_weights=args.master_weights == "true",
+                     param_dtype="bfloat16" if args.master_weights == "true" else "float32",
+                     expert_transport=args.expert_transport,
                      expert_capacity_factor=args.expert_capacity,
                      attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul,
                      scaled_matmul_impl=args.scaled_matmul, row_gather_impl=args.row_gather,
@@ -137,7 +142,7 @@ def main() -> None:
                                                   tc.row_gather_impl, tc.expert_transport, tc.cross_entropy_impl],
         "expert_capacity_factor": tc.expert_capacity_factor, "expert_layout": layout,
         "mask_documents": tc.mask_documents, "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc),
-        "loss_chunk": tc.loss_chunk,
+        "loss_chunk": tc.loss_chunk, "param_dtype": tc.param_dtype, "master_weights": tc.master_weights,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,

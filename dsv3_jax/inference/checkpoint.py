@@ -32,12 +32,19 @@ def _latest(ckpt: Checkpointer, workdir: str) -> tuple[int, dict]:
     return step, ckpt.read_config(step)
 
 
+def _weights_item(train: dict) -> tuple[str, str]:
+    """(state item, dtype) of a run's most precise weights: its float32 master copies
+    (train.master_weights) or its params."""
+    return ("master", "float32") if train.get("master_weights") else ("params", train["param_dtype"])
+
+
 def stored_param_dtype(workdir: str | os.PathLike) -> jnp.dtype:
-    """The param_dtype a training workdir's latest checkpoint holds its parameters in."""
+    """The dtype a training workdir's latest checkpoint holds its weights in (its master copies'
+    if it keeps them)."""
     workdir = os.path.abspath(os.fspath(workdir))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
-        return jnp.dtype(_latest(ckpt, workdir)[1]["train"]["param_dtype"])
+        return jnp.dtype(_weights_item(_latest(ckpt, workdir)[1]["train"])[1])
     finally:
         ckpt.close()
 
@@ -62,9 +69,9 @@ def stored_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def _from_workdir(workdir: str, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
-    """The latest step's parameters (cast to `param_dtype`) and router biases, restored straight
-    into their shardings over `mesh`, whatever mesh trained them; the optimizer state is never read
-    (it is twice the parameters)."""
+    """The latest step's parameters (its master copies if it keeps them; cast to `param_dtype`)
+    and router biases, restored straight into their shardings over `mesh`, whatever mesh trained
+    them; the optimizer state is never read (it is twice the parameters)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         step, saved = _latest(ckpt, workdir)
@@ -73,11 +80,12 @@ def _from_workdir(workdir: str, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
         # Orbax casts each stored leaf to its target's dtype on restore
         model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
         graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
-        state = ckpt.restore_subset(step, {"params": parallel.abstract_sharded(params, mesh),
+        item = _weights_item(saved["train"])[0]
+        state = ckpt.restore_subset(step, {item: parallel.abstract_sharded(params, mesh),
                                            "bias": parallel.abstract_sharded(bias, mesh)})
     finally:
         ckpt.close()
-    return nnx.merge(graphdef, state["params"], state["bias"])
+    return nnx.merge(graphdef, state[item], state["bias"])
 
 
 def load_weights(path: str | os.PathLike, *, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:

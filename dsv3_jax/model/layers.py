@@ -210,7 +210,28 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return lookup(self.embedding[...], tokens).astype(self.dtype)
+
+
+@jax.custom_vjp
+def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table [V,D] rows at tokens [B,T] -> [B,T,D]. A custom gradient because autodiff adds a
+    row's cotangents in the table's dtype: a bfloat16 table (master weights) summed a frequent
+    token's thousands of terms in bfloat16; here in fp32, rounded once."""
+    return jnp.take(table, tokens, axis=0)
+
+
+def _lookup_fwd(table, tokens):
+    return lookup(table, tokens), (jnp.zeros((table.shape[0], 0), table.dtype), tokens)
+
+
+def _lookup_bwd(res, g):
+    like, tokens = res  # like [V,0]: the table's rows and dtype
+    dtable = jnp.zeros((like.shape[0], g.shape[-1]), jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    return dtable.astype(like.dtype), None
+
+
+lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 class SwiGLU(nnx.Module):

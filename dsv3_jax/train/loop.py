@@ -70,13 +70,13 @@ def _resolve_horizon(ckpt: Checkpointer, tc: TrainConfig) -> TrainConfig:
 
 
 def _check_state_dtypes(ckpt: Checkpointer, tc: TrainConfig) -> None:
-    """A workdir keeps its parameter and moment dtypes: Orbax would convert the stored state to
-    the asked ones on restore, silently rounding float32 to bfloat16 (or widening it)."""
+    """A workdir keeps its parameter, master-copy and moment dtypes: Orbax would convert the
+    stored state to the asked ones on restore, silently rounding float32 to bfloat16 (or widening it)."""
     step = ckpt.latest_step()
     if step is None:
         return
     stored = ckpt.read_config(step)["train"]
-    for f in ("param_dtype", "moments_dtype"):
+    for f in ("param_dtype", "master_weights", "moments_dtype"):
         if stored.get(f, getattr(tc, f)) != getattr(tc, f):  # a field older workdirs lack: nothing to compare
             raise ValueError(f"{ckpt.directory} holds train.{f}={stored[f]} state but train.{f}={getattr(tc, f)} "
                              "was asked; use the stored dtype or a new --workdir")
@@ -92,9 +92,10 @@ def _init_tokenizer(init_from: str) -> str:
 
 
 def _pretrained(init_from: str, config: ModelConfig, tc: TrainConfig, mesh) -> DeepSeekV3:
-    """`init_from`'s weights as a model of `config`: its stored config with overrides that keep
-    every parameter's shape and dtype (e.g. routed_scaling_factor, rope_scaling)."""
-    dtype, param_dtype = jnp.dtype(tc.dtype), jnp.dtype(tc.param_dtype)
+    """`init_from`'s weights as a model of `config` in the updates' dtype (the master copies' under
+    master weights): its stored config with overrides that keep every parameter's shape and dtype
+    (e.g. routed_scaling_factor, rope_scaling)."""
+    dtype, param_dtype = jnp.dtype(tc.dtype), jnp.dtype(tc.update_dtype)
     model = load_weights(init_from, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     if model.config == config:
         return model

@@ -128,6 +128,26 @@ def test_a_workdir_keeps_its_state_dtypes(corpus, straight, field, stored, asked
         train(str(workdir), MODEL, TrainConfig(steps=20, **{field: asked}), corpus, progress=False)
 
 
+def test_master_weights_run_resumes_and_gives_its_masters(tmp_path, corpus):
+    """A run with float32 master copies of bfloat16 params resumes from its checkpoint, keeps the
+    setting, and loading its workdir (inference, export, --init-from) reads the masters: float32
+    values that bfloat16 does not hold, not the rounded params."""
+    from dsv3_jax.inference import load_model  # noqa: PLC0415
+    from dsv3_jax.inference.checkpoint import stored_param_dtype  # noqa: PLC0415
+
+    kw = dict(param_dtype="bfloat16", master_weights=True)
+    _train(tmp_path, corpus, steps=4, **kw)
+    assert [r["step"] for r in _train(tmp_path, corpus, steps=6, **kw)] == [5, 6]
+    with pytest.raises(ValueError, match="holds train.master_weights=True state but train.master_weights=False"):
+        _train(tmp_path, corpus, steps=8, param_dtype="bfloat16")
+    assert stored_param_dtype(tmp_path) == jnp.float32
+    model, _ = load_model(tmp_path, dtype=np.float32)
+    kernels = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+               if "router" not in jax.tree_util.keystr(p)]
+    assert all(k.dtype == np.float32 for k in kernels)
+    assert all((k != k.astype(jnp.bfloat16).astype(np.float32)).any() for k in kernels if k.size > 64)
+
+
 def test_export_hf_takes_the_workdir(tmp_path, straight):
     """`tools/export_hf.py WORKDIR` writes the latest step's model; it reads back bit for bit."""
     from dsv3_jax.convert import load_hf  # noqa: PLC0415

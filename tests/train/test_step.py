@@ -137,10 +137,12 @@ def test_unmasked_documents_are_one_causal_stream_and_padding_is_not_scored():
                                + c.balance_alpha * float(metrics["balance_loss"]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec,moments", [("fsdp=2,expert=4", "bfloat16"), ("data=2,tensor=2,expert=2", "float32")])
-def test_abstract_state_is_the_initial_states_shapes_and_shardings(spec, moments):
+@pytest.mark.parametrize("spec,moments,master", [("fsdp=2,expert=4", "bfloat16", True),
+                                                 ("data=2,tensor=2,expert=2", "float32", False)])
+def test_abstract_state_is_the_initial_states_shapes_and_shardings(spec, moments, master):
     """The restore target of a resumed run: what `init_state` builds, with nothing built."""
-    tc, mesh = TrainConfig(moments_dtype=moments), make_mesh(spec)
+    tc = TrainConfig(moments_dtype=moments, master_weights=master, param_dtype="bfloat16" if master else "float32")
+    mesh = make_mesh(spec)
     with jax.set_mesh(mesh):
         graphdef, _, target = abstract_state(CONFIG, tc, mesh)
         want_graphdef, _, state = init_state(CONFIG, tc, mesh)
@@ -148,3 +150,62 @@ def test_abstract_state_is_the_initial_states_shapes_and_shardings(spec, moments
     assert graphdef == want_graphdef and jax.tree.structure(target) == jax.tree.structure(want)
     for got, w in zip(jax.tree.leaves(target), jax.tree.leaves(want)):
         assert (got.shape, got.dtype, got.sharding) == (w.shape, w.dtype, w.sharding)
+
+
+def test_master_weights_step_is_the_float32_step_stored_twice():
+    """train.master_weights moves where the update lands, not the update: from weights that
+    bfloat16 holds exactly (so both forward passes see the same values), one step moves the
+    float32 masters as the plain float32 step moves its params, up to the gradients' one
+    bfloat16 rounding (2^-9; Adam's eps at 1 and no clipping or decay make the step linear in
+    the gradient, so that rounding stays that small), and the params are the masters rounded
+    once: bfloat16, but the routers' kernels float32 as in every model."""
+    kw = dict(dtype="float32", warmup_fraction=0.0, adam_eps=1.0, clip_norm=1e9, weight_decay=0.0)
+    plain = TrainConfig(**kw)
+    master = TrainConfig(**kw, param_dtype="bfloat16", master_weights=True)
+    mesh = make_mesh(None, jax.devices()[:1])
+    model = DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    exact = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params)
+    out = {}
+    with jax.set_mesh(mesh):
+        for name, tc in (("plain", plain), ("master", master)):
+            g, tx, state = init_state(CONFIG, tc, mesh, nnx.merge(graphdef, exact, bias))
+            out[name], _ = jax.jit(make_train_step(g, CONFIG, tc, tx, planned_micro_batches=100))(state, _batch(5))
+    assert out["plain"].master is None
+    leaves = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))
+    start, moved, masters, rounded = (leaves(t) for t in (exact, out["plain"].params, out["master"].master,
+                                                           out["master"].params))
+    for path, m in masters.items():
+        name = jax.tree_util.keystr(path)
+        want = np.asarray(moved[path]) - np.asarray(start[path])
+        ulp = np.spacing(np.abs(np.asarray(start[path])).max())  # the float32 updates' own rounding
+        np.testing.assert_allclose(np.asarray(m) - np.asarray(start[path]), want, rtol=2**-7,
+                                   atol=2**-7 * np.abs(want).max() + 2 * ulp, err_msg=name)
+        p = rounded[path]
+        assert (m.dtype, p.dtype) == (jnp.float32, jnp.float32 if "router" in name else jnp.bfloat16), name
+        np.testing.assert_array_equal(p, m.astype(p.dtype))
+    assert all(np.abs(np.asarray(masters[k]) - np.asarray(start[k])).max() > 0 for k in masters
+               if "kernel" in jax.tree_util.keystr(k) or "proj" in jax.tree_util.keystr(k))  # every weight moved
+
+
+def test_master_weights_accumulate_micro_batches_in_float32():
+    """The micro-batches' bfloat16 gradients are summed in a float32 carry (read from the traced
+    step: XLA's excess precision keeps a bfloat16 sum in float32 on the CPU too, so the values
+    could not tell), and the masters stay float32."""
+    tc = TrainConfig(dtype="float32", param_dtype="bfloat16", master_weights=True)
+    mesh = make_mesh(None, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        g, tx, state = init_state(CONFIG, tc, mesh)
+        step = make_train_step(g, CONFIG, tc, tx, planned_micro_batches=100)
+        jaxpr = jax.make_jaxpr(step)(state, _batch(7, A=2))
+        new, _ = jax.eval_shape(step, state, _batch(7, A=2))
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    carried = [v.aval for v in scan.outvars if v.aval.ndim >= 1]  # per-parameter sums, load [L,E]
+    params = [p for p in jax.tree.leaves(state.params) if p.dtype == jnp.bfloat16]
+    assert len(carried) >= len(params) and {a.dtype for a in carried} == {jnp.dtype(jnp.float32)}
+    assert {m.dtype for m in jax.tree.leaves(new.master)} == {jnp.dtype(jnp.float32)}
+
+
+def test_master_weights_need_bfloat16_params():
+    with pytest.raises(ValueError, match="master_weights=True keeps float32 copies of bfloat16 params"):
+        TrainConfig(master_weights=True)
