@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     p.add_argument("--moments-dtype", default=TrainConfig.moments_dtype, choices=("float32", "bfloat16"))
     p.add_argument("--master-weights", default="true", choices=("true", "false"),
-                   help="true: bfloat16 params with float32 master copies (TrainConfig.master_weights, the "
-                        "paper's recipe); false: float32 params cast to bfloat16 at each use")
+                   help="true: bfloat16 params with float32 masters (TrainConfig.master_weights, the paper's "
+                        "recipe); false: float32 params cast to bfloat16 at each use")
     p.add_argument("--profile", help="write a profiler trace of two more steps here")
     p.add_argument("--mesh", help="e.g. expert=2 over all local devices (default: all on data)")
     p.add_argument("--expert-transport", default="auto", help="TrainConfig.expert_transport: auto|ragged|dense|gather")

@@ -22,6 +22,7 @@ from dsv3_jax.checkpoint.manager import Checkpointer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.tokenizer import read_tokenizer
 from dsv3_jax.model import DeepSeekV3, RouterBias
+from dsv3_jax.train.optimizer import master_weight
 
 
 def _latest(ckpt: Checkpointer, workdir: str) -> tuple[int, dict]:
@@ -32,19 +33,14 @@ def _latest(ckpt: Checkpointer, workdir: str) -> tuple[int, dict]:
     return step, ckpt.read_config(step)
 
 
-def _weights_item(train: dict) -> tuple[str, str]:
-    """(state item, dtype) of a run's most precise weights: its float32 master copies
-    (train.master_weights) or its params."""
-    return ("master", "float32") if train.get("master_weights") else ("params", train["param_dtype"])
-
-
 def stored_param_dtype(workdir: str | os.PathLike) -> jnp.dtype:
     """The dtype a training workdir's latest checkpoint holds its weights in (its master copies'
     if it keeps them)."""
     workdir = os.path.abspath(os.fspath(workdir))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
-        return jnp.dtype(_weights_item(_latest(ckpt, workdir)[1]["train"])[1])
+        train = _latest(ckpt, workdir)[1]["train"]
+        return jnp.dtype("float32" if train.get("master_weights") else train["param_dtype"])
     finally:
         ckpt.close()
 
@@ -69,23 +65,33 @@ def stored_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def _from_workdir(workdir: str, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
-    """The latest step's parameters (its master copies if it keeps them; cast to `param_dtype`)
-    and router biases, restored straight into their shardings over `mesh`, whatever mesh trained
-    them; the optimizer state is never read (it is twice the parameters)."""
+    """The latest step's parameters (cast to `param_dtype`; a run with master weights gives its
+    float32 masters, joined from the params and their low bits) and router biases, restored
+    straight into their shardings over `mesh`, whatever mesh trained them; the optimizer state is
+    never read (it is twice the parameters)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         step, saved = _latest(ckpt, workdir)
         config = ModelConfig.from_hf(saved["model"])
         parallel.check_fits(config, mesh)
-        # Orbax casts each stored leaf to its target's dtype on restore
-        model = nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-        graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
-        item = _weights_item(saved["train"])[0]
-        state = ckpt.restore_subset(step, {item: parallel.abstract_sharded(params, mesh),
-                                           "bias": parallel.abstract_sharded(bias, mesh)})
+        master = saved["train"].get("master_weights", False)
+        make = lambda p: nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=p))
+        # Orbax casts each stored leaf to its target's dtype on restore; halves are joined as stored
+        graphdef, params, bias = nnx.split(make(saved["train"]["param_dtype"] if master else param_dtype),
+                                           nnx.Param, RouterBias)
+        target = {"params": parallel.abstract_sharded(params, mesh), "bias": parallel.abstract_sharded(bias, mesh)}
+        if master:
+            low = lambda p: jax.ShapeDtypeStruct(p.shape, jnp.uint16, sharding=p.sharding)
+            target["master_low"] = jax.tree.map(low, target["params"])
+        state = ckpt.restore_subset(step, target)
     finally:
         ckpt.close()
-    return nnx.merge(graphdef, state[item], state["bias"])
+    params = state["params"]
+    if master:
+        want = nnx.split(make(param_dtype), nnx.Param, ...)[1]
+        join = lambda p, low: jax.tree.map(lambda q, lo, w: master_weight(q, lo).astype(w.dtype), p, low, want)
+        params = jax.jit(join, out_shardings=parallel.param_shardings(want, mesh))(params, state["master_low"])
+    return nnx.merge(graphdef, params, state["bias"])
 
 
 def load_weights(path: str | os.PathLike, *, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:

@@ -59,7 +59,7 @@ class TrainConfig:
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     scan_unroll: int = 0  # layers per layer-scan iteration; 0: by backend (train.step.layers_per_scan)
     param_dtype: str = "float32"  # the weights as stored and read by the forward pass
-    master_weights: bool = False  # float32 master copies of bfloat16 params (train.step.TrainState.master)
+    master_weights: bool = False  # float32 masters of bfloat16 params: their low bits kept (train.step)
     loss_chunk: int = 4096  # tokens per cross-entropy chunk ([chunk, vocab] logits at a time)
     mask_documents: bool = False  # True: attention stays within a packed document (the paper did not: SPEC)
     log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10
@@ -94,7 +94,7 @@ class TrainConfig:
             if getattr(self, f) not in ("float32", "bfloat16"):
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: float32 or bfloat16")
         if self.master_weights and self.param_dtype != "bfloat16":
-            raise ValueError(f"TrainConfig.master_weights=True keeps float32 copies of bfloat16 params; "
+            raise ValueError(f"TrainConfig.master_weights=True keeps float32 masters of bfloat16 params; "
                              f"param_dtype={self.param_dtype!r} needs none (set param_dtype=bfloat16)")
         for f, op in (("attention_impl", "attention"), ("grouped_matmul_impl", "grouped_matmul"),
                       ("scaled_matmul_impl", "scaled_matmul"), ("row_gather_impl", "row_gather"),

@@ -40,6 +40,29 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for v in leaves for x in layers(v)))
 
 
+def master_parts(m: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """A float32 master weight -> (the param: m in `dtype`; m's low 16 bits, uint16), so that
+    `master_weight` gives m back bit for bit (a NaN as a NaN). A bfloat16 param is m's high 16
+    bits rounded to nearest (ties away from zero, where the cast rounds ties to even: one value
+    in 65,536): the rounding is read back from the low bits. A float32 param is m itself (low
+    bits 0)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return m, jnp.zeros(m.shape, jnp.uint16)
+    bits = jax.lax.bitcast_convert_type(m, jnp.uint32)
+    low = (bits & 0xFFFF).astype(jnp.uint16)
+    high = (bits >> 16) + (low >= 0x8000).astype(jnp.uint32)  # sign-magnitude: +1 is away from zero
+    param = jax.lax.bitcast_convert_type(high.astype(jnp.uint16), jnp.bfloat16)
+    return jnp.where(jnp.isnan(m), jnp.bfloat16(jnp.nan), param), low  # a NaN's +1 could carry out of it
+
+
+def master_weight(param: jax.Array, low: jax.Array) -> jax.Array:
+    """The float32 master weight of (param, low) from `master_parts`."""
+    if param.dtype == jnp.float32:
+        return param
+    high = jax.lax.bitcast_convert_type(param, jnp.uint16).astype(jnp.uint32) - (low >= 0x8000).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type((high << 16) | low.astype(jnp.uint32), jnp.float32)
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm (updates scaled by max_norm / norm where the norm exceeds it)
     with `global_norm`'s norm, as one scalar factor: a multiply an element, not a division."""

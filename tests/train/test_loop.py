@@ -129,7 +129,7 @@ def test_a_workdir_keeps_its_state_dtypes(corpus, straight, field, stored, asked
 
 
 def test_master_weights_run_resumes_and_gives_its_masters(tmp_path, corpus):
-    """A run with float32 master copies of bfloat16 params resumes from its checkpoint, keeps the
+    """A run with float32 masters of bfloat16 params resumes from its checkpoint, keeps the
     setting, and loading its workdir (inference, export, --init-from) reads the masters: float32
     values that bfloat16 does not hold, not the rounded params."""
     from dsv3_jax.inference import load_model  # noqa: PLC0415

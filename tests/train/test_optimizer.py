@@ -5,7 +5,7 @@ import optax
 from flax import nnx
 
 from dsv3_jax.train.config import TrainConfig
-from dsv3_jax.train.optimizer import decay_mask, global_norm, make_optimizer
+from dsv3_jax.train.optimizer import decay_mask, global_norm, make_optimizer, master_parts, master_weight
 
 
 def _params():
@@ -85,3 +85,42 @@ def test_global_norm_sums_stacked_layers_one_at_a_time_to_the_whole_norm():
     tree = nnx.State({"a": stacked, "b": two_stacks, "c": plain, "d": jnp.asarray(rs.randn(2, 3), jnp.float32)})
     values = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
     np.testing.assert_allclose(float(jax.jit(global_norm)(tree)), np.linalg.norm(np.concatenate(values)), rtol=1e-6)
+
+
+def test_master_parts_round_to_nearest_and_join_back_bit_for_bit():
+    """A float32 master splits into a bfloat16 param and 16 low bits: joined, they are the master
+    to the bit (zeros, subnormals, the largest finite value and infinities included; a NaN as a
+    NaN); the param is ml_dtypes' round-to-nearest-even cast but at exact ties, which go away
+    from zero, and a NaN's is a NaN."""
+    import ml_dtypes  # noqa: PLC0415
+
+    rs = np.random.RandomState(0)
+    random = rs.randint(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+    bits = np.concatenate([random, (random[:100] & 0xFFFF0000) | 0x8000,  # ties
+                           np.array([0, 0x80000000, 1, 0x8000, 0x00018000, 0x3F808000, 0xBF818000, 0x7F7FFFFF,
+                                     0x7F7F7FFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF,
+                                     0xFFFF8000], np.uint32)])
+    m = bits.view(np.float32)
+    param, low = jax.jit(lambda x: master_parts(x, jnp.bfloat16))(m)
+    assert (param.dtype, low.dtype) == (jnp.bfloat16, jnp.uint16)
+    back = np.asarray(jax.jit(master_weight)(param, low))
+    nan = np.isnan(m)
+    assert nan.sum() > 10 and np.isnan(back[nan]).all()
+    np.testing.assert_array_equal(back[~nan].view(np.uint32), bits[~nan])
+    got = np.asarray(param).astype(np.float64)
+    even = m.astype(ml_dtypes.bfloat16).astype(np.float64)
+    tie = (bits & 0xFFFF) == 0x8000
+    finite = np.isfinite(m) & np.isfinite(even)
+    np.testing.assert_array_equal(got[~tie & finite], even[~tie & finite])
+    t = tie & finite
+    assert t.sum() >= 100
+    np.testing.assert_array_equal(np.abs(got[t] - m[t]), np.abs(even[t] - m[t]))  # nearest, both
+    assert (np.abs(got[t]) > np.abs(m[t].astype(np.float64))).all()  # away from zero
+    assert np.isnan(got[np.isnan(m)]).all()
+
+
+def test_master_parts_of_a_float32_param_are_the_master():
+    m = jnp.asarray(np.random.RandomState(1).randn(3, 5), jnp.float32)
+    param, low = master_parts(m, jnp.float32)
+    assert param is m and low.dtype == jnp.uint16 and not low.any()
+    assert master_weight(param, low) is m

@@ -9,7 +9,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, RouterBias
 from dsv3_jax.parallel import make_mesh
 from dsv3_jax.train.config import TrainConfig
-from dsv3_jax.train.optimizer import make_optimizer
+from dsv3_jax.train.optimizer import make_optimizer, master_parts, master_weight
 from dsv3_jax.train.step import (
     TrainState,
     abstract_state,
@@ -152,13 +152,13 @@ def test_abstract_state_is_the_initial_states_shapes_and_shardings(spec, moments
         assert (got.shape, got.dtype, got.sharding) == (w.shape, w.dtype, w.sharding)
 
 
-def test_master_weights_step_is_the_float32_step_stored_twice():
+def test_master_weights_step_is_the_float32_step():
     """train.master_weights moves where the update lands, not the update: from weights that
     bfloat16 holds exactly (so both forward passes see the same values), one step moves the
     float32 masters as the plain float32 step moves its params, up to the gradients' one
     bfloat16 rounding (2^-9; Adam's eps at 1 and no clipping or decay make the step linear in
-    the gradient, so that rounding stays that small), and the params are the masters rounded
-    once: bfloat16, but the routers' kernels float32 as in every model."""
+    the gradient, so that rounding stays that small), and the params are the masters' rounded
+    high halves: bfloat16, but the routers' kernels float32 as in every model."""
     kw = dict(dtype="float32", warmup_fraction=0.0, adam_eps=1.0, clip_norm=1e9, weight_decay=0.0)
     plain = TrainConfig(**kw)
     master = TrainConfig(**kw, param_dtype="bfloat16", master_weights=True)
@@ -171,10 +171,10 @@ def test_master_weights_step_is_the_float32_step_stored_twice():
         for name, tc in (("plain", plain), ("master", master)):
             g, tx, state = init_state(CONFIG, tc, mesh, nnx.merge(graphdef, exact, bias))
             out[name], _ = jax.jit(make_train_step(g, CONFIG, tc, tx, planned_micro_batches=100))(state, _batch(5))
-    assert out["plain"].master is None
+    assert out["plain"].master_low is None
     leaves = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))
-    start, moved, masters, rounded = (leaves(t) for t in (exact, out["plain"].params, out["master"].master,
-                                                           out["master"].params))
+    joined = jax.tree.map(master_weight, out["master"].params, out["master"].master_low)
+    start, moved, masters, rounded = (leaves(t) for t in (exact, out["plain"].params, joined, out["master"].params))
     for path, m in masters.items():
         name = jax.tree_util.keystr(path)
         want = np.asarray(moved[path]) - np.asarray(start[path])
@@ -183,7 +183,7 @@ def test_master_weights_step_is_the_float32_step_stored_twice():
                                    atol=2**-7 * np.abs(want).max() + 2 * ulp, err_msg=name)
         p = rounded[path]
         assert (m.dtype, p.dtype) == (jnp.float32, jnp.float32 if "router" in name else jnp.bfloat16), name
-        np.testing.assert_array_equal(p, m.astype(p.dtype))
+        np.testing.assert_array_equal(p, master_parts(m, p.dtype)[0])
     assert all(np.abs(np.asarray(masters[k]) - np.asarray(start[k])).max() > 0 for k in masters
                if "kernel" in jax.tree_util.keystr(k) or "proj" in jax.tree_util.keystr(k))  # every weight moved
 
@@ -191,7 +191,7 @@ def test_master_weights_step_is_the_float32_step_stored_twice():
 def test_master_weights_accumulate_micro_batches_in_float32():
     """The micro-batches' bfloat16 gradients are summed in a float32 carry (read from the traced
     step: XLA's excess precision keeps a bfloat16 sum in float32 on the CPU too, so the values
-    could not tell), and the masters stay float32."""
+    could not tell), and the masters' halves keep their dtypes."""
     tc = TrainConfig(dtype="float32", param_dtype="bfloat16", master_weights=True)
     mesh = make_mesh(None, jax.devices()[:1])
     with jax.set_mesh(mesh):
@@ -203,9 +203,10 @@ def test_master_weights_accumulate_micro_batches_in_float32():
     carried = [v.aval for v in scan.outvars if v.aval.ndim >= 1]  # per-parameter sums, load [L,E]
     params = [p for p in jax.tree.leaves(state.params) if p.dtype == jnp.bfloat16]
     assert len(carried) >= len(params) and {a.dtype for a in carried} == {jnp.dtype(jnp.float32)}
-    assert {m.dtype for m in jax.tree.leaves(new.master)} == {jnp.dtype(jnp.float32)}
+    assert {m.dtype for m in jax.tree.leaves(new.master_low)} == {jnp.dtype(jnp.uint16)}
+    assert jax.tree.map(lambda p: p.dtype, new.params) == jax.tree.map(lambda p: p.dtype, state.params)
 
 
 def test_master_weights_need_bfloat16_params():
-    with pytest.raises(ValueError, match="master_weights=True keeps float32 copies of bfloat16 params"):
+    with pytest.raises(ValueError, match="master_weights=True keeps float32 masters of bfloat16 params"):
         TrainConfig(master_weights=True)
