@@ -66,7 +66,7 @@ def stored_config(path: str | os.PathLike) -> ModelConfig:
 
 def _from_workdir(workdir: str, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
     """The latest step's parameters (cast to `param_dtype`; a run with master weights gives its
-    float32 masters, joined from the params and their low bits) and router biases, restored
+    float32 masters, joined from the params and their rest) and router biases, restored
     straight into their shardings over `mesh`, whatever mesh trained them; the optimizer state is
     never read (it is twice the parameters)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -81,16 +81,16 @@ def _from_workdir(workdir: str, dtype, param_dtype, mesh: Mesh) -> DeepSeekV3:
                                            nnx.Param, RouterBias)
         target = {"params": parallel.abstract_sharded(params, mesh), "bias": parallel.abstract_sharded(bias, mesh)}
         if master:
-            low = lambda p: jax.ShapeDtypeStruct(p.shape, jnp.uint16, sharding=p.sharding)
-            target["master_low"] = jax.tree.map(low, target["params"])
+            rest = lambda p: jax.ShapeDtypeStruct(p.shape, jnp.int16, sharding=p.sharding)
+            target["master_rest"] = jax.tree.map(rest, target["params"])
         state = ckpt.restore_subset(step, target)
     finally:
         ckpt.close()
     params = state["params"]
     if master:
         want = nnx.split(make(param_dtype), nnx.Param, ...)[1]
-        join = lambda p, low: jax.tree.map(lambda q, lo, w: master_weight(q, lo).astype(w.dtype), p, low, want)
-        params = jax.jit(join, out_shardings=parallel.param_shardings(want, mesh))(params, state["master_low"])
+        join = lambda p, rest: jax.tree.map(lambda q, r, w: master_weight(q, r).astype(w.dtype), p, rest, want)
+        params = jax.jit(join, out_shardings=parallel.param_shardings(want, mesh))(params, state["master_rest"])
     return nnx.merge(graphdef, params, state["bias"])
 
 

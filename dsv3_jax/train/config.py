@@ -59,7 +59,7 @@ class TrainConfig:
     remat: str = "none"  # per-layer rematerialisation: "none", "selective" or "full" (model.remat)
     scan_unroll: int = 0  # layers per layer-scan iteration; 0: by backend (train.step.layers_per_scan)
     param_dtype: str = "float32"  # the weights as stored and read by the forward pass
-    master_weights: bool = False  # float32 masters of bfloat16 params: their low bits kept (train.step)
+    master_weights: bool = False  # float32 masters of bfloat16 params, their rest kept (train.step)
     loss_chunk: int = 4096  # tokens per cross-entropy chunk ([chunk, vocab] logits at a time)
     mask_documents: bool = False  # True: attention stays within a packed document (the paper did not: SPEC)
     log_every: int = 0  # 0: every step for runs up to 1000 steps, else every 10

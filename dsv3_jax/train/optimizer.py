@@ -41,26 +41,26 @@ def global_norm(tree) -> jax.Array:
 
 
 def master_parts(m: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """A float32 master weight -> (the param: m in `dtype`; m's low 16 bits, uint16), so that
+    """A float32 master weight -> (the param: m in `dtype`; the rest, int16), so that
     `master_weight` gives m back bit for bit (a NaN as a NaN). A bfloat16 param is m's high 16
     bits rounded to nearest (ties away from zero, where the cast rounds ties to even: one value
-    in 65,536): the rounding is read back from the low bits. A float32 param is m itself (low
-    bits 0)."""
+    in 65,536), and the rest is m's bits minus the param's, which fits 16 signed bits. A float32
+    param is m itself (rest 0)."""
     if jnp.dtype(dtype) == jnp.float32:
-        return m, jnp.zeros(m.shape, jnp.uint16)
+        return m, jnp.zeros(m.shape, jnp.int16)
     bits = jax.lax.bitcast_convert_type(m, jnp.uint32)
-    low = (bits & 0xFFFF).astype(jnp.uint16)
-    high = (bits >> 16) + (low >= 0x8000).astype(jnp.uint32)  # sign-magnitude: +1 is away from zero
+    high = (bits + 0x8000) >> 16  # sign-magnitude: a carry is away from zero
     param = jax.lax.bitcast_convert_type(high.astype(jnp.uint16), jnp.bfloat16)
-    return jnp.where(jnp.isnan(m), jnp.bfloat16(jnp.nan), param), low  # a NaN's +1 could carry out of it
+    rest = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.int16)  # bits - (high << 16)
+    return jnp.where(jnp.isnan(m), jnp.bfloat16(jnp.nan), param), rest  # a NaN's carry could leave it
 
 
-def master_weight(param: jax.Array, low: jax.Array) -> jax.Array:
-    """The float32 master weight of (param, low) from `master_parts`."""
+def master_weight(param: jax.Array, rest: jax.Array) -> jax.Array:
+    """The float32 master weight of (param, rest) from `master_parts`."""
     if param.dtype == jnp.float32:
         return param
-    high = jax.lax.bitcast_convert_type(param, jnp.uint16).astype(jnp.uint32) - (low >= 0x8000).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type((high << 16) | low.astype(jnp.uint32), jnp.float32)
+    high = jax.lax.bitcast_convert_type(param, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(high + rest.astype(jnp.int32).astype(jnp.uint32), jnp.float32)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

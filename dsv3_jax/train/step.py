@@ -7,8 +7,8 @@ gamma * sign(mean load - load) using the load summed over the whole global batch
 is traced under `train.precision`'s FP8 recipe (`fp8.use`), if any. A step
 whose loss or gradient is not finite leaves the state unchanged and says so in `finite`.
 
-With `train.master_weights` the params are bfloat16 and the state keeps the low 16 bits of
-their float32 masters (`master_low`, uint16; `optimizer.master_parts`): gradients accumulate and
+With `train.master_weights` the params are bfloat16 and the state keeps the rest of their
+float32 masters (`master_rest`, int16; `optimizer.master_parts`): gradients accumulate and
 AdamW updates in float32, on masters joined from both halves, and each step writes both halves
 back. The state holds 4 bytes a weight, as with float32 params, the update's pass moves as many
 bytes, and the forward pass reads the weights as stored instead of casting float32 ones every
@@ -41,7 +41,7 @@ class TrainState(NamedTuple):
     params: nnx.State  # nnx.Param leaves
     bias: nnx.State  # RouterBias leaves
     opt_state: optax.OptState
-    master_low: nnx.State | None = None  # train.master_weights: the masters' low 16 bits (uint16), else None
+    master_rest: nnx.State | None = None  # train.master_weights: what the params leave of the masters (int16)
 
 
 def max_violation(load: jax.Array) -> jax.Array:
@@ -129,7 +129,7 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
             (loss, aux), (grads, _) = grad_fn(state.params, state.bias, micro, lam)
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
-        weights = state.params if state.master_low is None else _masters(state.params, state.master_low)
+        weights = state.params if state.master_rest is None else _masters(state.params, state.master_rest)
         (loss, aux), _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
             lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
         grads = jax.tree.map(jnp.zeros_like, weights)  # accumulated in the updates' dtype
@@ -141,9 +141,9 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
         with jax.named_scope("optimizer"):
             updates, opt_state = tx.update(grads, state.opt_state, weights)
             weights = jax.tree.map(lambda w, u: (w - lr * u).astype(w.dtype), weights, updates)
-            params, low = (weights, None) if state.master_low is None else _split(weights, state.params)
+            params, rest = (weights, None) if state.master_rest is None else _split(weights, state.params)
         bias = update_bias(state.bias, aux["load"], schedule.bias_gamma(c, frac), config.num_moe_layers)
-        new = TrainState(state.step + 1, state.micro_batches + A, params, bias, opt_state, low)
+        new = TrainState(state.step + 1, state.micro_batches + A, params, bias, opt_state, rest)
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
@@ -170,13 +170,13 @@ def jit_eval_step(graphdef, config: ModelConfig, c: TrainConfig, state: TrainSta
     return jax.jit(eval_step, in_shardings=(*shardings, parallel.batch_sharding(mesh)))
 
 
-def _masters(params: nnx.State, low: nnx.State) -> nnx.State:
-    """The float32 master weights of params and their low bits (`optimizer.master_weight`)."""
-    return jax.tree.map(master_weight, params, low)
+def _masters(params: nnx.State, rest: nnx.State) -> nnx.State:
+    """The float32 master weights of params and their rest (`optimizer.master_weight`)."""
+    return jax.tree.map(master_weight, params, rest)
 
 
 def _split(weights: nnx.State, like) -> tuple[nnx.State, nnx.State]:
-    """Float32 master weights -> (params in the dtypes of `like`, low bits): `optimizer.master_parts`."""
+    """Float32 master weights -> (params in the dtypes of `like`, rest): `optimizer.master_parts`."""
     parts = lambda i: jax.tree.map(lambda w, p: master_parts(w, p.dtype)[i], weights, like)
     return parts(0), parts(1)
 
@@ -197,7 +197,7 @@ def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | No
     """A fresh TrainState sharded over `mesh` (parameters by the rules, optimizer moments like
     their parameters, counters replicated): of `model`'s weights (already sharded so, e.g.
     `inference.checkpoint.load_weights`; in `c.update_dtype`), else of a new model from `c.seed`.
-    With master weights those weights are the masters, split into params and low bits.
+    With master weights those weights are the masters, split into params and their rest.
     Call under `jax.set_mesh(mesh)`."""
     if model is None:
         model = _create_model(config, c, mesh)
@@ -211,8 +211,8 @@ def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | No
         return graphdef, tx, TrainState(scalar(), scalar(), weights, bias, opt_state)
     like = _param_values(config, c, mesh)
     shardings = parallel.param_shardings(like, mesh)
-    params, low = jax.jit(lambda w: _split(w, like), out_shardings=(shardings, shardings))(weights)
-    return graphdef, tx, TrainState(scalar(), scalar(), params, bias, opt_state, low)
+    params, rest = jax.jit(lambda w: _split(w, like), out_shardings=(shardings, shardings))(weights)
+    return graphdef, tx, TrainState(scalar(), scalar(), params, bias, opt_state, rest)
 
 
 def abstract_state(config: ModelConfig, c: TrainConfig, mesh
@@ -226,10 +226,10 @@ def abstract_state(config: ModelConfig, c: TrainConfig, mesh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     params = _param_values(config, c, mesh) if c.master_weights else weights
-    low = parallel.abstract_sharded(jax.eval_shape(lambda w: _split(w, params)[1], weights), mesh) \
+    rest = parallel.abstract_sharded(jax.eval_shape(lambda w: _split(w, params)[1], weights), mesh) \
         if c.master_weights else None
     return graphdef, tx, TrainState(scalar, scalar, *(parallel.abstract_sharded(t, mesh) for t in (
-        params, bias, jax.eval_shape(tx.init, weights))), low)
+        params, bias, jax.eval_shape(tx.init, weights))), rest)
 
 
 def jit_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx, planned_micro_batches: int, state: TrainState,

@@ -88,7 +88,7 @@ def test_global_norm_sums_stacked_layers_one_at_a_time_to_the_whole_norm():
 
 
 def test_master_parts_round_to_nearest_and_join_back_bit_for_bit():
-    """A float32 master splits into a bfloat16 param and 16 low bits: joined, they are the master
+    """A float32 master splits into a bfloat16 param and an int16 rest: joined, they are the master
     to the bit (zeros, subnormals, the largest finite value and infinities included; a NaN as a
     NaN); the param is ml_dtypes' round-to-nearest-even cast but at exact ties, which go away
     from zero, and a NaN's is a NaN."""
@@ -101,9 +101,9 @@ def test_master_parts_round_to_nearest_and_join_back_bit_for_bit():
                                      0x7F7F7FFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF,
                                      0xFFFF8000], np.uint32)])
     m = bits.view(np.float32)
-    param, low = jax.jit(lambda x: master_parts(x, jnp.bfloat16))(m)
-    assert (param.dtype, low.dtype) == (jnp.bfloat16, jnp.uint16)
-    back = np.asarray(jax.jit(master_weight)(param, low))
+    param, rest = jax.jit(lambda x: master_parts(x, jnp.bfloat16))(m)
+    assert (param.dtype, rest.dtype) == (jnp.bfloat16, jnp.int16)
+    back = np.asarray(jax.jit(master_weight)(param, rest))
     nan = np.isnan(m)
     assert nan.sum() > 10 and np.isnan(back[nan]).all()
     np.testing.assert_array_equal(back[~nan].view(np.uint32), bits[~nan])
@@ -121,6 +121,6 @@ def test_master_parts_round_to_nearest_and_join_back_bit_for_bit():
 
 def test_master_parts_of_a_float32_param_are_the_master():
     m = jnp.asarray(np.random.RandomState(1).randn(3, 5), jnp.float32)
-    param, low = master_parts(m, jnp.float32)
-    assert param is m and low.dtype == jnp.uint16 and not low.any()
-    assert master_weight(param, low) is m
+    param, rest = master_parts(m, jnp.float32)
+    assert param is m and rest.dtype == jnp.int16 and not rest.any()
+    assert master_weight(param, rest) is m

@@ -171,9 +171,9 @@ def test_master_weights_step_is_the_float32_step():
         for name, tc in (("plain", plain), ("master", master)):
             g, tx, state = init_state(CONFIG, tc, mesh, nnx.merge(graphdef, exact, bias))
             out[name], _ = jax.jit(make_train_step(g, CONFIG, tc, tx, planned_micro_batches=100))(state, _batch(5))
-    assert out["plain"].master_low is None
+    assert out["plain"].master_rest is None
     leaves = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))
-    joined = jax.tree.map(master_weight, out["master"].params, out["master"].master_low)
+    joined = jax.tree.map(master_weight, out["master"].params, out["master"].master_rest)
     start, moved, masters, rounded = (leaves(t) for t in (exact, out["plain"].params, joined, out["master"].params))
     for path, m in masters.items():
         name = jax.tree_util.keystr(path)
@@ -203,7 +203,7 @@ def test_master_weights_accumulate_micro_batches_in_float32():
     carried = [v.aval for v in scan.outvars if v.aval.ndim >= 1]  # per-parameter sums, load [L,E]
     params = [p for p in jax.tree.leaves(state.params) if p.dtype == jnp.bfloat16]
     assert len(carried) >= len(params) and {a.dtype for a in carried} == {jnp.dtype(jnp.float32)}
-    assert {m.dtype for m in jax.tree.leaves(new.master_low)} == {jnp.dtype(jnp.uint16)}
+    assert {m.dtype for m in jax.tree.leaves(new.master_rest)} == {jnp.dtype(jnp.int16)}
     assert jax.tree.map(lambda p: p.dtype, new.params) == jax.tree.map(lambda p: p.dtype, state.params)
 
 
