@@ -151,7 +151,7 @@ def _spy(real, seen: list):
     def run(model, *args, **kwargs):
         mesh = kwargs.get("mesh") or jax.sharding.get_abstract_mesh()
         out = real(model, *args, **kwargs)
-        seen.append((dict(mesh.shape), model.moe_layers.mlp.experts.gate_proj[...].sharding.spec, out))
+        seen.append((dict(mesh.shape), model.moe_layers.mlp.experts.gate_up_proj[...].sharding.spec, out))
         return out
     return run
 
