@@ -29,7 +29,7 @@ from dsv3_jax.train.step import init_state
 MODEL = ModelConfig.preset("tiny", num_hidden_layers=2)
 MESH = "fsdp=2,expert=2,tensor=2"  # batch split 4 ways
 MESH_SHAPE = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
-EXPERTS_SPEC = jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")  # [layers, E, D, F] by the rules
+EXPERTS_SPEC = jax.sharding.PartitionSpec(None, "expert", "fsdp", None, "tensor")  # [layers, E, D, 2, F] by the rules
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

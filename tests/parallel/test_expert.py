@@ -18,12 +18,12 @@ TRANSPORTS = ["dense", "gather"] + (["ragged"] if jax.default_backend() in RAGGE
 
 
 def _problem(n: int, skew: bool):
-    ks = jax.random.split(jax.random.key(0), 4)
+    ks = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(ks[0], (n, D))
     logits = jax.random.normal(ks[1], (n, E)) + (jnp.arange(E) < K) * 100.0 * skew  # skew: all to experts 0..K-1
     weights, ids = jax.lax.top_k(jax.nn.sigmoid(logits), K)
-    gate_up = jax.random.normal(ks[2], (E, D, 2, F)) / np.sqrt(D)
-    down = jax.random.normal(ks[3], (E, F, D)) / np.sqrt(F)
+    gate_up = jnp.stack([jax.random.normal(k, (E, D, F)) for k in ks[2:4]], axis=2) / np.sqrt(D)  # [E,D,2,F]
+    down = jax.random.normal(ks[4], (E, F, D)) / np.sqrt(F)
     return x, weights, ids.astype(jnp.int32), gate_up, down
 
 
