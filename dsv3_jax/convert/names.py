@@ -60,8 +60,8 @@ class Leaf:
         return per[::-1] if self.transpose else per
 
     def chunk_axes(self, ndim: int) -> tuple[int, ...]:
-        """The param's axes (of `ndim`) one HF tensor spans one index of: storage chunks along
-        them hold one tensor each."""
+        """The axes of the param (`ndim` of them) along which one HF tensor covers one index:
+        storage chunked 1 wide along them holds one tensor per chunk."""
         return tuple(range(len(self.stack))) + ((ndim - 2,) if self.parts > 1 else ())
 
 

@@ -142,10 +142,11 @@ class RoutedExperts(nnx.Module):
         sums them in fp32: the routed path's roundings and order of terms.
         """
         N, D = x.shape
-        E = self.gate_up_proj.shape[0]
+        E, _, _, F = self.gate_up_proj.shape
         xs = broadcast_new_axis(x.astype(self.dtype), (E, N, D), 0)
-        gu = einsum("end,edjf->enjf", xs, self.gate_up_proj[...], dtype=self.dtype)  # [E,N,2,F]
-        h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]  # [E,N,F]
+        gate_up = self.gate_up_proj[...].reshape(E, D, 2 * F)  # [E,D,2,F] -> [E,D,2F]
+        gu = einsum("end,edf->enf", xs, gate_up, dtype=self.dtype)  # [E,N,2F]
+        h = jax.nn.silu(gu[..., :F]) * gu[..., F:]  # [E,N,F]
         y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
         picked = y[expert_ids, jnp.arange(N)[:, None]]  # [N,K,D]: token n's k-th expert's output
         return (picked.astype(jnp.float32) * weights[:, :, None]).sum(1).astype(self.dtype)
