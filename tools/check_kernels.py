@@ -62,16 +62,16 @@ def main():
     logits = rs.randn(n, E) + np.linspace(0, 1.5, E)  # skewed: some experts overflow their blocks
     ids = jnp.asarray(np.argsort(-logits, axis=1)[:, :top], jnp.int32)
     ew = jnp.asarray(rs.rand(n, top), jnp.float32)
-    gate, up = (jnp.asarray(rs.randn(E, D, F) * 0.05, jnp.bfloat16) for _ in range(2))
+    gate_up = jnp.asarray(rs.randn(E, D, 2, F) * 0.05, jnp.bfloat16)
     down = jnp.asarray(rs.randn(E, F, D) * 0.05, jnp.bfloat16)
 
-    def experts(layout, x, gate, up, down):
+    def experts(layout, x, gate_up, down):
         with kernels.use(expert_layout=layout):
             f = lambda *a: routed_experts(a[0], ew, ids, *a[1:], dtype=jnp.bfloat16)
-            y, vjp = jax.vjp(f, x, gate, up, down)
+            y, vjp = jax.vjp(f, x, gate_up, down)
             return (y, *vjp(jnp.ones_like(y)))
 
-    compare(out, "expert_layout", experts, grouped_matmul.LAYOUTS, "grouped", x[:n, :D], gate, up, down)
+    compare(out, "expert_layout", experts, grouped_matmul.LAYOUTS, "grouped", x[:n, :D], gate_up, down)
 
     def row_moves(impl, x, rows):  # the dispatch and the combine, forward and gradients
         p = place(ids.reshape(-1), E, 0)
@@ -84,11 +84,11 @@ def main():
             jnp.asarray(rs.randn(n * top, D), jnp.bfloat16))
     P = len(jax.devices())
     if P > 1:  # expert=P against one device; the transport is chosen when the function is traced
-        ref = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate, up, down)
+        ref = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate_up, down)
         for transport in TRANSPORTS:
             try:
                 with jax.set_mesh(parallel.make_mesh(f"expert={P}")), parallel.expert_transport(transport):
-                    got = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate, up, down)
+                    got = jax.jit(experts, static_argnums=0)("grouped", x[:n, :D], gate_up, down)
                 out[f"expert_parallel_{P}/{transport}"] = [rel(a, b) for a, b in zip(got, ref)]
             except Exception as e:  # a transport this backend lacks
                 out[f"expert_parallel_{P}/{transport}"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"

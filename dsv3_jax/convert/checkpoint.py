@@ -6,17 +6,18 @@ Layout of a checkpoint directory:
     params/       an Orbax (v1 API) pytree checkpoint of the nested pure param dict
                   ({"embed": {"embedding": [V, D]}, "moe_layers": {...}, ...}; see convert.names)
 
-Streaming. A stacked leaf can be far larger than host RAM (671B: moe_layers/mlp/experts/gate_proj
-is [58, 256, 7168, 2048], 436 GB in bf16), so conversion never builds a leaf:
+Streaming. A stacked leaf can be far larger than host RAM (671B: moe_layers/mlp/experts/gate_up_proj
+is [58, 256, 7168, 2, 2048], 872 GB in bf16), so conversion never builds a leaf:
   1. Orbax saves the whole tree with zero-strided placeholders (`np.broadcast_to`, no memory; host
-     arrays not deep-copied), chunked one slice of the stacked axes per chunk (`shard_axes`). This
-     writes every leaf's metadata and zarr3 array in Orbax's own format, and almost no data.
+     arrays not deep-copied), chunked one source tensor per chunk (`shard_axes`: the stacked
+     axes, and a fused leaf's part axis, `names.Leaf.chunk_axes`). This writes every leaf's
+     metadata and zarr3 array in Orbax's own format, and almost no data.
   2. Each leaf's array is opened with tensorstore (zarr3 over the checkpoint's OCDBT database) and
      written one source tensor at a time, whole chunks at a time, at most `IN_FLIGHT` writes
-     pending (one write per slice: a single write of a large array would buffer it all).
+     pending (one write per tensor: a single write of a large array would buffer it all).
      Orbax reads it back like any other checkpoint (it refuses missing chunks).
-Export reads the same way, one slice per HF tensor (`StoredLeaf`). Host memory stays near one
-source tensor plus `IN_FLIGHT` slices, independent of the model (tests/convert/test_memory.py).
+Export reads the same way, one chunk per HF tensor (`StoredLeaf`). Host memory stays near one
+source tensor plus `IN_FLIGHT` pending writes, independent of the model (tests/convert/test_memory.py).
 Rejected: handing Orbax a disk-backed `np.memmap` per leaf. Orbax writes a numpy leaf as one
 tensorstore write, which buffers encoded chunks faster than they commit: anonymous memory grew
 with the leaf (about 1/6 of a 2 GB leaf), and the staging file doubled the IO.
@@ -70,14 +71,14 @@ def _open_leaf(root: str, path: str, shape: tuple[int, ...]) -> ts.TensorStore:
     return store
 
 
-def _save_placeholders(params_dir: str, shapes: dict, stacked: dict[str, int]) -> None:
-    """Orbax-save every leaf as zeros that take no memory, one chunk per stacked slice."""
+def _save_placeholders(params_dir: str, shapes: dict, chunk_axes: dict[str, tuple[int, ...]]) -> None:
+    """Orbax-save every leaf as zeros that take no memory, chunked 1 wide along `chunk_axes[path]`."""
     tree = {p: np.broadcast_to(np.zeros((), s.dtype), s.shape) for p, s in shapes.items()}
     storage = ocp.options.ArrayOptions.Saving.StorageOptions
 
     def options(keypath, value):
         path = "/".join(str(k.key) for k in keypath)
-        return storage(shard_axes=tuple(range(stacked[path])))
+        return storage(shard_axes=chunk_axes[path])
 
     ctx = ocp.Context()
     ctx.memory.deepcopy_host_arrays = False
@@ -101,7 +102,8 @@ def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, param_dtype=j
         leaves = progress(leaves, total=len(shapes))
     with atomic_dir(out_dir) as tmp:
         params = os.path.join(tmp, PARAMS)
-        _save_placeholders(params, shapes, {leaf.param: len(leaf.stack) for leaf in source.leaves})
+        _save_placeholders(params, shapes, {leaf.param: leaf.chunk_axes(len(shapes[leaf.param].shape))
+                                            for leaf in source.leaves})
         root = _ocdbt_root(params)
         for leaf in leaves:
             s = shapes[leaf.param]

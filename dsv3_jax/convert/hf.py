@@ -149,10 +149,10 @@ class HFSource:
                 raise CheckpointError(f"tensor {copy} must be a copy of {main} (the MTP layer shares them) "
                                       "but differs")
 
-    def slices(self, leaf: names.Leaf, dtype) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        """(index into the stacked axes, slice in `dtype`) of one param leaf [*stack, *slice],
-        reading one source tensor per slice (shapes checked by `checked_leaves`)."""
-        for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
+    def slices(self, leaf: names.Leaf, dtype) -> Iterator[tuple[tuple, np.ndarray]]:
+        """(index into the param, its part in `dtype`) of one param leaf [*stack, *slice]: one
+        per source tensor, read one at a time (`Leaf.tensors`; shapes checked by `checked_leaves`)."""
+        for idx, name in leaf.tensors():
             src = _read(self.reader, name)
             yield idx, np.asarray(src.T if leaf.transpose else src, dtype)
 
@@ -163,9 +163,8 @@ class HFSource:
             raise RuntimeError("name map and model disagree: "
                                f"{sorted({leaf.param for leaf in self.leaves} ^ set(shapes))}")
         for leaf in self.leaves:
-            per = shapes[leaf.param].shape[len(leaf.stack):]
             for name in leaf.hf:
-                _check_tensor(self.reader, name, tuple(per[::-1] if leaf.transpose else per))
+                _check_tensor(self.reader, name, leaf.hf_shape(shapes[leaf.param].shape))
         self.check_copies()
         return self.leaves
 
@@ -201,12 +200,12 @@ def _hf_config(config: ModelConfig, quantized: bool) -> dict:
 
 def export_items(config: ModelConfig, leaves: Mapping[str, Any], quantize: bool = False) -> list[Item]:
     """Writer items for every HF tensor, ordered by layer. `leaves[path]` is a param leaf with a
-    numpy `dtype` whose `[idx]` gives one slice; it is indexed only when that slice is written."""
+    numpy `dtype` whose `[idx]` gives one HF tensor's part (`Leaf.tensors`); it is indexed only
+    when that tensor is written."""
     items = []
 
-    def add(name: str, leaf: names.Leaf, idx: tuple[int, ...], shape, dtype):
-        per = shape[len(leaf.stack):]
-        hf_shape = tuple(per[::-1]) if leaf.transpose else tuple(per)
+    def add(name: str, leaf: names.Leaf, idx: tuple, shape, dtype):
+        hf_shape = leaf.hf_shape(shape)
 
         def produce():
             x = np.asarray(leaves[leaf.param][idx])
@@ -220,7 +219,7 @@ def export_items(config: ModelConfig, leaves: Mapping[str, Any], quantize: bool 
 
     _, _, shapes = abstract_model(config)
     for leaf in names.param_map(config):
-        for idx, name in zip(np.ndindex(*leaf.stack), leaf.hf, strict=True):
+        for idx, name in leaf.tensors():
             add(name, leaf, idx, shapes[leaf.param].shape, leaves[leaf.param].dtype)
     top = {leaf.hf[0]: leaf for leaf in names.param_map(config) if not leaf.stack}
     for copy, main in names.mtp_copies(config):  # stored copies of the shared embedding / head

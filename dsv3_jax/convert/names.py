@@ -3,14 +3,18 @@
 Each `Rule` says where one param leaf comes from inside a HF decoder layer (or at top level) and
 how the tensor is laid out. `param_map(config)` expands the rules into `Leaf`s: the full param
 path plus the HF tensor names that fill it, in the order of the leaf's stacked leading axes
-([L] for layer groups, [L, E] for routed experts). Shapes are not stated here: they come from
-the model's abstract parameters (HF shape = per-slice param shape, reversed for linear weights).
+([L] for layer groups, [L, E] for routed experts). A slice of the stacked axes is one HF tensor,
+or for a fused leaf (the routed experts' gate_up_proj [L, E, D, 2, F]) several, tensor j filling
+[..., j, :] of it. Shapes are not stated here: they come from the model's abstract parameters
+(HF shape = per-tensor param shape, reversed for linear weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import numpy as np
 
 from dsv3_jax.config import ModelConfig
 
@@ -23,7 +27,7 @@ COPY = "copy"  # same layout (norm scales, embedding, correction bias)
 @dataclasses.dataclass(frozen=True)
 class Rule:
     param: str  # path below the group prefix, e.g. "attn/q_a_proj/kernel"
-    hf: str  # name below the HF layer prefix; "{e}" marks a routed-expert index
+    hf: str | tuple[str, ...]  # name below the HF layer prefix ("{e}": a routed-expert index); several: fused
     kind: str
     when: Callable[[ModelConfig], bool] = lambda c: True
 
@@ -31,13 +35,34 @@ class Rule:
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     param: str  # full param path, '/'-joined
-    hf: tuple[str, ...]  # HF names, row-major over the leaf's stacked axes
+    hf: tuple[str, ...]  # HF names, row-major over the leaf's stacked axes, then its parts
     stack: tuple[int, ...]  # the stacked leading axes: () top level, (L,) layers, (L, E) experts
     kind: str
+    parts: int = 1  # HF tensors per slice of the stacked axes; > 1: tensor j fills [..., j, :]
 
     @property
     def transpose(self) -> bool:
         return self.kind in (LINEAR, ROUTER)
+
+    def tensors(self) -> Iterator[tuple[tuple, str]]:
+        """(index into the param, HF name) of each HF tensor, in `hf` order: a slice of the
+        stacked axes, or for a fused leaf the part [..., j, :] of one."""
+        if self.parts == 1:
+            return zip(np.ndindex(*self.stack), self.hf, strict=True)
+        return ((i[:-1] + (Ellipsis, i[-1], slice(None)), name)
+                for i, name in zip(np.ndindex(*self.stack, self.parts), self.hf, strict=True))
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of each of this leaf's HF tensors, for a param of `shape`."""
+        per = tuple(shape[len(self.stack):])
+        if self.parts > 1:
+            per = per[:-2] + per[-1:]  # [..., parts, n] -> [..., n]
+        return per[::-1] if self.transpose else per
+
+    def chunk_axes(self, ndim: int) -> tuple[int, ...]:
+        """The axes of the param (`ndim` of them) along which one HF tensor covers one index:
+        storage chunked 1 wide along them holds one tensor per chunk."""
+        return tuple(range(len(self.stack))) + ((ndim - 2,) if self.parts > 1 else ())
 
 
 def _q_lora(c: ModelConfig) -> bool:
@@ -71,8 +96,7 @@ def _shared(c: ModelConfig) -> bool:
 MOE_MLP = (
     Rule("mlp/router/kernel", "mlp.gate.weight", ROUTER),
     Rule("mlp/router/bias", "mlp.gate.e_score_correction_bias", COPY),
-    Rule("mlp/experts/gate_proj", "mlp.experts.{e}.gate_proj.weight", LINEAR),
-    Rule("mlp/experts/up_proj", "mlp.experts.{e}.up_proj.weight", LINEAR),
+    Rule("mlp/experts/gate_up_proj", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), LINEAR),
     Rule("mlp/experts/down_proj", "mlp.experts.{e}.down_proj.weight", LINEAR),
     Rule("mlp/shared/gate_proj/kernel", "mlp.shared_experts.gate_proj.weight", LINEAR, _shared),
     Rule("mlp/shared/up_proj/kernel", "mlp.shared_experts.up_proj.weight", LINEAR, _shared),
@@ -112,14 +136,15 @@ def _group(prefix: str, rules, layers: range, config: ModelConfig) -> list[Leaf]
     for r in rules:
         if not r.when(config):
             continue
-        if "{e}" in r.hf:
+        parts = (r.hf,) if isinstance(r.hf, str) else r.hf
+        if "{e}" in parts[0]:
             experts = range(config.n_routed_experts)
-            names = tuple(layer_prefix(i) + r.hf.format(e=e) for i in layers for e in experts)
+            names = tuple(layer_prefix(i) + p.format(e=e) for i in layers for e in experts for p in parts)
             stack = (len(layers), len(experts))
         else:
-            names = tuple(layer_prefix(i) + r.hf for i in layers)
+            names = tuple(layer_prefix(i) + p for i in layers for p in parts)
             stack = (len(layers),)
-        leaves.append(Leaf(prefix + r.param, names, stack, r.kind))
+        leaves.append(Leaf(prefix + r.param, names, stack, r.kind, len(parts)))
     return leaves
 
 

@@ -100,15 +100,21 @@ def _top_k_indices(v: jax.Array, k: int) -> jax.Array:
 
 
 class RoutedExperts(nnx.Module):
-    """E SwiGLU experts stacked [E, in, out] (E split over the expert mesh axis); dropless."""
+    """E SwiGLU experts stacked [E, in, out] (E split over the expert mesh axis); dropless.
+
+    Gate and up are one parameter `gate_up_proj` [E,D,2,F] (axis 2: 0 gate, 1 up), so that its
+    free reshape [E,D,2F] (gate columns, then up columns) is the one operand of the fused gate and
+    up product, and a tensor split of F keeps each device's gate and up columns together.
+    Initialised like every projection: N(0, initializer_range) in every entry (one draw for both).
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         E, D, F = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         std = config.initializer_range
-        axes_in, axes_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
-        self.gate_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype), logical_axes=axes_in)
-        self.up_proj = nnx.Param(init_normal(rngs, (E, D, F), std, param_dtype), logical_axes=axes_in)
-        self.down_proj = nnx.Param(init_normal(rngs, (E, F, D), std, param_dtype), logical_axes=axes_out)
+        self.gate_up_proj = nnx.Param(init_normal(rngs, (E, D, 2, F), std, param_dtype),
+                                      logical_axes=("expert", "embed", None, "expert_mlp"))
+        self.down_proj = nnx.Param(init_normal(rngs, (E, F, D), std, param_dtype),
+                                   logical_axes=("expert", "expert_mlp", "embed"))
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
@@ -120,26 +126,27 @@ class RoutedExperts(nnx.Module):
         A few tokens that touch most experts anyway (a decode step) take `_every_expert`.
         """
         N, K = expert_ids.shape
-        E = self.gate_proj.shape[0]
+        E = self.gate_up_proj.shape[0]
         if N <= EVERY_EXPERT_MAX_TOKENS and N * K >= E and fp8.active() is None and not expert_parallel():
             y = self._every_expert(x, weights, expert_ids)
         else:
-            y = routed_experts(x, weights, expert_ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
-                               dtype=self.dtype)
+            y = routed_experts(x, weights, expert_ids, self.gate_up_proj[...], self.down_proj[...], dtype=self.dtype)
         return checkpoint_name(y, "experts_out")  # kept under remat "selective"
 
     def _every_expert(self, x: jax.Array, weights: jax.Array, expert_ids: jax.Array) -> jax.Array:
         """Every expert on every token as batched matmuls: no sort, each expert's weights read
-        once. E/K times the routed FLOPs, which a step of a few tokens never notices: it is bound
-        by reading the weights, and N*K >= E assignments read nearly all of them anyway.
+        once (gate and up as one product). E/K times the routed FLOPs, which a step of a few
+        tokens never notices: it is bound by reading the weights, and N*K >= E assignments read
+        nearly all of them anyway.
         The combine gathers only each token's K picked outputs (K/E of the [E,N,D] outputs) and
         sums them in fp32: the routed path's roundings and order of terms.
         """
         N, D = x.shape
-        E = self.gate_proj.shape[0]
+        E, _, _, F = self.gate_up_proj.shape
         xs = broadcast_new_axis(x.astype(self.dtype), (E, N, D), 0)
-        h = (jax.nn.silu(einsum("end,edf->enf", xs, self.gate_proj[...], dtype=self.dtype))
-             * einsum("end,edf->enf", xs, self.up_proj[...], dtype=self.dtype))  # [E,N,F]
+        gate_up = self.gate_up_proj[...].reshape(E, D, 2 * F)  # [E,D,2,F] -> [E,D,2F]
+        gu = einsum("end,edf->enf", xs, gate_up, dtype=self.dtype)  # [E,N,2F]
+        h = jax.nn.silu(gu[..., :F]) * gu[..., F:]  # [E,N,F]
         y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
         picked = y[expert_ids, jnp.arange(N)[:, None]]  # [N,K,D]: token n's k-th expert's output
         return (picked.astype(jnp.float32) * weights[:, :, None]).sum(1).astype(self.dtype)

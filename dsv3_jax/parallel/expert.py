@@ -182,22 +182,25 @@ def expert_block(rows: int, n_experts: int) -> int:
     return block_rows(rows, n_experts, expert_layout())
 
 
-def expert_ffn(x: ExpertRows, gate: jax.Array, up: jax.Array, down: jax.Array) -> ExpertRows:
-    """SwiGLU per expert: gate/up [E,D,F], down [E,F,D]; blocks [E,C,D] -> [E,C,D] as batched
-    matmuls, rows [R,D] -> [R,D] as grouped matmuls under the FP8 recipe of `fp8.use`, if any.
+def expert_ffn(x: ExpertRows, gate_up: jax.Array, down: jax.Array) -> ExpertRows:
+    """SwiGLU per expert: gate_up [E,D,2,F] (gate, up), down [E,F,D]; blocks [E,C,D] -> [E,C,D]
+    as batched matmuls, rows [R,D] -> [R,D] as grouped matmuls under the FP8 recipe of `fp8.use`,
+    if any.
 
-    Gate and up run as one product on their concatenation [E,D,2F'] (F' = F, rounded up to the
-    FP8 weight block under a recipe so that no block straddles the two): the rows are read once
-    and their input gradient is one product, not a sum of two. The concatenation fuses into the
-    weights' cast to the compute dtype.
+    Gate and up run as one product on gate_up viewed as [E,D,2F'] (gate columns, then up; F' = F,
+    rounded up to the FP8 weight block under a recipe so that no block straddles the two): the
+    rows are read once and their input gradient is one product, not a sum of two. The view is a
+    free reshape; only a recipe with F not a multiple of the block pays a copy (the padding).
     """
     recipe = fp8.active()
-    F = gate.shape[2]
+    E, D, _, F = gate_up.shape
     Fp = -(-F // fp8.TILE) * fp8.TILE if recipe else F
-    gate_up = jnp.concatenate([jnp.pad(w, ((0, 0), (0, 0), (0, Fp - F))) for w in (gate, up)], axis=2)
+    if Fp != F:
+        gate_up = jnp.pad(gate_up, ((0, 0), (0, 0), (0, 0), (0, Fp - F)))  # [E,D,2,F] -> [E,D,2,F']
+    w = gate_up.reshape(E, D, 2 * Fp)  # [E,D,2,F'] -> [E,D,2F']
 
     def swiglu(mm, a):
-        return mm(_silu_mul(mm(a, gate_up), F, Fp), down)  # [..., 2F'] -> [..., F]
+        return mm(_silu_mul(mm(a, w), F, Fp), down)  # [..., 2F'] -> [..., F]
 
     blocks = swiglu(block_matmul, x.blocks) if x.blocks.shape[1] else x.blocks
     rows = swiglu(lambda a, w: grouped_matmul(a, w, x.sizes, recipe), x.rows)
@@ -236,18 +239,18 @@ def combine(y: ExpertRows, weights: jax.Array, p: Placement) -> jax.Array:
     return out
 
 
-def _placed(x, weights, p, gate, up, down):
+def _placed(x, weights, p, gate_up, down):
     """x [N,D] in the compute dtype, its assignments placed by p -> [N,D] fp32 (the weighted sums
     of its placed assignments' expert outputs)."""
     K = weights.shape[1]
-    return combine(expert_ffn(gather(x, p, K), gate, up, down), weights, p)
+    return combine(expert_ffn(gather(x, p, K), gate_up, down), weights, p)
 
 
-def _local(x, weights, expert_ids, gate, up, down):
+def _local(x, weights, expert_ids, gate_up, down):
     """One device: x [N,D] in the compute dtype -> [N,D] fp32."""
     N, K = expert_ids.shape
-    E = gate.shape[0]
-    return _placed(x, weights, place(expert_ids.reshape(N * K), E, expert_block(N * K, E)), gate, up, down)
+    E = gate_up.shape[0]
+    return _placed(x, weights, place(expert_ids.reshape(N * K), E, expert_block(N * K, E)), gate_up, down)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,20 +272,20 @@ def expert_parallel() -> bool:
     return _mesh() is not None
 
 
-def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate: jax.Array, up: jax.Array,
+def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate_up: jax.Array,
                    down: jax.Array, *, dtype) -> jax.Array:
-    """x [N,D], weights/expert_ids [N,K], gate/up [E,D,F], down [E,F,D] ->
+    """x [N,D], weights/expert_ids [N,K], gate_up [E,D,2,F] (gate, up), down [E,F,D] ->
     sum_k weights[n,k] * expert_{ids[n,k]}(x[n]), [N,D] in `dtype`.
 
     Under a mesh of more than one device this is the shard_map path (module docstring).
     """
-    gate, up, down = (w.astype(dtype) for w in (gate, up, down))
+    gate_up, down = gate_up.astype(dtype), down.astype(dtype)
     mesh = _mesh()
     if mesh is None:
-        return _local(x.astype(dtype), weights, expert_ids, gate, up, down).astype(dtype)
+        return _local(x.astype(dtype), weights, expert_ids, gate_up, down).astype(dtype)
     shape = dict(mesh.shape)
     N, D = x.shape
-    E = gate.shape[0]
+    E = gate_up.shape[0]
     n_ep = shape["expert"]
     if E % n_ep:
         raise ValueError(f"{E} routed experts do not split over expert={n_ep} devices")
@@ -290,38 +293,39 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, gate
     pad = -N % n_split  # padding rows: weight 0, sliced off below
     x, weights, expert_ids = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, expert_ids))
     tok = logical_to_spec(("batch", None), x.shape, shape)
-    w_in = logical_to_spec(("expert", None, "expert_mlp"), gate.shape, shape)
-    w_out = PartitionSpec(w_in[0], w_in[2], None)
+    w_in = logical_to_spec(("expert", None, None, "expert_mlp"), gate_up.shape, shape)
+    w_out = PartitionSpec(w_in[0], w_in[3], None)
     transport, capacity_factor = _transport.get()
     body = jax.shard_map(
-        lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[2], dtype=dtype, varying=tok[0],
+        lambda *a: _sharded_body(*a, n_ep=n_ep, psum_axis=w_in[3], dtype=dtype, varying=tok[0],
                                  transport=choose_transport(transport, n_ep=n_ep), capacity_factor=capacity_factor),
-        mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
-    return body(x.astype(dtype), weights, expert_ids, gate, up, down)[:N]
+        mesh=mesh, in_specs=(tok, tok, tok, w_in, w_out), out_specs=tok)
+    return body(x.astype(dtype), weights, expert_ids, gate_up, down)[:N]
 
 
-def _sharded_body(x, weights, expert_ids, gate, up, down, *, n_ep, psum_axis, dtype, transport, varying,
+def _sharded_body(x, weights, expert_ids, gate_up, down, *, n_ep, psum_axis, dtype, transport, varying,
                   capacity_factor):
-    """Per device: x [n,D], weights/ids [n,K] global expert ids, gate/up [E/P,D,F'], down [E/P,F',D]."""
+    """Per device: x [n,D], weights/ids [n,K] global expert ids, gate_up [E/P,D,2,F/T], down [E/P,F/T,D]
+    (T: the tensor axis, when it splits F)."""
     if n_ep == 1:
-        out = _local(x, weights, expert_ids, gate, up, down)
+        out = _local(x, weights, expert_ids, gate_up, down)
     elif transport == "gather":  # fp32 while a tensor-split partial sum is still to come
-        out = _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor,
+        out = _gathered(x, weights, expert_ids, gate_up, down, n_ep, capacity_factor,
                         jnp.float32 if psum_axis is not None else dtype)
     else:  # rows sorted by expert, so by the device that owns it
         N, K = expert_ids.shape
-        p = place(expert_ids.reshape(N * K), gate.shape[0] * n_ep, 0)
+        p = place(expert_ids.reshape(N * K), gate_up.shape[0] * n_ep, 0)
         xs = gather(x, p, K)
-        y = _exchange(xs.rows, xs.sizes, gate, up, down, n_ep, transport, varying, capacity_factor)
+        y = _exchange(xs.rows, xs.sizes, gate_up, down, n_ep, transport, varying, capacity_factor)
         out = combine(xs._replace(rows=y), weights, p)
     if psum_axis is not None:  # F split over tensor: each device holds a partial sum
         out = jax.lax.psum(out, psum_axis)
     return out.astype(dtype)
 
 
-def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor, out_dtype):
+def _gathered(x, weights, expert_ids, gate_up, down, n_ep, capacity_factor, out_dtype):
     """The "gather" transport, per device: x [n,D], weights/expert_ids [n,K] (global ids),
-    gate/up [E_l,D,F], down [E_l,F,D]. Every device takes all tokens of the expert axis
+    gate_up [E_l,D,2,F], down [E_l,F,D]. Every device takes all tokens of the expert axis
     (all_gather), runs its own experts on the assignments routed to them and returns each
     token's partial sum to its device (psum_scatter). Each token crosses to a device once, not
     once per expert there.
@@ -330,7 +334,7 @@ def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor, out
     for c x the balanced share, taking a `lax.cond` branch with full room when more are local.
     Returns my tokens' sums [n,D] in `out_dtype`.
     """
-    E_l = gate.shape[0]
+    E_l = gate_up.shape[0]
     xa, wa, ids = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, weights, expert_ids))  # [P*n,...]
     N, K = ids.shape
     local = ids.reshape(N * K) - jax.lax.axis_index("expert") * E_l
@@ -338,11 +342,11 @@ def _gathered(x, weights, expert_ids, gate, up, down, n_ep, capacity_factor, out
     block = expert_block(N * K // n_ep, E_l)  # blocks sized for a balanced share
 
     def experts(rows):  # the local experts with room for `rows` grouped rows
-        return lambda xa, wa, gate, up, down: _placed(xa, wa, place(local, E_l, block, rows), gate, up, down)
+        return lambda xa, wa, gate_up, down: _placed(xa, wa, place(local, E_l, block, rows), gate_up, down)
 
     full = N * K - block if block else N * K
     cap = min(capacity_rows(N * K, n_ep, capacity_factor), full)
-    y = _by_capacity((local < E_l).sum() <= cap, cap, full, experts, xa, wa, gate, up, down)  # [N,D] fp32
+    y = _by_capacity((local < E_l).sum() <= cap, cap, full, experts, xa, wa, gate_up, down)  # [N,D] fp32
     return _sum_scatter(y, out_dtype)
 
 
@@ -369,12 +373,12 @@ def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(a, axis=axis) - a
 
 
-def _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_factor):
+def _exchange(xs, counts, gate_up, down, n_ep, transport, varying, capacity_factor):
     """Sorted rows xs [R,D] with per-expert counts [E] -> expert outputs for those rows [R,D].
 
     sent[q, p] = rows device q sends to device p; mine[q, e] = rows from q for my expert e.
     """
-    E_l = gate.shape[0]
+    E_l = gate_up.shape[0]
     me = jax.lax.axis_index("expert")
     all_counts = jax.lax.all_gather(counts, "expert").astype(jnp.int32)  # [P,E]
     per_dst = all_counts.reshape(n_ep, n_ep, E_l)  # [src,dst,local expert]
@@ -383,11 +387,11 @@ def _exchange(xs, counts, gate, up, down, n_ep, transport, varying, capacity_fac
     R = xs.shape[0]
     block = expert_block(R, E_l)  # each device receives R rows when the routing is balanced
     if transport == "ragged":
-        return _experts_on_arrival(_ragged(xs, sent, me, varying), mine, gate, up, down, block)
+        return _experts_on_arrival(_ragged(xs, sent, me, varying), mine, gate_up, down, block)
     cap = capacity_rows(R, n_ep, capacity_factor)
-    through = lambda rows: lambda xs, gate, up, down: _experts_on_arrival(_dense(xs, sent, me, rows), mine,
-                                                                         gate, up, down, block)
-    return _by_capacity(sent.max() <= cap, cap, R, through, xs, gate, up, down)
+    through = lambda rows: lambda xs, gate_up, down: _experts_on_arrival(_dense(xs, sent, me, rows), mine,
+                                                                        gate_up, down, block)
+    return _by_capacity(sent.max() <= cap, cap, R, through, xs, gate_up, down)
 
 
 def _by_capacity(fits, cap: int, full: int, run, *args):
@@ -405,12 +409,12 @@ def capacity_rows(rows: int, n_ep: int, factor: float) -> int:
     return rows if factor == 0 or cap >= rows else cap
 
 
-def _experts_on_arrival(moved, mine, gate, up, down, block):
+def _experts_on_arrival(moved, mine, gate_up, down, block):
     """(received rows [n,D], send_back, block starts) -> expert outputs sent back to their
     devices: laid out by local expert, SwiGLU, back in arrival order, sent back."""
     recv, send_back, starts = moved
-    p = place(_local_expert_ids(starts, mine, recv.shape[0]), gate.shape[0], block)  # padding: placed nowhere, 0 out
-    return send_back(scatter(expert_ffn(gather(recv, p), gate, up, down), p))
+    p = place(_local_expert_ids(starts, mine, recv.shape[0]), gate_up.shape[0], block)  # padding: nowhere, 0 out
+    return send_back(scatter(expert_ffn(gather(recv, p), gate_up, down), p))
 
 
 def _local_expert_ids(starts: jax.Array, mine: jax.Array, n_rows: int) -> jax.Array:

@@ -186,7 +186,7 @@ def abstract_sharded(abstract_state, mesh: Mesh):
 
 
 def flat_shardings(abstract_state, mesh: Mesh) -> dict[str, NamedSharding]:
-    """{'moe_layers/mlp/experts/gate_proj': NamedSharding, ...}: the converters' flat param paths."""
+    """{'moe_layers/mlp/experts/gate_up_proj': NamedSharding, ...}: the converters' flat param paths."""
     pure = nnx.to_pure_dict(param_shardings(abstract_state, mesh))
     return {"/".join(map(str, path)): s for path, s in _flatten(pure)}
 

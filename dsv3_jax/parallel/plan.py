@@ -213,12 +213,12 @@ def _expert_row_residuals(config: ModelConfig, recipe, n_local_experts: int) -> 
     sizes = jnp.zeros((n_local_experts,), jnp.int32)
 
     def rows(m):
-        def f(xs, gate, up, down):
+        def f(xs, gate_up, down):
             with fp8.use(recipe):
                 return expert_ffn(ExpertRows(jnp.zeros((n_local_experts, 0, D), xs.dtype), xs, sizes),
-                                  gate, up, down).rows
+                                  gate_up, down).rows
 
-        args = (w(m, D), w(n_local_experts, D, F), w(n_local_experts, D, F), w(n_local_experts, F, D))
+        args = (w(m, D), w(n_local_experts, D, 2, F), w(n_local_experts, F, D))
         with target_kernels():
             return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, _ in saved_residuals(f, *args))
 

@@ -69,10 +69,14 @@ def test_unexpected_tensor(src):
         load_hf(src)
 
 
-def test_wrong_shape(src):
-    _edit(src, "model.safetensors",
-          lambda t: t.update({"model.layers.2.self_attn.o_proj.weight": np.ones((32, 17), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.o_proj\.weight has shape \[32, 17\]"):
+@pytest.mark.parametrize("name,shape", [
+    ("model.layers.2.self_attn.o_proj.weight", (32, 17)),
+    ("model.layers.1.mlp.experts.3.gate_proj.weight", (16, 31)),  # one of a fused leaf's tensors (gate_up_proj)
+    ("model.layers.2.mlp.experts.0.up_proj.weight", (32, 16)),  # transposed
+])
+def test_wrong_shape(src, name, shape):
+    _edit(src, "model.safetensors", lambda t: t.update({name: np.ones(shape, np.float32)}))
+    with pytest.raises(CheckpointError, match=re.escape(name) + rf" has shape \[{shape[0]}, {shape[1]}\]"):
         load_hf(src)
 
 
@@ -159,7 +163,7 @@ def test_fp8_export_refuses_a_non_finite_weight(src, tmp_path):
     """An inf would make its block's scale inf and the whole 128x128 block read back as NaN."""
     config, model = load_hf(src)
     flat = {k: np.array(v) for k, v in flat_params(model).items()}
-    flat["moe_layers/mlp/experts/up_proj"][0, 2, 5, 3] = np.inf  # [MoE layer, E, D, F]; HF stores [F, D]
+    flat["moe_layers/mlp/experts/gate_up_proj"][0, 2, 5, 1, 3] = np.inf  # [MoE layer, E, D, up, F]; HF: [F, D]
     with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight\[3, 5\] is inf: "
                                          r"block FP8 cannot store inf or NaN$"):
         save_hf(config, flat, tmp_path / "out" / "hf", fp8_weights=True)

@@ -23,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _config(n_experts: int) -> ModelConfig:
-    """Stacked expert leaves [6, E, 512, 256] of 2**19 * 6E bytes in fp32; largest source tensor:
-    the embedding / head [4096, 512] (8 MiB)."""
+    """Stacked expert leaves gate_up_proj [6, E, 512, 2, 256] and down_proj [6, E, 256, 512], of
+    2**20 * 6E and 2**19 * 6E bytes in fp32; largest source tensor: the embedding / head
+    [4096, 512] (8 MiB)."""
     return ModelConfig.preset(
         "tiny", vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
         num_hidden_layers=7, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256,
@@ -39,22 +40,20 @@ def write_random_hf(directory: str, config: ModelConfig) -> tuple[int, int, int]
     _, _, shapes = abstract_model(config)
     items = []
     for k, leaf in enumerate(names.param_map(config)):
-        per = shapes[leaf.param].shape[len(leaf.stack):]
-        hf_shape = tuple(per[::-1]) if leaf.transpose else tuple(per)
+        hf_shape = leaf.hf_shape(shapes[leaf.param].shape)
         for i, name in enumerate(leaf.hf):
             items.append(([(name, np.dtype(np.float32), hf_shape)],
                           lambda s=hf_shape, seed=(k, i): [np.random.default_rng(seed).standard_normal(s, np.float32)]))
     head = {leaf.hf[0]: leaf for leaf in names.param_map(config) if not leaf.stack}
     for copy, main in names.mtp_copies(config):
-        per = shapes[head[main].param].shape
-        shape = tuple(per[::-1]) if head[main].transpose else tuple(per)
+        shape = head[main].hf_shape(shapes[head[main].param].shape)
         k = [leaf.param for leaf in names.param_map(config)].index(head[main].param)
         items.append(([(copy, np.dtype(np.float32), shape)],
                       lambda s=shape, seed=(k, 0): [np.random.default_rng(seed).standard_normal(s, np.float32)]))
     write_sharded(directory, items, max_shard_size=100 << 20)
     config.save_hf(directory)
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-    per_tensor = {leaf.param: int(np.prod(shapes[leaf.param].shape[len(leaf.stack):])) * 4
+    per_tensor = {leaf.param: int(np.prod(leaf.hf_shape(shapes[leaf.param].shape))) * 4
                   for leaf in names.param_map(config)}
     return total, max(per_tensor.values()), max(int(np.prod(s.shape)) * 4 for s in shapes.values())
 

@@ -14,7 +14,8 @@ from convert_testlib import dequantize_reference, hf_logits, load_tensors, make_
 from safetensors.numpy import save_file
 from transformers import DeepseekV3ForCausalLM
 
-from dsv3_jax.convert import load_checkpoint, load_hf, save_hf
+from dsv3_jax.convert import convert_hf, load_checkpoint, load_hf, open_params, save_hf
+from dsv3_jax.convert.hf import flat_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENS = np.random.RandomState(0).randint(0, 96, (2, 20)).astype(np.int32)
@@ -38,6 +39,35 @@ def test_hf_ours_hf_identical(tmp_path, dtype):
     if dtype == "float32":
         ours = np.asarray(model(jnp.asarray(TOKENS)).logits)
         np.testing.assert_allclose(ours, hf_logits(hf, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_fused_gate_up_holds_each_hf_tensor_in_place(tmp_path):
+    """The routed experts' gate_up_proj [L, E, D, 2, F] holds expert e's HF gate_proj (j = 0) and
+    up_proj (j = 1) [F, D], transposed, at [l, e, :, j, :], loaded directly or streamed into an
+    Orbax checkpoint (one chunk per HF tensor); exporting that checkpoint and loading it back
+    gives every param bit for bit."""
+    make_hf(tmp_path / "src", seed=6, mtp=True)
+    tensors = load_tensors(tmp_path / "src")
+    config, model = load_hf(tmp_path / "src")
+    convert_hf(tmp_path / "src", tmp_path / "ckpt", param_dtype=jnp.float32)
+    _, stored = open_params(tmp_path / "ckpt")
+    flat = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    E, D, F = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    for path, first in (("moe_layers/mlp/experts/gate_up_proj", config.first_k_dense_replace),
+                        ("mtp/layer/mlp/experts/gate_up_proj", config.num_hidden_layers)):
+        assert stored[path].store.chunk_layout.read_chunk.shape == (1, 1, D, 1, F)
+        for got in (flat[path], stored[path][...]):
+            assert got.shape[1:] == (E, D, 2, F)
+            for i, e, j in np.ndindex(got.shape[0], E, 2):
+                want = tensors[f"model.layers.{first + i}.mlp.experts.{e}.{('gate_proj', 'up_proj')[j]}.weight"]
+                np.testing.assert_array_equal(got[i, e, :, j, :], want.T, err_msg=f"{path}[{i}, {e}, :, {j}, :]")
+    save_hf(config, stored, tmp_path / "out")  # streaming: each HF tensor read as one chunk of its leaf
+    _assert_same_tensors(tensors, load_tensors(tmp_path / "out"))
+    _, back = load_hf(tmp_path / "out")
+    back = flat_params(back)
+    assert back.keys() == flat.keys()
+    for k, v in flat.items():
+        np.testing.assert_array_equal(np.asarray(back[k]).view(np.uint8), v.view(np.uint8), err_msg=k)
 
 
 # Dims above 128 so weights have several (and partial edge) 128x128 blocks.

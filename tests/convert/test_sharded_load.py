@@ -18,7 +18,7 @@ def test_load_hf_and_checkpoint_onto_a_mesh(tmp_path):
     expected = single(tokens).logits
     for name, (_, model) in (("hf", load_hf(tmp_path / "hf", mesh=mesh)),
                              ("ckpt", load_checkpoint(tmp_path / "ckpt", mesh=mesh))):
-        experts = model.moe_layers.mlp.experts.gate_proj[...]
+        experts = model.moe_layers.mlp.experts.gate_up_proj[...]
         assert experts.sharding.mesh.shape["expert"] == 4
         shard = experts.addressable_shards[0].data
         assert shard.shape[1] == experts.shape[1] // 4, name  # each device holds 2 of the 8 experts

@@ -29,7 +29,7 @@ from dsv3_jax.train.step import init_state
 MODEL = ModelConfig.preset("tiny", num_hidden_layers=2)
 MESH = "fsdp=2,expert=2,tensor=2"  # batch split 4 ways
 MESH_SHAPE = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
-EXPERTS_SPEC = jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")  # [layers, E, D, F] by the rules
+EXPERTS_SPEC = jax.sharding.PartitionSpec(None, "expert", "fsdp", None, "tensor")  # [layers, E, D, 2, F] by the rules
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -151,7 +151,7 @@ def _spy(real, seen: list):
     def run(model, *args, **kwargs):
         mesh = kwargs.get("mesh") or jax.sharding.get_abstract_mesh()
         out = real(model, *args, **kwargs)
-        seen.append((dict(mesh.shape), model.moe_layers.mlp.experts.gate_proj[...].sharding.spec, out))
+        seen.append((dict(mesh.shape), model.moe_layers.mlp.experts.gate_up_proj[...].sharding.spec, out))
         return out
     return run
 

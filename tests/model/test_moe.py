@@ -22,12 +22,11 @@ CASES = {
 
 
 def load_from_hf(ours: MoE, ref: hf.DeepseekV3MoE) -> None:
-    F = ref.experts.down_proj.shape[-1]
+    E, D, F = ref.experts.down_proj.shape  # HF's down_proj [E, D, F]
     ours.router.kernel[...] = jnp.asarray(t2n(ref.gate.weight).T)
     ours.router.bias[...] = jnp.asarray(t2n(ref.gate.e_score_correction_bias))
     gate_up = t2n(ref.experts.gate_up_proj)  # [E, 2F, D]: gate rows then up rows
-    ours.experts.gate_proj[...] = jnp.asarray(gate_up[:, :F].transpose(0, 2, 1))
-    ours.experts.up_proj[...] = jnp.asarray(gate_up[:, F:].transpose(0, 2, 1))
+    ours.experts.gate_up_proj[...] = jnp.asarray(gate_up.reshape(E, 2, F, D).transpose(0, 3, 1, 2))  # [E,D,2,F]
     ours.experts.down_proj[...] = jnp.asarray(t2n(ref.experts.down_proj).transpose(0, 2, 1))
     for name in ("gate_proj", "up_proj", "down_proj"):
         getattr(ours.shared, name).kernel[...] = jnp.asarray(t2n(getattr(ref.shared_experts, name).weight).T)
@@ -104,11 +103,11 @@ def test_group_mask_is_minus_inf_so_negative_biases_never_leak_into_masked_group
 def dense_reference(ours: MoE, x: np.ndarray) -> np.ndarray:
     """Every expert on every token, weighted by the router's (sparse) weights: the dispatch-free sum."""
     w, idx, _ = ours.router(jnp.asarray(x))
-    E = ours.experts.gate_proj.shape[0]
+    E = ours.experts.gate_up_proj.shape[0]
     dense_w = np.zeros((len(x), E), np.float32)
     np.put_along_axis(dense_w, np.asarray(idx), np.asarray(w), axis=1)
-    g, u, d = (np.asarray(p[...], np.float64) for p in (ours.experts.gate_proj, ours.experts.up_proj,
-                                                          ours.experts.down_proj))
+    gate_up, d = (np.asarray(p[...], np.float64) for p in (ours.experts.gate_up_proj, ours.experts.down_proj))
+    g, u = gate_up[:, :, 0], gate_up[:, :, 1]  # [E,D,F] each
     h = np.einsum("nd,edf->nef", x, g)
     h = h / (1 + np.exp(-h)) * np.einsum("nd,edf->nef", x, u)
     return np.einsum("nef,efd,ne->nd", h, d, dense_w)
@@ -216,6 +215,6 @@ def test_moe_gradients_flow_to_router_and_experts_not_bias():
     grads = nnx.jit(nnx.grad(loss))(ours)
     g = nnx.to_pure_dict(grads)
     assert "bias" not in g["router"]
-    for leaf in (g["router"]["kernel"], g["experts"]["gate_proj"], g["experts"]["down_proj"]):
+    for leaf in (g["router"]["kernel"], g["experts"]["gate_up_proj"], g["experts"]["down_proj"]):
         assert float(jnp.abs(leaf).max()) > 0 and bool(jnp.all(jnp.isfinite(leaf)))
     jax.block_until_ready(g)

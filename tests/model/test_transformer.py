@@ -30,7 +30,7 @@ def test_output_shapes_and_dtypes():
     assert model.lm_head.kernel.dtype == jnp.float32
     bf16_params = DeepSeekV3(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
     assert bf16_params.moe_layers.mlp.router.kernel.dtype == jnp.float32
-    assert bf16_params.moe_layers.mlp.experts.gate_proj.dtype == jnp.bfloat16
+    assert bf16_params.moe_layers.mlp.experts.gate_up_proj.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("mask", ["segment_ids", "token_mask"])

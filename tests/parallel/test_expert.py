@@ -22,9 +22,9 @@ def _problem(n: int, skew: bool):
     x = jax.random.normal(ks[0], (n, D))
     logits = jax.random.normal(ks[1], (n, E)) + (jnp.arange(E) < K) * 100.0 * skew  # skew: all to experts 0..K-1
     weights, ids = jax.lax.top_k(jax.nn.sigmoid(logits), K)
-    gate, up = (jax.random.normal(k, (E, D, F)) / np.sqrt(D) for k in ks[2:4])
+    gate_up = jnp.stack([jax.random.normal(k, (E, D, F)) for k in ks[2:4]], axis=2) / np.sqrt(D)  # [E,D,2,F]
     down = jax.random.normal(ks[4], (E, F, D)) / np.sqrt(F)
-    return x, weights, ids.astype(jnp.int32), gate, up, down
+    return x, weights, ids.astype(jnp.int32), gate_up, down
 
 
 def _loss(*args):
@@ -33,7 +33,7 @@ def _loss(*args):
 
 
 def _grad():  # a fresh jit per use: the transport is chosen when the function is traced
-    return jax.jit(jax.value_and_grad(_loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
+    return jax.jit(jax.value_and_grad(_loss, argnums=(0, 1, 3, 4), has_aux=True))
 
 MESHES = [f"expert={DEVICES}", "data=2,expert=-1", "fsdp=2,expert=2,tensor=-1"][:3 if DEVICES >= 8 else 2]
 # (mesh, transport, capacity factor): every transport on every mesh with room for any routing, and
@@ -205,43 +205,45 @@ def test_expert_parallel_under_the_fp8_recipe(transport):
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
     for g, r in zip(grads[:2], ref_grads[:2], strict=True):  # x, router weights
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
-    for g, r in zip(grads[2:], ref_grads[2:], strict=True):  # gate, up, down
+    for g, r in zip(grads[2:], ref_grads[2:], strict=True):  # gate_up, down
         assert np.linalg.norm(np.asarray(g) - r) < 2 ** -4 * np.linalg.norm(r)
 
 
 @pytest.mark.parametrize("recipe", [None, "fp8_emulated"])
 @pytest.mark.parametrize("layout", ["grouped", "blocks"])
 def test_gate_and_up_as_one_product_equal_two(recipe, layout):
-    """`expert_ffn` runs gate and up as one product on their concatenation; with the grouped
-    matmul called once per projection instead (and under FP8 each weight quantised on its own
-    128x128 blocks, F = 6 not a multiple of the block), outputs and gradients are the same."""
+    """`expert_ffn` runs gate and up as one product on gate_up viewed as [E,D,2F] (padded under
+    FP8); with the grouped matmul called once per projection instead (and under FP8 each weight
+    quantised on its own 128x128 blocks, F = 6 not a multiple of the block), outputs and
+    gradients are the same."""
     from dsv3_jax import fp8, kernels
     from dsv3_jax.fp8 import grouped_matmul
     from dsv3_jax.kernels.grouped_matmul import block_matmul
     from dsv3_jax.parallel.expert import ExpertRows, expert_ffn
 
-    x, _, ids, gate, up, down = _problem(40, False)
+    x, _, ids, gate_up, down = _problem(40, False)
     sizes = jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32)
     rows = jax.random.normal(jax.random.key(1), (int(sizes.sum()), D))
     blocks = jax.random.normal(jax.random.key(2), (E, 2 if layout == "blocks" else 0, D))
     r = fp8.recipe_for(recipe) if recipe else None
 
-    def two(blocks, rows, gate, up, down):
+    def two(blocks, rows, gate_up, down):
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]  # [E,D,F] each
         gm = lambda a, w: grouped_matmul(a, w, sizes, r)
         bm = block_matmul
         return ((bm(jax.nn.silu(bm(blocks, gate)) * bm(blocks, up), down) if blocks.shape[1] else blocks),
                 gm(jax.nn.silu(gm(rows, gate)) * gm(rows, up), down))
 
-    def one(blocks, rows, gate, up, down):
-        y = expert_ffn(ExpertRows(blocks, rows, sizes), gate, up, down)
+    def one(blocks, rows, gate_up, down):
+        y = expert_ffn(ExpertRows(blocks, rows, sizes), gate_up, down)
         return y.blocks, y.rows
 
     def loss(f):
-        return jax.jit(jax.value_and_grad(lambda *a: sum((y * jnp.cos(y)).sum() for y in f(*a)), argnums=range(5)))
+        return jax.jit(jax.value_and_grad(lambda *a: sum((y * jnp.cos(y)).sum() for y in f(*a)), argnums=range(4)))
 
     with fp8.use(r), kernels.use(expert_layout=layout):
-        ref, ref_grads = loss(two)(blocks, rows, gate, up, down)
-        got, grads = loss(one)(blocks, rows, gate, up, down)
+        ref, ref_grads = loss(two)(blocks, rows, gate_up, down)
+        got, grads = loss(one)(blocks, rows, gate_up, down)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     for g, want in zip(grads, ref_grads, strict=True):  # fp32 rounding at each gradient's scale
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-6 * np.abs(want).max(initial=0))

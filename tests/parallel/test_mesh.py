@@ -100,7 +100,7 @@ def test_shard_like_places_host_arrays_into_their_shardings(abstract):
         assert v[...].sharding == s.get_value(), path
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, placed))), host)
     flat = flat_shardings(state, mesh)
-    assert flat["moe_layers/mlp/experts/gate_proj"].spec == P(None, "expert", "fsdp", "tensor")
+    assert flat["moe_layers/mlp/experts/gate_up_proj"].spec == P(None, "expert", "fsdp", None, "tensor")
     assert flat["embed/embedding"].spec == P("tensor", "fsdp")
 
 
@@ -140,7 +140,7 @@ def test_optimizer_state_shards_like_its_params(abstract):
     mesh = make_mesh("fsdp=2,expert=2,tensor=2")
     opt = param_shardings(jax.eval_shape(optax.adamw(1e-3).init, params), mesh)
     mu = nnx.to_pure_dict(opt[0].mu)
-    assert mu["moe_layers"]["mlp"]["experts"]["gate_proj"].spec == P(None, "expert", "fsdp", "tensor")
+    assert mu["moe_layers"]["mlp"]["experts"]["gate_up_proj"].spec == P(None, "expert", "fsdp", None, "tensor")
     assert opt[0].count.spec == P()
 
 

@@ -67,7 +67,7 @@ def test_parameters_and_activations_are_sharded_by_the_rules(sharded):
         return tuple(a if a is not None and size[a] > 1 else None for a in axes)
 
     experts = m.moe_layers.mlp.experts
-    assert spec(experts.gate_proj) == keep(None, "expert", "fsdp", "tensor")  # [L,E,D,F]
+    assert spec(experts.gate_up_proj) == keep(None, "expert", "fsdp", None, "tensor")  # [L,E,D,2,F]
     assert spec(experts.down_proj) == keep(None, "expert", "tensor", "fsdp")  # [L,E,F,D]
     assert spec(m.embed.embedding) == keep("tensor", "fsdp")  # [V,D]
     assert spec(m.lm_head.kernel) == keep("fsdp", "tensor")  # [D,V]

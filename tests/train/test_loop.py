@@ -259,8 +259,8 @@ def test_init_from_lands_in_a_mesh_that_splits_the_parameters(tmp_path, monkeypa
     assert got.keys() == rules.keys()
     for k, v in got.items():
         assert v.sharding.is_equivalent_to(rules[k], v.ndim), f"{k}: {v.sharding.spec}, rule {rules[k].spec}"
-    experts = got["moe_layers/mlp/experts/gate_proj"]  # [layers, experts, hidden, moe hidden]
-    assert experts.shape == (1, 8, 64, 32) and experts.sharding.shard_shape(experts.shape) == (1, 4, 32, 16)
+    experts = got["moe_layers/mlp/experts/gate_up_proj"]  # [layers, experts, hidden, gate|up, moe hidden]
+    assert experts.shape == (1, 8, 64, 2, 32) and experts.sharding.shard_shape(experts.shape) == (1, 4, 32, 2, 16)
     want, after = (flat_params(load_model(d, dtype=np.float32)[0]) for d in (source, tmp_path))  # one device
     assert after.keys() == want.keys()
     for k, v in want.items():
