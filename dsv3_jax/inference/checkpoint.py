@@ -34,8 +34,8 @@ def _latest(ckpt: Checkpointer, workdir: str) -> tuple[int, dict]:
 
 
 def stored_param_dtype(workdir: str | os.PathLike) -> jnp.dtype:
-    """The dtype a training workdir's latest checkpoint holds its weights in (its master copies'
-    if it keeps them)."""
+    """The dtype a training workdir's latest checkpoint holds its weights in (float32 for a run
+    with master weights: its masters)."""
     workdir = os.path.abspath(os.fspath(workdir))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:

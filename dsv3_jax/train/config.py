@@ -118,7 +118,7 @@ class TrainConfig:
 
     @property
     def update_dtype(self) -> str:
-        """The dtype the optimizer's updates accumulate in: the master copies' or the params'."""
+        """The dtype the optimizer's updates accumulate in: the masters' or the params'."""
         return "float32" if self.master_weights else self.param_dtype
 
 

@@ -70,7 +70,7 @@ def _resolve_horizon(ckpt: Checkpointer, tc: TrainConfig) -> TrainConfig:
 
 
 def _check_state_dtypes(ckpt: Checkpointer, tc: TrainConfig) -> None:
-    """A workdir keeps its parameter, master-copy and moment dtypes: Orbax would convert the
+    """A workdir keeps its parameter, master-weight and moment dtypes: Orbax would convert the
     stored state to the asked ones on restore, silently rounding float32 to bfloat16 (or widening it)."""
     step = ckpt.latest_step()
     if step is None:
@@ -92,7 +92,7 @@ def _init_tokenizer(init_from: str) -> str:
 
 
 def _pretrained(init_from: str, config: ModelConfig, tc: TrainConfig, mesh) -> DeepSeekV3:
-    """`init_from`'s weights as a model of `config` in the updates' dtype (the master copies' under
+    """`init_from`'s weights as a model of `config` in the updates' dtype (float32 masters under
     master weights): its stored config with overrides that keep every parameter's shape and dtype
     (e.g. routed_scaling_factor, rope_scaling)."""
     dtype, param_dtype = jnp.dtype(tc.dtype), jnp.dtype(tc.update_dtype)
