@@ -22,6 +22,7 @@ from dsv3_jax.checkpoint.manager import Checkpointer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.tokenizer import read_tokenizer
 from dsv3_jax.model import DeepSeekV3, RouterBias
+from dsv3_jax.train.config import update_dtype
 from dsv3_jax.train.optimizer import master_weight
 
 
@@ -40,7 +41,7 @@ def stored_param_dtype(workdir: str | os.PathLike) -> jnp.dtype:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         train = _latest(ckpt, workdir)[1]["train"]
-        return jnp.dtype("float32" if train.get("master_weights") else train["param_dtype"])
+        return jnp.dtype(update_dtype(train["param_dtype"], train.get("master_weights", False)))
     finally:
         ckpt.close()
 

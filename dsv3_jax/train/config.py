@@ -118,8 +118,13 @@ class TrainConfig:
 
     @property
     def update_dtype(self) -> str:
-        """The dtype the optimizer's updates accumulate in: the masters' or the params'."""
-        return "float32" if self.master_weights else self.param_dtype
+        return update_dtype(self.param_dtype, self.master_weights)
+
+
+def update_dtype(param_dtype: str, master_weights: bool) -> str:
+    """The dtype the optimizer's updates accumulate in (and a workdir's most precise weights):
+    the masters' (float32) or the params'."""
+    return "float32" if master_weights else param_dtype
 
 
 def _coerce(cls, field: str, text: str):
