@@ -2,7 +2,8 @@
 
 `use(...)` sets the choice for everything traced inside it (the train step wraps its loss in
 it from `TrainConfig.attention_impl`, `grouped_matmul_impl`, `scaled_matmul_impl`,
-`row_gather_impl`, `cross_entropy_impl` and `expert_layout`); each op's `default_impl` asks
+`row_gather_impl`, `cross_entropy_impl` and `expert_layout`; its optimizer update in it from
+`layer_update_impl`); each op's `default_impl` asks
 `forced` first. Read at trace time, like `fp8.use`.
 """
 
@@ -17,12 +18,20 @@ _forced: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.Conte
 
 
 def validate(op: str, impl: str) -> None:
-    from dsv3_jax.kernels import attention, cross_entropy, grouped_matmul, latent_attention, row_gather, scaled_matmul
+    from dsv3_jax.kernels import (
+        attention,
+        cross_entropy,
+        grouped_matmul,
+        latent_attention,
+        layer_update,
+        row_gather,
+        scaled_matmul,
+    )
 
     impls = {"attention": attention.IMPLS, "grouped_matmul": grouped_matmul.IMPLS,
              "latent_attention": latent_attention.IMPLS, "scaled_matmul": scaled_matmul.IMPLS,
              "expert_layout": grouped_matmul.LAYOUTS, "row_gather": row_gather.IMPLS,
-             "cross_entropy": cross_entropy.IMPLS}[op]
+             "cross_entropy": cross_entropy.IMPLS, "layer_update": layer_update.IMPLS}[op]
     if impl != "auto" and impl not in impls:
         raise ValueError(f"{op} impl {impl!r}: choose from {('auto',) + impls}")
 
@@ -30,12 +39,12 @@ def validate(op: str, impl: str) -> None:
 @contextlib.contextmanager
 def use(attention: str = "auto", grouped_matmul: str = "auto", latent_attention: str = "auto",
         scaled_matmul: str = "auto", expert_layout: str = "auto", row_gather: str = "auto",
-        cross_entropy: str = "auto"):
+        cross_entropy: str = "auto", layer_update: str = "auto"):
     """Force kernels (and the routed experts' row layout) by name ("auto" keeps the backend's
     default) while tracing inside."""
     choice = {"attention": attention, "grouped_matmul": grouped_matmul, "latent_attention": latent_attention,
               "scaled_matmul": scaled_matmul, "expert_layout": expert_layout, "row_gather": row_gather,
-              "cross_entropy": cross_entropy}
+              "cross_entropy": cross_entropy, "layer_update": layer_update}
     for op, impl in choice.items():
         validate(op, impl)
     token = _forced.set(tuple((op, impl) for op, impl in choice.items() if impl != "auto"))

@@ -53,6 +53,7 @@ class TrainConfig:
     scaled_matmul_impl: str = "auto"  # fp8_native GEMMs: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
     row_gather_impl: str = "auto"  # routed-expert row moves: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
     cross_entropy_impl: str = "auto"  # the loss's softmax: "auto" (one GPU: "pallas", else "xla"), "xla", "pallas"
+    layer_update_impl: str = "auto"  # optimizer over a layer stack: "auto" (one GPU: "pallas", else "xla"), ...
     expert_layout: str = "auto"  # routed-expert rows: "auto" (= "grouped") or "blocks" (kernels.grouped_matmul)
     expert_transport: str = "auto"  # expert-parallel rows: "auto" (by backend), "ragged", "dense" or "gather"
     expert_capacity_factor: float = 0.0  # dense/gather transports: rows x the balanced share (0: any routing)
@@ -98,7 +99,8 @@ class TrainConfig:
                              f"param_dtype={self.param_dtype!r} needs none (set param_dtype=bfloat16)")
         for f, op in (("attention_impl", "attention"), ("grouped_matmul_impl", "grouped_matmul"),
                       ("scaled_matmul_impl", "scaled_matmul"), ("row_gather_impl", "row_gather"),
-                      ("cross_entropy_impl", "cross_entropy"), ("expert_layout", "expert_layout")):
+                      ("cross_entropy_impl", "cross_entropy"), ("layer_update_impl", "layer_update"),
+                      ("expert_layout", "expert_layout")):
             try:
                 kernels.validate(op, getattr(self, f))
             except ValueError as e:

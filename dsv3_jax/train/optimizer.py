@@ -1,12 +1,17 @@
-"""AdamW (SPEC G) with gradient clipping, optional BF16 moments, and a documented decay mask.
+"""AdamW (SPEC G) with gradient clipping, optional BF16 moments, master weights, and a
+documented decay mask, as one elementwise pass a weight.
 
-The learning rate is applied by the train step (it depends on tokens seen, which the batch
-ramp makes non-linear in steps), so this transformation stops at the AdamW direction plus
-decoupled weight decay.
+The clipped gradient, both moments, the bias-corrected direction, decoupled weight decay, the
+learning rate (the train step's: it depends on tokens seen, which the batch ramp makes
+non-linear in steps), the master weight's join and split, and the keep-or-skip of a
+non-finite step are one function of a weight's elements (`_adamw`), so one pass reads and
+writes each weight once; a layer stack's weights run it a layer at a time
+(`kernels.layer_update`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsv3_jax.kernels import layer_update
 from dsv3_jax.train.config import TrainConfig
 
 
@@ -24,20 +30,24 @@ class AdamState(NamedTuple):
 
 
 def global_norm(tree) -> jax.Array:
-    """sqrt of the sum of squares of every leaf, in fp32 (the step's grad_norm and the clipping
-    norm: the same expression, so XLA computes it once). A layer stack's leaf (an nnx.Variable
+    """sqrt of the sum of squares of every leaf, in fp32 (the step's grad_norm, which clips
+    the update). A layer stack's leaf (an nnx.Variable
     with dims beyond its `logical_axes`) is summed one layer at a time: its gradient is the
     unrolled layers' gradients joined, and a sum read through that join ran at half the HBM rate
     (H200, 11 x [64,2048,1024] bf16: 1.44 against 0.71 ms a layer at a time)."""
     def layers(v) -> list[jax.Array]:
-        if not isinstance(v, nnx.Variable):
-            return [v]
-        x = v[...]
-        lead = x.ndim - len(v.get_metadata().get("logical_axes") or x.shape)
-        return list(x.reshape((-1,) + x.shape[lead:])) if lead else [x]
+        x = v[...] if isinstance(v, nnx.Variable) else v
+        return list(x.reshape((-1,) + x.shape[stacked_dims(v):])) if stacked_dims(v) else [x]
 
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for v in leaves for x in layers(v)))
+
+
+def stacked_dims(v) -> int:
+    """The leading dims of a layer stack's Variable beyond its `logical_axes` (0 for anything else)."""
+    if not isinstance(v, nnx.Variable):
+        return 0
+    return v[...].ndim - len(v.get_metadata().get("logical_axes") or v[...].shape)
 
 
 def master_parts(m: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -63,45 +73,6 @@ def master_weight(param: jax.Array, rest: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(high + rest.astype(jnp.int32).astype(jnp.uint32), jnp.float32)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """optax.clip_by_global_norm (updates scaled by max_norm / norm where the norm exceeds it)
-    with `global_norm`'s norm, as one scalar factor: a multiply an element, not a division."""
-
-    def update(updates, state, params=None):
-        del params
-        norm = global_norm(updates)
-        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.GradientTransformation:
-    """Adam's bias-corrected m / (sqrt(v) + eps) with both moments stored in `moments_dtype`
-    (optax's own keeps v in the parameter dtype); moment arithmetic is fp32. The bias
-    corrections are scalar reciprocals, so an element costs one division: with a division for
-    each correction and for clipping, the updates of the stacked expert weights were bound by
-    their arithmetic, not by HBM (bench step on an H200: 7.59 -> 6.75 ms gate and up, 4.75 ->
-    3.85 ms down)."""
-
-    def init(params):
-        zeros = lambda p: jnp.zeros(p.shape, moments_dtype)
-        return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
-
-    def update(grads, state, params=None):
-        del params
-        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        mu = jax.tree.map(lambda m, g: b1 * m.astype(jnp.float32) + (1 - b1) * g, state.mu, g32)
-        nu = jax.tree.map(lambda v, g: b2 * v.astype(jnp.float32) + (1 - b2) * g * g, state.nu, g32)
-        count = state.count + 1
-        r1, r2 = 1 / (1 - b1 ** count.astype(jnp.float32)), 1 / (1 - b2 ** count.astype(jnp.float32))
-        updates = jax.tree.map(lambda m, v: m * r1 / (jnp.sqrt(v * r2) + eps), mu, nu)
-        cast = lambda t: jax.tree.map(lambda x: x.astype(moments_dtype), t)
-        return updates, AdamState(count, cast(mu), cast(nu))
-
-    return optax.GradientTransformation(init, update)
-
-
 def decay_mask(params):
     """Weight decay on every weight matrix (projections, experts, embedding, head, router);
     not on RMSNorm scales, whose natural value is 1, not 0."""
@@ -109,9 +80,70 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: not is_scale(path), params)
 
 
-def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        clip_by_global_norm(c.clip_norm),
-        scale_by_adam(c.adam_b1, c.adam_b2, c.adam_eps, jnp.dtype(c.moments_dtype)),
-        optax.add_decayed_weights(c.weight_decay, mask=decay_mask),
-    )
+class Optimizer(NamedTuple):
+    """`init(weights) -> opt_state`: zero moments in `moments_dtype` (the state keeps
+    optax.chain(clip, adam, decay)'s layout, (EmptyState, AdamState, EmptyState), so that
+    earlier checkpoints restore). `update(params, rest, opt_state, grads, *, norm, mean_of, lr,
+    ok) -> (params, rest, opt_state)`: one AdamW step from gradients summed over `mean_of`
+    micro-batches whose mean has global norm `norm`; `rest` is the master weights' (None
+    without); where `ok` is false every array keeps its value."""
+    init: Callable
+    update: Callable
+
+
+def make_optimizer(c: TrainConfig) -> Optimizer:
+    b1, b2, eps, wd, moments = c.adam_b1, c.adam_b2, c.adam_eps, c.weight_decay, jnp.dtype(c.moments_dtype)
+
+    def init(weights):
+        zeros = lambda p: jnp.zeros(p.shape, moments)
+        adam = AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, weights), jax.tree.map(zeros, weights))
+        return optax.EmptyState(), adam, optax.EmptyState()
+
+    def update(params, rest, opt_state, grads, *, norm, mean_of, lr, ok):
+        _, adam, _ = opt_state
+        t = (adam.count + 1).astype(jnp.float32)
+        clip = jnp.where(norm < c.clip_norm, 1.0, c.clip_norm / norm)
+        scalars = (clip / mean_of, lr, 1 / (1 - b1 ** t), 1 / (1 - b2 ** t), ok.astype(jnp.float32))
+        variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        p, treedef = jax.tree.flatten(params)
+        r = [None] * len(p) if rest is None else jax.tree.leaves(rest)
+        m, v, g, decay = (jax.tree.leaves(t) for t in (adam.mu, adam.nu, grads, decay_mask(params)))
+        assert len(variables) == len(p) == len(r) == len(m) == len(v) == len(g) == len(decay)
+        new = [_update_leaf(*leaf, scalars, b1=b1, b2=b2, eps=eps, wd=wd if d else 0.0)
+               for *leaf, d in zip(variables, p, r, m, v, g, decay)]
+        p, r, m, v = (jax.tree.unflatten(treedef, parts) for parts in zip(*new))
+        count = adam.count + ok.astype(jnp.int32)
+        return p, None if rest is None else r, (opt_state[0], AdamState(count, m, v), opt_state[2])
+
+    return Optimizer(init, update)
+
+
+def _update_leaf(variable, p, r, m, v, g, scalars, **hyper) -> tuple:
+    """One weight's (param, rest or None, m, v) after `_adamw`: a layer stack's a layer at a time."""
+    arrays = (p, m, v) if r is None else (p, r, m, v)
+    fn = lambda arrays, g, s: _adamw(arrays, g, s, **hyper)
+    lead = stacked_dims(variable)
+    if not lead:
+        new = tuple(x.astype(a.dtype) for x, a in zip(fn(arrays, g, scalars), arrays))
+    else:
+        layers = lambda x: x.reshape((-1,) + x.shape[lead:])
+        new = layer_update.update_layers(fn, [layers(a) for a in arrays], layers(g), scalars)
+        new = tuple(x.reshape(a.shape) for x, a in zip(new, arrays))
+    return (new[0], None, *new[1:]) if r is None else new
+
+
+def _adamw(arrays, g, scalars, *, b1, b2, eps, wd):
+    """The elements of (param, [rest,] m, v) and their gradient sum -> their new values (param
+    and rest from the float32 master; m and v in fp32, stored in their own dtype by the caller).
+    scalars: the gradient's factor (clipping / micro-batches), the learning rate, Adam's two
+    bias corrections (reciprocals: a division an element, not three), and ok (1.0 or 0.0)."""
+    factor, lr, r1, r2, ok = scalars
+    p, *r, m, v = arrays
+    w = master_weight(p, *r) if r else p.astype(jnp.float32)
+    g = g.astype(jnp.float32) * factor
+    mu = b1 * m.astype(jnp.float32) + (1 - b1) * g
+    nu = b2 * v.astype(jnp.float32) + (1 - b2) * g * g
+    step = mu * r1 / (jnp.sqrt(nu * r2) + eps)
+    w = w - lr * (step + wd * w if wd else step)
+    new = (*master_parts(w, p.dtype), mu, nu) if r else (w, mu, nu)
+    return tuple(jnp.where(ok > 0, x.astype(a.dtype), a) for x, a in zip(new, arrays))

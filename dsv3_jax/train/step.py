@@ -1,16 +1,17 @@
 """The pure training step: (state, batch) -> (state, metrics), jitted with donated state.
 
 One step: for each micro-batch, loss = LM CE + lambda * MTP CE + alpha * balance loss and its
-gradient (parameters only; the router bias is not differentiated); average; AdamW with the
-step's learning rate; then aux-loss-free balancing moves each MoE layer's bias by
-gamma * sign(mean load - load) using the load summed over the whole global batch. The model
-is traced under `train.precision`'s FP8 recipe (`fp8.use`), if any. A step
-whose loss or gradient is not finite leaves the state unchanged and says so in `finite`.
+gradient (parameters only; the router bias is not differentiated); sum; AdamW on their mean
+with the step's learning rate (`optimizer.make_optimizer`: one pass a weight); then
+aux-loss-free balancing moves each MoE layer's bias by gamma * sign(mean load - load) using
+the load summed over the whole global batch. The model is traced under `train.precision`'s
+FP8 recipe (`fp8.use`), if any. A step whose loss or gradient is not finite leaves the state
+unchanged and says so in `finite`.
 
 With `train.master_weights` the params are bfloat16 and the state keeps the rest of their
-float32 masters (`master_rest`, int16; `optimizer.master_parts`): gradients accumulate and
-AdamW updates in float32, on masters joined from both halves, and each step writes both halves
-back. The state holds 4 bytes a weight, as with float32 params, the update's pass moves as many
+float32 masters (`master_rest`, int16; `optimizer.master_parts`): micro-batches' gradients
+add up in float32 and AdamW updates the masters joined from both halves in float32, writing
+both halves back. The state holds 4 bytes a weight, as with float32 params, the update's pass moves as many
 bytes, and the forward pass reads the weights as stored instead of casting float32 ones every
 step (bench step on an H200: 186.6 against 190.9 ms, the join and split costing ~1.4 ms of the
 update's arithmetic). A float32 master copy beside bfloat16 params (2 more bytes written a
@@ -33,7 +34,7 @@ from dsv3_jax.model.transformer import full_depth, remat, scan_unroll
 from dsv3_jax.train import schedule
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import chunked_cross_entropy, shifted_targets
-from dsv3_jax.train.optimizer import global_norm, make_optimizer, master_parts, master_weight
+from dsv3_jax.train.optimizer import Optimizer, global_norm, make_optimizer, master_parts
 
 
 class TrainState(NamedTuple):
@@ -109,7 +110,7 @@ def make_losses(graphdef, config: ModelConfig, c: TrainConfig):
     return losses
 
 
-def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.GradientTransformation,
+def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: Optimizer,
                     planned_micro_batches: int):
     losses = make_losses(graphdef, config, c)
 
@@ -130,24 +131,25 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: optax.Gra
             (loss, aux), (grads, _) = grad_fn(state.params, state.bias, micro, lam)
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
-        weights = state.params if state.master_rest is None else _masters(state.params, state.master_rest)
-        (loss, aux), _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
-        grads = jax.tree.map(jnp.zeros_like, weights)  # accumulated in the updates' dtype
-        (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
-        loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-        grad_norm = global_norm(grads)
+        if A == 1:  # the update reads the gradients where the backward wrote them, in its dtype
+            (loss, aux), (grads, _) = grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)
+        else:  # summed in the updates' dtype (float32 with master weights)
+            (loss, aux), _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
+            dtype = (lambda p: jnp.float32) if state.master_rest is not None else (lambda p: p.dtype)
+            grads = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype(p)), state.params)
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
+        loss, grad_norm = loss / A, global_norm(grads) / A
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         lr = schedule.learning_rate(c, frac)
-        with jax.named_scope("optimizer"):
-            updates, opt_state = tx.update(grads, state.opt_state, weights)
-            weights = jax.tree.map(lambda w, u: (w - lr * u).astype(w.dtype), weights, updates)
-            params, rest = (weights, None) if state.master_rest is None else _split(weights, state.params)
+        with jax.named_scope("optimizer"), kernels.use(layer_update=c.layer_update_impl):
+            params, rest, opt_state = tx.update(state.params, state.master_rest, state.opt_state, grads,
+                                                norm=grad_norm, mean_of=A, lr=lr, ok=finite)
         bias = update_bias(state.bias, aux["load"], schedule.bias_gamma(c, frac), config.num_moe_layers)
-        new = TrainState(state.step + 1, state.micro_batches + A, params, bias, opt_state, rest)
-
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new = TrainState(keep(state.step + 1, state.step), keep(state.micro_batches + A, state.micro_batches),
+                         params, jax.tree.map(keep, bias, state.bias), opt_state, rest)
         vio = max_violation(aux["load"])
         metrics = {"loss": loss, "lm_loss": aux["lm_loss"] / A, "mtp_loss": aux["mtp_loss"] / A,
                    "balance_loss": aux["balance_loss"] / A, "lr": lr, "grad_norm": grad_norm,
@@ -171,11 +173,6 @@ def jit_eval_step(graphdef, config: ModelConfig, c: TrainConfig, state: TrainSta
     return jax.jit(eval_step, in_shardings=(*shardings, parallel.batch_sharding(mesh)))
 
 
-def _masters(params: nnx.State, rest: nnx.State) -> nnx.State:
-    """The float32 master weights of params and their rest (`optimizer.master_weight`)."""
-    return jax.tree.map(master_weight, params, rest)
-
-
 def _split(weights: nnx.State, like) -> tuple[nnx.State, nnx.State]:
     """Float32 master weights -> (params in the dtypes of `like`, rest): `optimizer.master_parts`."""
     parts = lambda i: jax.tree.map(lambda w, p: master_parts(w, p.dtype)[i], weights, like)
@@ -194,7 +191,7 @@ def _param_values(config: ModelConfig, c: TrainConfig, mesh) -> nnx.State:
 
 
 def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | None = None
-               ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
+               ) -> tuple[nnx.GraphDef, Optimizer, TrainState]:
     """A fresh TrainState sharded over `mesh` (parameters by the rules, optimizer moments like
     their parameters, counters replicated): of `model`'s weights (already sharded so, e.g.
     `inference.checkpoint.load_weights`; in `c.update_dtype`), else of a new model from `c.seed`.
@@ -217,7 +214,7 @@ def init_state(config: ModelConfig, c: TrainConfig, mesh, model: DeepSeekV3 | No
 
 
 def abstract_state(config: ModelConfig, c: TrainConfig, mesh
-                   ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
+                   ) -> tuple[nnx.GraphDef, Optimizer, TrainState]:
     """`init_state`'s graphdef, optimizer and state, the state as ShapeDtypeStructs with the
     shardings `init_state` gives over `mesh`: a restore target, with nothing initialised or
     allocated (a resumed run would otherwise compile and run the random init only to overwrite it).

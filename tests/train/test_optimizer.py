@@ -2,10 +2,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
+from dsv3_jax import kernels
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.optimizer import decay_mask, global_norm, make_optimizer, master_parts, master_weight
+
+OK = jnp.bool_(True)
 
 
 def _params():
@@ -18,23 +22,54 @@ def test_decay_skips_norm_scales_even_when_stacked_2d():
     assert decay_mask(_params()) == {"attn": {"q_proj": {"kernel": True}}, "attn_norm": {"scale": False}}
 
 
-def test_matches_optax_adamw_with_clipping():
+def _stacked_params():
+    """A layer stack's weight and norm scales (dims beyond their logical axes), and a plain weight."""
+    rs = np.random.RandomState(3)
+    param = lambda x, axes: nnx.Param(jnp.asarray(x, jnp.float32), logical_axes=axes)
+    return nnx.State({"layers": {"w": param(rs.randn(3, 40, 30), ("embed", "mlp")),
+                                 "norm": {"scale": param(1 + rs.randn(3, 30), ("norm",))}},
+                      "head": param(rs.randn(30, 7), ("embed", "vocab"))})
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("mean_of", [1, 2])
+def test_matches_optax_adamw_with_clipping(impl, mean_of):
+    """Summed gradients of `mean_of` micro-batches step the params as optax's clipped AdamW steps
+    them on their mean; a layer stack's leaves go through `kernels.layer_update` (Pallas in
+    interpret mode here), a layer at a time."""
     c = TrainConfig(moments_dtype="float32")  # optax keeps fp32 moments
     lr = 1e-2
-    params = _params()
-    ours = make_optimizer(c)
-    ref = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=decay_mask))
-    s_ours, s_ref, p_ours, p_ref = ours.init(params), ref.init(params), params, params
-    rs = np.random.RandomState(1)
-    for _ in range(4):
-        g = jax.tree.map(lambda p: jnp.asarray(rs.randn(*p.shape) * 3, jnp.float32), params)
-        u, s_ours = ours.update(g, s_ours, p_ours)
-        p_ours = jax.tree.map(lambda p, u: p - lr * u, p_ours, u)
-        u, s_ref = ref.update(g, s_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
-    for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for params in (_params(), _stacked_params()):
+        ours = make_optimizer(c)
+        ref = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=decay_mask))
+        s_ours, s_ref, p_ours, p_ref = ours.init(params), ref.init(params), params, params
+        rs = np.random.RandomState(1)
+        for _ in range(4):
+            g = jax.tree.map(lambda p, rs=rs: jnp.asarray(rs.randn(*p.shape) * 3, jnp.float32), params)
+            with kernels.use(layer_update=impl):
+                p_ours, _, s_ours = ours.update(p_ours, None, s_ours, jax.tree.map(lambda x: x * mean_of, g),
+                                                norm=global_norm(g), mean_of=mean_of, lr=lr, ok=OK)
+            u, s_ref = ref.update(g, s_ref, p_ref)
+            p_ref = optax.apply_updates(p_ref, u)
+        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert int(s_ours[1].count) == 4
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_a_step_not_ok_keeps_every_array(impl):
+    params = _stacked_params()
+    ours = make_optimizer(TrainConfig())
+    state = ours.init(params)
+    rest = jax.tree.map(lambda p: master_parts(p, jnp.bfloat16)[1], params)
+    bf16 = jax.tree.map(lambda p: master_parts(p, jnp.bfloat16)[0], params)
+    g = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bfloat16), params)
+    with kernels.use(layer_update=impl):
+        new = ours.update(bf16, rest, state, g, norm=jnp.float32(1.0), mean_of=1, lr=1e-2, ok=jnp.bool_(False))
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves((bf16, rest, state))):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
 
 
 def test_bf16_moments_match_adamw_that_rounds_its_stored_moments():
@@ -50,8 +85,7 @@ def test_bf16_moments_match_adamw_that_rounds_its_stored_moments():
     rs = np.random.RandomState(1)
     for t in range(1, 5):
         g = jax.tree.map(lambda p: (rs.randn(*p.shape) * 3).astype(np.float32), params)
-        u, state = ours.update(g, state, p_ours)
-        p_ours = jax.tree.map(lambda p, u: p - lr * u, p_ours, u)
+        p_ours, _, state = ours.update(p_ours, None, state, g, norm=global_norm(g), mean_of=1, lr=lr, ok=OK)
         g = [np.asarray(x) for x in jax.tree.leaves(g)]
         scale = np.float32(min(1.0, 1.0 / np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g))))
         for i, (gi, di) in enumerate(zip(g, decay)):
