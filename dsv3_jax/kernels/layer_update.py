@@ -9,8 +9,9 @@ gradient already in one array, 13.2 a layer at a time here (4.0 TB/s: 18 bytes a
 
 Two implementations of the same op (`IMPLS`):
 - "xla": one XLA fusion over the whole stack (everywhere; the default off GPU, under a
-  multi-device mesh, where the SPMD partitioner cannot split a Pallas call, and for a stack of
-  2^31 or more elements, beyond the kernel's int32 offsets);
+  multi-device mesh, where the SPMD partitioner cannot split a Pallas call, for a stack of 2^31
+  or more elements, beyond the kernel's int32 offsets, and for layers under `MIN_LAYER`
+  elements, whose kernels would take their launch's time: XLA fuses such updates together);
 - "pallas": a Pallas (Triton) kernel a layer that reads that layer's gradient where its backward
   wrote it (XLA resolves the slice of the join) and writes the layer's part of each stacked
   array in place (aliased); on CPU it runs in interpret mode.
@@ -18,6 +19,7 @@ Two implementations of the same op (`IMPLS`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -29,16 +31,19 @@ from dsv3_jax.kernels.choice import forced, one_device
 
 IMPLS = ("xla", "pallas")
 BLOCK, NUM_WARPS = 1024, 4  # elements a program (H200 sweep: 1024-4096 elements, 4-8 warps alike)
+MIN_LAYER = 2 ** 18  # elements a layer below which "auto" takes "xla"
 
 Update = Callable[[Sequence[jax.Array], jax.Array, Sequence[jax.Array]], Sequence[jax.Array]]
 
 
-def default_impl(size: int) -> str:
-    """The impl `kernels.use` forces, else "pallas" on one GPU for a stack of fewer than 2^31
-    elements, and "xla" elsewhere."""
+def default_impl(shape: tuple[int, ...]) -> str:
+    """The impl `kernels.use` forces, else for a stack of `shape` ([L, ...]) "pallas" on one GPU
+    if it has fewer than 2^31 elements and its layers at least `MIN_LAYER`, and "xla" elsewhere."""
     if forced("layer_update"):
         return forced("layer_update")
-    return "pallas" if jax.default_backend() == "gpu" and one_device() and size < 2 ** 31 else "xla"
+    size = math.prod(shape)
+    gpu = jax.default_backend() == "gpu" and one_device()
+    return "pallas" if gpu and size < 2 ** 31 and size >= MIN_LAYER * shape[0] else "xla"
 
 
 def update_layers(fn: Update, arrays: Sequence[jax.Array], grad: jax.Array, scalars: Sequence[jax.Array],
@@ -46,7 +51,7 @@ def update_layers(fn: Update, arrays: Sequence[jax.Array], grad: jax.Array, scal
     """arrays [L, ...] each, grad [L, ...] (any dtypes), scalars: 0-d values ->
     fn(arrays, grad, scalars) (new arrays, elementwise, the same shapes; cast back to each
     array's dtype), computed one layer (index of axis 0) at a time by "pallas"."""
-    impl = impl or default_impl(grad.size)
+    impl = impl or default_impl(grad.shape)
     if impl not in IMPLS:
         raise ValueError(f"layer_update impl {impl!r}: choose from {IMPLS}")
     if impl == "xla":

@@ -5,8 +5,7 @@ The clipped gradient, both moments, the bias-corrected direction, decoupled weig
 learning rate (the train step's: it depends on tokens seen, which the batch ramp makes
 non-linear in steps), the master weight's join and split, and the keep-or-skip of a
 non-finite step are one function of a weight's elements (`_adamw`), so one pass reads and
-writes each weight once; a layer stack's weights run it a layer at a time
-(`kernels.layer_update`).
+writes each weight once, a layer of a layer stack at a time (`kernels.layer_update`).
 """
 
 from __future__ import annotations
@@ -119,16 +118,13 @@ def make_optimizer(c: TrainConfig) -> Optimizer:
 
 
 def _update_leaf(variable, p, r, m, v, g, scalars, **hyper) -> tuple:
-    """One weight's (param, rest or None, m, v) after `_adamw`: a layer stack's a layer at a time."""
+    """One weight's (param, rest or None, m, v) after `_adamw`, a layer at a time (a weight
+    outside a layer stack is one layer)."""
     arrays = (p, m, v) if r is None else (p, r, m, v)
-    fn = lambda arrays, g, s: _adamw(arrays, g, s, **hyper)
-    lead = stacked_dims(variable)
-    if not lead:
-        new = tuple(x.astype(a.dtype) for x, a in zip(fn(arrays, g, scalars), arrays))
-    else:
-        layers = lambda x: x.reshape((-1,) + x.shape[lead:])
-        new = layer_update.update_layers(fn, [layers(a) for a in arrays], layers(g), scalars)
-        new = tuple(x.reshape(a.shape) for x, a in zip(new, arrays))
+    layers = lambda x: x.reshape((-1,) + x.shape[stacked_dims(variable):])
+    new = layer_update.update_layers(lambda arrays, g, s: _adamw(arrays, g, s, **hyper),
+                                     [layers(a) for a in arrays], layers(g), scalars)
+    new = tuple(x.reshape(a.shape) for x, a in zip(new, arrays))
     return (new[0], None, *new[1:]) if r is None else new
 
 

@@ -43,8 +43,10 @@ def test_update_matches_numpy_layer_by_layer(impl):
                                                                              np.float32))
 
 
-def test_default_is_xla_off_gpu_and_unknown_impl_is_named():
-    assert layer_update.default_impl(10) == ("pallas" if jax.default_backend() == "gpu" else "xla")
-    assert layer_update.default_impl(2 ** 31) == "xla"
+def test_default_is_xla_off_gpu_for_small_layers_and_huge_stacks_and_unknown_impl_is_named():
+    big = (2, layer_update.MIN_LAYER)
+    assert layer_update.default_impl(big) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert layer_update.default_impl((2, layer_update.MIN_LAYER - 1)) == "xla"
+    assert layer_update.default_impl((2, 2 ** 30)) == "xla"
     with pytest.raises(ValueError, match="layer_update impl 'cuda'"):
         layer_update.update_layers(_step, (jnp.zeros((2, 3)),) * 3, jnp.zeros((2, 3)), (1.0,), impl="cuda")
