@@ -3,7 +3,8 @@
 Compares, on the current backend, every available grouped-matmul implementation against the
 "tiled" one and the other ops' implementations against "xla" (attention; the routed experts'
 row moves; the block-scaled FP8 matmul, through fp8_native's linear; the loss's softmax
-passes), forward and gradients, in bf16 at a bench-like shape, and the latent-cache decode
+passes; the optimizer's AdamW step over a layer stack with master weights), forward and
+gradients, in bf16 at a bench-like shape, and the latent-cache decode
 attention's forward at a decode step's shape. With more than one device it also runs the routed
 experts expert-parallel over all of them, on each transport, against the same problem on one
 device. Run it on a GPU with tokamax installed to check the GPU kernels.
@@ -19,11 +20,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from dsv3_jax import fp8, kernels, parallel  # noqa: E402
-from dsv3_jax.kernels import attention, cross_entropy, grouped_matmul, latent_attention, row_gather, scaled_matmul  # noqa: E402
+from dsv3_jax.kernels import (  # noqa: E402
+    attention,
+    cross_entropy,
+    grouped_matmul,
+    latent_attention,
+    layer_update,
+    row_gather,
+    scaled_matmul,
+)
 from dsv3_jax.parallel import routed_experts  # noqa: E402
 from dsv3_jax.parallel.expert import TRANSPORTS, place  # noqa: E402
+from dsv3_jax.train.config import TrainConfig  # noqa: E402
+from dsv3_jax.train.optimizer import global_norm, make_optimizer, master_parts  # noqa: E402
 
 
 def rel(a, b):
@@ -110,6 +122,21 @@ def main():
     compare(out, "cross_entropy", xent, cross_entropy.IMPLS, "xla", logits, jnp.asarray(rs.randint(0, V, n)),
             jnp.asarray(rs.rand(n), jnp.float32))
 
+    shape = (2, 300, 7) if small else (3, 64, 512, 256)  # a layer stack: a partial block on the CPU
+    stack = nnx.State({"w": nnx.Param(jnp.asarray(rs.randn(*shape) * 0.02, jnp.float32),
+                                      logical_axes=("expert", "embed", "mlp")[3 - len(shape) + 1:])})
+    tx = make_optimizer(TrainConfig(param_dtype="bfloat16", master_weights=True))
+    opt = jax.tree.map(lambda m: (m + jnp.asarray(rs.rand(*m.shape) * 1e-4, m.dtype)), tx.init(stack))
+    params, rest = (jax.tree.map(lambda w, i=i: master_parts(w, jnp.bfloat16)[i], stack) for i in (0, 1))
+    grad = jax.tree.map(lambda w: jnp.asarray(rs.randn(*w.shape) * 1e-3, jnp.bfloat16), stack)
+
+    def adamw(impl, params, rest, opt, grad):
+        with kernels.use(layer_update=impl):
+            return jax.tree.leaves(tx.update(params, rest, opt, grad, norm=global_norm(grad), mean_of=1, lr=1e-3,
+                                             ok=jnp.bool_(True)))
+
+    compare(out, "layer_update", adamw, layer_update.IMPLS, "xla", params, rest, opt, grad)
+
     B, T, H = (1, 128, 2) if small else (2, 1024, 16)
     q = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
     k = jnp.asarray(rs.randn(B, T, H, 192), jnp.bfloat16)
@@ -156,7 +183,8 @@ def main():
                        "attention (documents)": attention.default_impl(),
                        "latent_attention (decode step)": latent_attention.default_impl(1, R, Kr),
                        "scaled_matmul": scaled_matmul.default_impl(), "row_gather": row_gather.default_impl(),
-                       "cross_entropy": cross_entropy.default_impl()}
+                       "cross_entropy": cross_entropy.default_impl(),
+                       "layer_update (bench routed experts)": layer_update.default_impl((11, 64 * 2048 * 1024))}
     print(json.dumps(out))
 
 
