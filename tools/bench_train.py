@@ -75,6 +75,8 @@ def main() -> None:
                    "(the routed experts' dispatch and combine)")
     p.add_argument("--cross-entropy", default="auto", help="TrainConfig.cross_entropy_impl: auto|xla|pallas "
                    "(the loss's softmax passes)")
+    p.add_argument("--layer-update", default="auto", help="TrainConfig.layer_update_impl: auto|xla|pallas "
+                   "(the optimizer's pass over a layer stack)")
     p.add_argument("--scaled-matmul", default="auto", help="TrainConfig.scaled_matmul_impl: auto|xla|pallas "
                    "(fp8_native's GEMMs)")
     args = p.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
                      expert_capacity_factor=args.expert_capacity,
                      attention_impl=args.attention, grouped_matmul_impl=args.grouped_matmul,
                      scaled_matmul_impl=args.scaled_matmul, row_gather_impl=args.row_gather,
-                     cross_entropy_impl=args.cross_entropy,
+                     cross_entropy_impl=args.cross_entropy, layer_update_impl=args.layer_update,
                      expert_layout=args.expert_layout, remat=args.remat,
                      scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk,
                      mask_documents=args.mask_documents == "true")
@@ -139,7 +141,8 @@ def main() -> None:
         "pow2_scales": args.pow2_scales, "batch": B, "seq": T,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "timed_steps": len(times),
         "mesh": dict(mesh.shape), "kernels": [tc.attention_impl, tc.grouped_matmul_impl, tc.scaled_matmul_impl,
-                                                  tc.row_gather_impl, tc.expert_transport, tc.cross_entropy_impl],
+                                                  tc.row_gather_impl, tc.expert_transport, tc.cross_entropy_impl,
+                                                  tc.layer_update_impl],
         "expert_capacity_factor": tc.expert_capacity_factor, "expert_layout": layout,
         "mask_documents": tc.mask_documents, "remat": tc.remat, "scan_unroll": layers_per_scan(config, tc),
         "loss_chunk": tc.loss_chunk, "param_dtype": tc.param_dtype, "master_weights": tc.master_weights,
