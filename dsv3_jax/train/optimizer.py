@@ -129,8 +129,8 @@ def _update_leaf(variable, p, r, m, v, g, scalars, **hyper) -> tuple:
 
 
 def _adamw(arrays, g, scalars, *, b1, b2, eps, wd):
-    """The elements of (param, [rest,] m, v) and their gradient sum -> their new values (param
-    and rest from the float32 master; m and v in fp32, stored in their own dtype by the caller).
+    """The elements of (param, [rest,] m, v) and their gradient sum -> their new values, each in
+    its array's dtype (param and rest split from the float32 master; m and v computed in fp32).
     scalars: the gradient's factor (clipping / micro-batches), the learning rate, Adam's two
     bias corrections (reciprocals: a division an element, not three), and ok (1.0 or 0.0)."""
     factor, lr, r1, r2, ok = scalars

@@ -136,8 +136,7 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: Optimizer
         else:  # summed in the updates' dtype (float32 with master weights)
             (loss, aux), _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
                 lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
-            dtype = (lambda p: jnp.float32) if state.master_rest is not None else (lambda p: p.dtype)
-            grads = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype(p)), state.params)
+            grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, c.update_dtype)), state.params)
             (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
         loss, grad_norm = loss / A, global_norm(grads) / A
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -109,7 +109,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
     new, metrics = step(bad, _batch(0))
     assert not bool(metrics["finite"])
     assert int(new.step) == 0
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(bad)):  # params, bias, moments, counters
         np.testing.assert_array_equal(a, b)
 
 
