@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 
 import jax
 
@@ -18,20 +19,10 @@ _forced: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.Conte
 
 
 def validate(op: str, impl: str) -> None:
-    from dsv3_jax.kernels import (
-        attention,
-        cross_entropy,
-        grouped_matmul,
-        latent_attention,
-        layer_update,
-        row_gather,
-        scaled_matmul,
-    )
-
-    impls = {"attention": attention.IMPLS, "grouped_matmul": grouped_matmul.IMPLS,
-             "latent_attention": latent_attention.IMPLS, "scaled_matmul": scaled_matmul.IMPLS,
-             "expert_layout": grouped_matmul.LAYOUTS, "row_gather": row_gather.IMPLS,
-             "cross_entropy": cross_entropy.IMPLS, "layer_update": layer_update.IMPLS}[op]
+    """`impl` is "auto" or one of `op`'s implementations (its module's `IMPLS`; the expert
+    layout's `grouped_matmul.LAYOUTS`), else a ValueError that lists them."""
+    module, names = {"expert_layout": ("grouped_matmul", "LAYOUTS")}.get(op, (op, "IMPLS"))
+    impls = getattr(importlib.import_module(f"dsv3_jax.kernels.{module}"), names)
     if impl != "auto" and impl not in impls:
         raise ValueError(f"{op} impl {impl!r}: choose from {('auto',) + impls}")
 
