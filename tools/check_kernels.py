@@ -124,9 +124,11 @@ def main():
 
     shape = (2, 300, 7) if small else (3, 64, 512, 256)  # a layer stack: a partial block on the CPU
     stack = nnx.State({"w": nnx.Param(jnp.asarray(rs.randn(*shape) * 0.02, jnp.float32),
-                                      logical_axes=("expert", "embed", "mlp")[3 - len(shape) + 1:])})
+                                      logical_axes=("expert", "embed", "mlp")[4 - len(shape):])})  # 1 stacked dim
     tx = make_optimizer(TrainConfig(param_dtype="bfloat16", master_weights=True))
-    opt = jax.tree.map(lambda m: (m + jnp.asarray(rs.rand(*m.shape) * 1e-4, m.dtype)), tx.init(stack))
+    empty, adam, _ = tx.init(stack)
+    moments = lambda t: jax.tree.map(lambda m: jnp.asarray(rs.rand(*m.shape) * 1e-4, m.dtype), t)
+    opt = (empty, adam._replace(mu=moments(adam.mu), nu=moments(adam.nu)), empty)
     params, rest = (jax.tree.map(lambda w, i=i: master_parts(w, jnp.bfloat16)[i], stack) for i in (0, 1))
     grad = jax.tree.map(lambda w: jnp.asarray(rs.randn(*w.shape) * 1e-3, jnp.bfloat16), stack)
 

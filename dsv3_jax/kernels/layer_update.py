@@ -60,7 +60,7 @@ def update_layers(fn: Update, arrays: Sequence[jax.Array], grad: jax.Array, scal
 
 
 def _pallas(fn: Update, arrays: tuple[jax.Array, ...], grad: jax.Array, scalars: jax.Array) -> tuple[jax.Array, ...]:
-    L, n, k = grad.shape[0], grad[0].size, len(arrays)
+    L, n, k = grad.shape[0], math.prod(grad.shape[1:]), len(arrays)
     flat = tuple(a.reshape(L, n) for a in arrays)
 
     def kernel(layer, s_ref, *refs):

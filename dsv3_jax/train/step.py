@@ -131,11 +131,12 @@ def make_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx: Optimizer
             (loss, aux), (grads, _) = grad_fn(state.params, state.bias, micro, lam)
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
+        first = jax.tree.map(lambda x: x[0], batch)
         if A == 1:  # the update reads the gradients where the backward wrote them, in its dtype
-            (loss, aux), (grads, _) = grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)
+            (loss, aux), (grads, _) = grad_fn(state.params, state.bias, first, lam)
         else:  # summed in the updates' dtype (float32 with master weights)
             (loss, aux), _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-                lambda: grad_fn(state.params, state.bias, jax.tree.map(lambda x: x[0], batch), lam)))
+                lambda: grad_fn(state.params, state.bias, first, lam)))
             grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, c.update_dtype)), state.params)
             (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), batch)
         loss, grad_norm = loss / A, global_norm(grads) / A
