@@ -6,14 +6,16 @@ AdamW, bias update) with donated state. The model is the preset's main model, PE
 shape (2.95B parameters at `bench`), which is also what the HF peer trains; `--mtp-depth N` adds
 N MTP modules (the preset's is left out by default). Prints ONE JSON line: tokens/s and MFU from
 the median step time over the timed steps (after `--warmup` untimed ones, the first of which
-compiles), FLOPs per token from `tools/count_flops.py` (PERF.md's convention, the MTP modules'
-share included when they train, against 989 TFLOP/s dense bf16 per device), compile seconds and
-peak memory of the first device (`memory_stats`, null where the backend has none). `--peer` first
-runs the HF transformers peer (`tools/bench_peer.py`) at the same shape, batch and steps in a child
-process, so neither holds the other's device memory, and adds its line and our tokens/s per
-device over its tokens/s. `--profile DIR` also writes a jax.profiler trace of two more
-(untimed) steps and the compiled program's HLO text (where the time goes, op by op and by model
-scope: `tools/profile_summary.py DIR`).
+compiles; each step waited for before the next is dispatched), the median time a step adds with
+the next one already queued as `train.loop` runs them (`step_ms_in_flight_median`, as many steps
+again: the host's dispatch latency hidden), FLOPs per token from `tools/count_flops.py` (PERF.md's
+convention, the MTP modules' share included when they train, against 989 TFLOP/s dense bf16 per
+device), compile seconds and peak memory of the first device (`memory_stats`, null where the
+backend has none). `--peer` first runs the HF transformers peer (`tools/bench_peer.py`) at the
+same shape, batch and steps in a child process, so neither holds the other's device memory, and
+adds its line and our tokens/s per device over its tokens/s. `--profile DIR` also writes a
+jax.profiler trace of two more (untimed) steps and the compiled program's HLO text (where the
+time goes, op by op and by model scope: `tools/profile_summary.py DIR`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.parallel.expert import expert_layout  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
 from dsv3_jax.train.step import init_state, jit_train_step, layers_per_scan  # noqa: E402
+
+
+def steps_in_flight(compiled, state, batch, n: int):
+    """n more steps as `train.loop` runs them, the next one queued before the last one is waited
+    for -> (state, the seconds between consecutive steps' ends): each step's time without the
+    host's dispatch latency, which a synced step pays."""
+    ends, previous = [], None
+    for _ in range(n + 1):
+        state, metrics = compiled(state, batch)
+        if previous is not None:
+            jax.block_until_ready(previous)
+            ends.append(time.perf_counter())
+        previous = metrics
+    jax.block_until_ready((state, metrics))
+    return state, np.diff([*ends, time.perf_counter()])
 
 
 def main() -> None:
@@ -119,6 +136,7 @@ def main() -> None:
             jax.block_until_ready((state, metrics))
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+        state, in_flight = steps_in_flight(compiled, state, batch, args.steps)
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
             with gzip.open(os.path.join(args.profile, "train_step.hlo.txt.gz"), "wt") as f:
@@ -148,6 +166,7 @@ def main() -> None:
         "loss_chunk": tc.loss_chunk, "param_dtype": tc.param_dtype, "master_weights": tc.master_weights,
         "tokens_per_s_per_device": tokens_per_s / n_dev,
         "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
+        "step_ms_in_flight_median": 1e3 * float(np.median(in_flight)),
         "gflop_per_token": fpt / 1e9, "tflops": fpt * tokens_per_s / 1e12,
         "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,
         "peak_memory_gib": None if peak is None else peak / 2**30, "loss": float(metrics["loss"]),

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from xla_env import xla_flags
 
@@ -48,6 +50,14 @@ def test_peer_trains_the_same_model_and_the_ratio_is_of_tokens_per_second(with_p
     assert peer["tokens_per_s"] == pytest.approx(2 * 32 / (peer["step_ms_median"] / 1e3))
     assert with_peer["vs_peer"] == pytest.approx(ours["tokens_per_s_per_device"] / peer["tokens_per_s"])
     assert peer["loss"] == pytest.approx(ours["loss"], rel=0.1)  # both ~ln(vocab) at random init
+
+
+def test_steps_in_flight_runs_one_more_step_than_it_times():
+    from bench_train import steps_in_flight
+
+    step = jax.jit(lambda state, batch: (state + batch, {"loss": state}))
+    state, seconds = steps_in_flight(step, jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), 3)
+    assert int(state) == 4 and len(seconds) == 3 and (seconds > 0).all()
 
 
 def test_mtp_depth_adds_the_module_and_its_flops():
