@@ -230,17 +230,24 @@ def abstract_state(config: ModelConfig, c: TrainConfig, mesh
         params, bias, jax.eval_shape(tx.init, weights))), rest)
 
 
-# GPU: the step's kernels launched one by one, not through XLA's command buffers (CUDA graphs),
-# which start a step ~2 ms later and run it no faster (bench shape on an H200).
+# One GPU: the step's kernels launched one by one, not through XLA's command buffers (CUDA graphs),
+# which start a step ~2.5 ms later and run it no faster (bench shape on an H200: 182.6 ms a step
+# waited for against 185.1, 182.6 against 183.1 in flight). Meshes of more GPUs, not measured,
+# keep XLA's default.
 GPU_STEP_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
 def jit_train_step(graphdef, config: ModelConfig, c: TrainConfig, tx, planned_micro_batches: int, state: TrainState,
                    mesh):
-    """`make_train_step` jitted with donated state, the state's shardings in and out, and
-    [A,B,T] batches split over the mesh's batch axes."""
+    """`make_train_step` jitted with donated state, the state's shardings in and out, [A,B,T]
+    batches split over the mesh's batch axes and the mesh's `compiler_options`."""
     sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(make_train_step(graphdef, config, c, tx, planned_micro_batches), donate_argnums=0,
                    in_shardings=(sharding, parallel.batch_sharding(mesh, ndim=3, batch_dim=1)),
                    out_shardings=(sharding, None),
-                   compiler_options=GPU_STEP_OPTIONS if jax.default_backend() == "gpu" else None)
+                   compiler_options=compiler_options(mesh))
+
+
+def compiler_options(mesh) -> dict | None:
+    """GPU_STEP_OPTIONS for a step on one GPU, else None."""
+    return GPU_STEP_OPTIONS if jax.default_backend() == "gpu" and mesh.size == 1 else None

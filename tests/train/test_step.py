@@ -11,8 +11,10 @@ from dsv3_jax.parallel import make_mesh
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.optimizer import make_optimizer, master_parts, master_weight
 from dsv3_jax.train.step import (
+    GPU_STEP_OPTIONS,
     TrainState,
     abstract_state,
+    compiler_options,
     init_state,
     layers_per_scan,
     make_train_step,
@@ -101,6 +103,22 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         d1, d2 = np.asarray(a) - p0, np.asarray(b) - p0
         np.testing.assert_allclose(d2, d1, rtol=1e-3, atol=1e-3 * np.abs(d1).max() + 2 * np.spacing(np.abs(p0).max()))
     np.testing.assert_array_equal(s2.micro_batches, 2)
+
+
+def test_gpu_step_options_are_valid_xla_options_and_change_no_result(monkeypatch):
+    """A step on one GPU compiles with GPU_STEP_OPTIONS (more devices and other backends with
+    none); forced here on the CPU, where XLA accepts and ignores GPU options, the step matches."""
+    one, two = make_mesh(devices=jax.devices()[:1]), make_mesh(devices=jax.devices()[:2])
+    assert compiler_options(one) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert compiler_options(one) == GPU_STEP_OPTIONS and compiler_options(two) is None
+    monkeypatch.undo()
+    model, state, step = _setup(TrainConfig())
+    graphdef = nnx.graphdef(model)
+    optioned = jax.jit(make_train_step(graphdef, CONFIG, TrainConfig(), make_optimizer(TrainConfig()), 100),
+                       compiler_options=GPU_STEP_OPTIONS)
+    for a, b in zip(jax.tree.leaves(optioned(state, _batch(0))), jax.tree.leaves(step(state, _batch(0)))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_non_finite_step_leaves_the_state_unchanged():
