@@ -9,7 +9,10 @@ events on device (GPU/TPU) timelines and prints one JSON object: milliseconds pe
 each op class and for the top kernels. Classes come from the kernel names (XLA fusion and
 library names), so they are a guide, not an exact attribution. `busy_ms_per_step` is the time
 at least one kernel runs, summed over devices like the rest: below the summed kernel time where
-kernels overlap (concurrent streams, as in GPU decode steps).
+kernels overlap (concurrent streams, as in GPU decode steps). `span_ms_per_step` is the time from
+the first kernel's start to the last one's end, per device and summed likewise: for steps traced
+back to back (as `bench.py train --profile` runs them), the step time on the device; less
+`busy_ms_per_step`, the time no kernel runs.
 
 Where the directory also holds compiled programs' HLO text (`*.hlo.txt[.gz]`, which `bench.py
 train --profile` writes, or XLA's `--xla_dump_to=DIR/hlo --xla_dump_hlo_as_text` dumps),
@@ -174,6 +177,11 @@ def _covered(events: list[dict]) -> float:
     return total
 
 
+def _span(events: list[dict]) -> float:
+    """Time (us) from the first of `events` to the end of the last, summed over devices."""
+    return sum(max(e["ts"] + e["dur"] for e in timeline) - timeline[0]["ts"] for timeline in _by_device(events))
+
+
 def program_events(trace_dir: str, program: str | None = None) -> list[dict]:
     """Device events of jitted `program` (every program's when None) in the largest
     `*trace.json.gz` under trace_dir, in start order."""
@@ -210,6 +218,7 @@ def summarize(events: list[dict], metadata: dict[tuple[str, str], str], steps: i
         by_class[classify(name)] += ms
     out = {"device_ms_per_step": round(sum(by_name.values()), 3),
            "busy_ms_per_step": round(_covered(events) / 1e3 / steps, 3),
+           "span_ms_per_step": round(_span(events) / 1e3 / steps, 3),
            "kernels_per_step": round(len(events) / steps, 1),
            "by_class_ms": {c: round(ms, 3) for c, ms in by_class.most_common()},
            "top_kernels_ms": [[n[:120], round(ms, 3), classify(n), ops[n]] for n, ms in by_name.most_common(top)]}

@@ -59,7 +59,7 @@ def _summary(trace_dir, *flags):
 def test_scopes_of_one_program_per_step(trace_dir):
     s = _summary(trace_dir, "--program", "train_step")
     assert s["device_ms_per_step"] == pytest.approx(0.2)  # 400 us over 2 steps
-    assert s["busy_ms_per_step"] == pytest.approx(0.15)  # both kernels start at 0: 300 us covered
+    assert s["busy_ms_per_step"] == s["span_ms_per_step"] == pytest.approx(0.15)  # both start at 0: 300 us covered
     assert s["kernels_per_step"] == 1.0
     assert s["by_scope_ms"] == {"train_step: optimizer": pytest.approx(0.15),
                                 "train_step: moe_layers/moe/experts": pytest.approx(0.05)}
@@ -111,3 +111,5 @@ def test_period_of_a_repeated_block_on_the_timeline(tmp_path):
     # a step covers 3 x (20 + 55) us of layers and the 150 us head on each GPU; the GEMMs overlap,
     # so the summed kernel time (2 x (3 x 110 + 150)) is more
     assert s["busy_ms_per_step"] == pytest.approx(0.75) and s["device_ms_per_step"] == pytest.approx(0.96)
+    # each GPU's two steps from their first kernel (its lag) to the second step's head's end: 1,450 us
+    assert s["span_ms_per_step"] == pytest.approx(1.45)
