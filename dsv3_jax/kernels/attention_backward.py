@@ -27,6 +27,11 @@ bytes spilled. Nor dK as a third kernel, dS^T Q by `_dq`'s pipeline over the key
 same; `_dkv` then holds no dK accumulator and spills nothing): 1.32 ms without dK plus 0.52
 against `_dkv`'s 1.68 alone, the backward 2.26 against 2.04 (thirty-ninth session), so the
 chain of dependent products and exponentials a step, not the spills, bounds `_dkv`.
+Every SMEM tile is 64 columns wide (128-byte swizzles): `_dkv` took 1.42 ms in flight against
+1.60 with its Q, dO, K and V in 32-column tiles, the backward 1.91 against 1.94 (fortieth
+session, same bits). Measured then and not kept: each step's S^T issued before the previous
+step's dK (its exponentials under dK's product; 2.7-2.8 ms synced: the registers of both), and
+the two warpgroups taking turns to issue their dV and dP (and dK) products (1.49-1.51 ms).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ LOG2E = math.log2(math.e)
 BQ, BKV, STAGES = 64, 128, 2  # _dkv: queries a step, keys a program (64 a warpgroup), SMEM stages
 DQ_BQ, DQ_BK, DQ_STAGES = 128, 64, 4  # _dq: queries a program (64 a warpgroup), keys a step, stages
 DS_BUDGET = 2 ** 31  # bytes of dS^T a call may hold
-KEY_TILE = 32  # _dkv: columns of its K and V SMEM tiles (64-byte swizzles)
+TILE_COLS = 64  # columns of every SMEM tile (128-byte swizzles); dK's parts are written on their boundaries
 
 
 def takes(q: jax.Array, v: jax.Array) -> bool:
@@ -66,13 +71,13 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.
     lse [B,H,T] f32, the natural-log log-sum-exp of the scaled scores -> dq [B,T,H,K], dk as
     one array [B,T,H,w] for each part width w of `k_parts` (k's columns in order; default one
     part, K wide), dv [B,T,H,Kv], in q's dtype. Each part is written by the kernel on its own
-    where its columns fall on the key tiles' 32-column boundaries (MLA's 128 + 64), so the
+    where its columns fall on the key tiles' 64-column boundaries (MLA's 128 + 64), so the
     caller never slices k's gradient apart; otherwise the whole is written and sliced."""
     B, T, H, K = q.shape
     k_parts = k_parts or (K,)
     if sum(k_parts) != K:
         raise ValueError(f"k_parts {k_parts} do not add up to the head dim {K}")
-    written = k_parts if all(w % KEY_TILE == 0 for w in k_parts) else (K,)
+    written = k_parts if all(w % TILE_COLS == 0 for w in k_parts) else (K,)
     lse = lse * LOG2E  # the kernels exponentiate in base 2
     delta = jnp.einsum("bthk,bthk->bht", out.astype(jnp.float32), g.astype(jnp.float32))  # [B,H,T]
     per_head = B * T * T * jnp.dtype(q.dtype).itemsize
@@ -87,14 +92,13 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.
     return dq, tuple(dks), dv
 
 
-def _smem(shape, dtype, cols):
-    """SMEM in tiles of [8, cols], swizzled to a row of cols elements: `_dkv`'s operands take
-    32-column tiles (64-byte swizzles), the thirtieth session's layout; the others 64."""
-    return plgpu.SMEM(shape, dtype, transforms=swizzled((cols,), dtype))
+def _smem(shape, dtype):
+    """SMEM in tiles of [8, `TILE_COLS`], swizzled to a row of that many elements."""
+    return plgpu.SMEM(shape, dtype, transforms=swizzled((TILE_COLS,), dtype))
 
 
 def _dkv(q, k, v, lse, delta, g, scale, heads, k_parts):
-    """-> dk (scaled) as [B,T,Hc,w] for each part width w of `k_parts` (multiples of `KEY_TILE`),
+    """-> dk (scaled) as [B,T,Hc,w] for each part width w of `k_parts` (multiples of `TILE_COLS`),
     dv [B,T,Hc,Kv] for heads h0..h0+Hc, and dS^T [B,Hc,T/64,T,64] (query tile, key, query
     within the tile; only the tiles on and below the diagonal written)."""
     B, T, _, K = q.shape
@@ -199,10 +203,10 @@ def _dkv(q, k, v, lse, delta, g, scale, heads, k_parts):
 
         pl.run_scoped(
             scoped,
-            _smem((BKV, K), dtype, KEY_TILE), _smem((BKV, Kv), dtype, KEY_TILE),
-            _smem((STAGES, BQ, K), dtype, 32), _smem((STAGES, BQ, Kv), dtype, 32),
+            _smem((BKV, K), dtype), _smem((BKV, Kv), dtype),
+            _smem((STAGES, BQ, K), dtype), _smem((STAGES, BQ, Kv), dtype),
             plgpu.SMEM((STAGES, BQ), jnp.float32), plgpu.SMEM((STAGES, BQ), jnp.float32),
-            _smem((2, 2, 64, BQ), dtype, 64),  # dS^T: two buffers a warpgroup
+            _smem((2, 2, 64, BQ), dtype),  # dS^T: two buffers a warpgroup
             plgpu.Barrier(), plgpu.Barrier(),
             *(plgpu.Barrier(num_barriers=STAGES) for _ in range(4)),
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
@@ -269,8 +273,8 @@ def _dq(ds_t, k, scale, heads):
 
         pl.run_scoped(
             scoped,
-            _smem((DQ_STAGES, tiles, DQ_BK, BQ), dtype, 64), _smem((DQ_STAGES, DQ_BK, K), dtype, 64),
-            _smem((2, BQ, K), dtype, 64),
+            _smem((DQ_STAGES, tiles, DQ_BK, BQ), dtype), _smem((DQ_STAGES, DQ_BK, K), dtype),
+            _smem((2, BQ, K), dtype),
             plgpu.Barrier(num_barriers=DQ_STAGES), plgpu.Barrier(num_barriers=DQ_STAGES),
             plgpu.Barrier(num_arrivals=2, num_barriers=DQ_STAGES),
             collective_axes="wg")

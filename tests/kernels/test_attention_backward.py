@@ -36,7 +36,7 @@ def test_backward_matches_numpy_in_gpu_interpret_mode(gpu_interpret_mode, monkey
     """Both kernels under Pallas' GPU interpreter at 256 tokens (two key blocks, the masked
     diagonal tiles and an unmasked one), two heads in two chunks (a dS^T budget of one head),
     MLA's 192/128 head dims, against float64 NumPy; dk in MLA's two parts, which the kernel
-    writes on their own, or in parts off its 32-column tiles, written whole and sliced."""
+    writes on their own, or in parts off its 64-column tiles, written whole and sliced."""
     monkeypatch.setattr(ab, "DS_BUDGET", 256 * 256 * 2)
     rs = np.random.RandomState(0)
     B, T, H, scale = 1, 256, 2, 192 ** -0.5
