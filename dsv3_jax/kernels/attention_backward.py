@@ -27,11 +27,14 @@ bytes spilled. Nor dK as a third kernel, dS^T Q by `_dq`'s pipeline over the key
 same; `_dkv` then holds no dK accumulator and spills nothing): 1.32 ms without dK plus 0.52
 against `_dkv`'s 1.68 alone, the backward 2.26 against 2.04 (thirty-ninth session), so the
 chain of dependent products and exponentials a step, not the spills, bounds `_dkv`.
-Every SMEM tile is 64 columns wide (128-byte swizzles): `_dkv` took 1.42 ms in flight against
-1.60 with its Q, dO, K and V in 32-column tiles, the backward 1.91 against 1.94 (fortieth
-session, same bits). Measured then and not kept: each step's S^T issued before the previous
-step's dK (its exponentials under dK's product; 2.7-2.8 ms synced: the registers of both), and
-the two warpgroups taking turns to issue their dV and dP (and dK) products (1.49-1.51 ms).
+Every SMEM tile is 64 columns wide (128-byte swizzles): `_dkv` took 1.40-1.42 ms in flight
+against 1.53-1.60 with its Q, dO, K and V in 32-column tiles, and 1.34 with one dS^T buffer a
+warpgroup instead of two (fortieth session, same bits). Its time follows its products: without
+dK's, dP's or dV's product it ran 11-13% faster, without the exponentials 3%, without the dS^T
+stores 2%. Measured then and not kept: three stages with one dS^T buffer (1.72 ms); each step's
+S^T issued before the previous step's dK, so that its exponentials run under dK's product
+(2.7-2.8 ms synced: both live in registers); the two warpgroups taking turns to issue their
+dV and dP (and dK) products (1.49-1.51 ms).
 """
 
 from __future__ import annotations
@@ -174,8 +177,8 @@ def _dkv(q, k, v, lse, delta, g, scale, heads, k_parts):
                 delta_row = plgpu.load(delta_smem.at[slot], (), layout=row_layout)
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_row, (64, BQ), [1]))).astype(dtype)
                 plgpu.wgmma(dk_acc, ds_t, q_s)
-                buf = ds_smem.at[wg, lax.rem(i, 2)]
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's store of two steps ago
+                buf = ds_smem.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's store has read it
                 buf[...] = ds_t
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(buf, ds_ref.at[b, hl, j0 + i, pl.ds(kv0 + wg * 64, 64)])
@@ -206,7 +209,7 @@ def _dkv(q, k, v, lse, delta, g, scale, heads, k_parts):
             _smem((BKV, K), dtype), _smem((BKV, Kv), dtype),
             _smem((STAGES, BQ, K), dtype), _smem((STAGES, BQ, Kv), dtype),
             plgpu.SMEM((STAGES, BQ), jnp.float32), plgpu.SMEM((STAGES, BQ), jnp.float32),
-            _smem((2, 2, 64, BQ), dtype),  # dS^T: two buffers a warpgroup
+            _smem((2, 64, BQ), dtype),  # dS^T: a buffer a warpgroup
             plgpu.Barrier(), plgpu.Barrier(),
             *(plgpu.Barrier(num_barriers=STAGES) for _ in range(4)),
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
