@@ -30,8 +30,8 @@ chain of dependent products and exponentials a step, not the spills, bounds `_dk
 Every SMEM tile is 64 columns wide (128-byte swizzles): `_dkv` took 1.40-1.42 ms in flight
 against 1.53-1.60 with its Q, dO, K and V in 32-column tiles, and 1.34 with one dS^T buffer a
 warpgroup instead of two (fortieth session, same bits). Its time follows its products: without
-dK's, dP's or dV's product it ran 11-13% faster, without the exponentials 3%, without the dS^T
-stores 2%. Measured then and not kept: three stages with one dS^T buffer (1.72 ms); each step's
+dK's, dP's or dV's product it ran 11-13% faster, without the exponentials 4%, without the dS^T
+stores 3%. Measured then and not kept: three stages with one dS^T buffer (1.72 ms); each step's
 S^T issued before the previous step's dK, so that its exponentials run under dK's product
 (2.7-2.8 ms synced: both live in registers); the two warpgroups taking turns to issue their
 dV and dP (and dK) products (1.49-1.51 ms).

@@ -349,7 +349,10 @@ gradient 2048 -> 512 0.322 / 0.331 against 0.334 / 0.331 (in the bench step: 21.
 against 23.2). Chained with 2 stages: 0.69, 0.71, 0.40, 0.39. Earlier, unchained: 2 stages 8-15%
 slower than 3; one warpgroup a tile (no warp specialisation) 4-7% slower; tokamax with
 `HOPPER_TILES` on a transposed weight copy 0.659, 0.832, 0.404, 0.349; [128, 256] accumulators
-for one warpgroup do not lower (docs/benchmarks.md)."""
+for one warpgroup do not lower (docs/benchmarks.md). Fortieth session (in flight, min of eight
+rounds): whole [128, 128] tiles a warpgroup, alternating, each warpgroup fed by its own ring of
+three stages, 0.775, 0.819, 0.436, 0.450 against 0.609, 0.642, 0.377, 0.348 (a lone
+warpgroup's products wait on its loads); leaving the stores out saves 5-10%."""
 
 
 def _sm_count() -> int:
