@@ -27,13 +27,15 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+# dsv3_jax is imported inside the functions: `--package` chooses which copy first
 
 
 def in_flight_ms(f, args, calls: int) -> float:
     """Milliseconds a call of f(*args), `calls` of them queued and the last waited for."""
-    import jax
-
     t0 = time.perf_counter()
     for _ in range(calls):
         out = f(*args)
@@ -44,8 +46,6 @@ def in_flight_ms(f, args, calls: int) -> float:
 def interleaved(cases: dict, rounds: int, calls: int) -> dict[str, list[float]]:
     """{name: (f, args)} -> {name: ms a call in each round}: every case waited for once first
     (its compile), then the rounds, each timing every case in turn."""
-    import jax
-
     for f, args in cases.values():
         jax.block_until_ready(f(*args))
     times = {name: [] for name in cases}
@@ -57,9 +57,6 @@ def interleaved(cases: dict, rounds: int, calls: int) -> dict[str, list[float]]:
 
 def build_cases(config, batch: int, seq: int) -> tuple[dict, dict, dict]:
     """-> ({name: (f, args)}, {name: FLOPs a call}, {name: why it does not run here})."""
-    import jax
-    import jax.numpy as jnp
-
     from dsv3_jax.kernels import attention, attention_backward, grouped_matmul
 
     cases, flops, skipped = {}, {}, {}
@@ -104,9 +101,6 @@ def build_cases(config, batch: int, seq: int) -> tuple[dict, dict, dict]:
 
 def _reference_attention(q, k, v, scale):
     """Causal softmax attention in fp32 (XLA) -> (out in q's dtype, natural-log log-sum-exp [B,H,T])."""
-    import jax
-    import jax.numpy as jnp
-
     T = q.shape[1]
     s = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
@@ -131,8 +125,6 @@ def main():
     if not os.path.isfile(os.path.join(root, "dsv3_jax", "__init__.py")):
         p.error(f"--package {args.package}: no dsv3_jax package in it")
     sys.path.insert(0, root)
-    import jax
-
     import dsv3_jax
     from dsv3_jax.config import ModelConfig
 
