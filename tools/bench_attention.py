@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_kernels import in_flight_ms
 
 
 def timed(f, *args, n: int = 10) -> float:
-    """Milliseconds per call of f(*args), after one untimed call (the compile)."""
+    """Milliseconds per call of f(*args), n queued, after one untimed call (the compile)."""
     jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / n * 1e3
+    return in_flight_ms(f, args, n)
 
 
 def main():

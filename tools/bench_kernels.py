@@ -4,8 +4,8 @@
 Cases, each through the implementation the model picks here (`kernels` defaults): causal
 attention forward, and forward + backward, at the preset's MLA head dims (q/k
 qk_nope + qk_rope, v v_head_dim; k in MLA's two parts); where the default is "hopper" also its
-backward kernels alone (`kernels.attention_backward.backward`, the output and log-sum-exp from
-an fp32 XLA forward); the routed experts' gate-and-up and down products over batch x seq x
+backward kernels alone (`kernels.attention_backward.backward`, on the residuals the model's
+forward saves); the routed experts' gate-and-up and down products over batch x seq x
 num_experts_per_tok rows, gamma(4)-skewed over the experts (seeded), forward and forward +
 backward (dx and dW).
 
@@ -73,10 +73,11 @@ def build_cases(config, batch: int, seq: int) -> tuple[dict, dict, dict]:
     flops["attention forward"] = 2 * pairs * (K + Kv)
     cases["attention forward+backward"] = (jax.jit(lambda q, k, v, g: jax.vjp(attend, q, k, v)[1](g)), (q, k, v, g))
     flops["attention forward+backward"] = 2 * pairs * (4 * K + 3 * Kv)
-    if attention.default_impl(q, v) == "hopper":
-        out, lse = jax.jit(_reference_attention, static_argnums=3)(q, k, v, scale)
+    if attention.default_impl(q, v) == "hopper":  # the residuals the model's forward saves for it
+        forward = jax.jit(attention._tokamax_then_fwd, static_argnums=(2, 4, 5))
+        _, residuals = forward(q, parts(k), (nope, rope), v, scale, "hopper")
         cases["attention backward (hopper)"] = (
-            jax.jit(lambda *a: attention_backward.backward(*a, scale, (nope, rope))), (q, k, v, out, lse, g))
+            jax.jit(lambda *a: attention_backward.backward(*a, scale, (nope, rope))), (*residuals, g))
         flops["attention backward (hopper)"] = 2 * pairs * (3 * K + 2 * Kv)
     else:
         skipped["attention backward (hopper)"] = f"the default attention here is {attention.default_impl(q, v)!r}"
@@ -97,16 +98,6 @@ def build_cases(config, batch: int, seq: int) -> tuple[dict, dict, dict]:
             jax.jit(lambda x, w, dy, product=product: jax.vjp(product, x, w)[1](dy)), (x, w, dy))
         flops[f"{name} forward"], flops[f"{name} forward+backward"] = 2 * M * n_in * n_out, 6 * M * n_in * n_out
     return cases, flops, skipped
-
-
-def _reference_attention(q, k, v, scale):
-    """Causal softmax attention in fp32 (XLA) -> (out in q's dtype, natural-log log-sum-exp [B,H,T])."""
-    T = q.shape[1]
-    s = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    out = jnp.einsum("bhts,bshk->bthk", jnp.exp(s - lse[..., None]), v.astype(jnp.float32))
-    return out.astype(q.dtype), lse
 
 
 def main():
