@@ -352,7 +352,12 @@ slower than 3; one warpgroup a tile (no warp specialisation) 4-7% slower; tokama
 for one warpgroup do not lower (docs/benchmarks.md). Fortieth session (in flight, min of eight
 rounds): whole [128, 128] tiles a warpgroup, alternating, each warpgroup fed by its own ring of
 three stages, 0.775, 0.819, 0.436, 0.450 against 0.609, 0.642, 0.377, 0.348 (a lone
-warpgroup's products wait on its loads); leaving the stores out saves 5-10%."""
+warpgroup's products wait on its loads); leaving the stores out saves 5-10%. Forty-first session
+(same method, min ms, every output bitwise equal): a tile's finished block kept in registers and
+stored under the next tile's first products (one ring, 4 stages) 0.663, 0.749, 0.395, 0.404
+against 0.618, 0.679, 0.377, 0.386; the warpgroups splitting the tile's rows instead ([64, 256]
+each, one n256 product a K16 step, a warpgroup without rows of the task's group skipping its
+products) 0.623, 0.690, 0.415, 0.381 against 0.612, 0.693, 0.422, 0.380: level."""
 
 
 def _sm_count() -> int:
