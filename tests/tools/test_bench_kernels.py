@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from xla_env import xla_flags
 
@@ -15,7 +16,7 @@ from dsv3_jax.config import ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_kernels import interleaved  # noqa: E402
+from bench_kernels import build_cases, interleaved  # noqa: E402
 
 
 def _kernels(*args):
@@ -47,6 +48,20 @@ def test_every_case_is_reported_with_its_flops():
     fwd = lines["attention forward"]  # causal: half the 32 x 32 scores, two products
     tflops = 2 * (2 * heads * 32 * 32 / 2) * (K + Kv) / (fwd["ms_median"] / 1e3) / 1e12
     assert fwd["tflops"] == pytest.approx(tflops, abs=1e-3)
+
+
+def test_forward_and_backward_cases_compute_the_forward():
+    """A product's backward does not read its output: a case timing the pullback alone would
+    leave the forward out (XLA drops it) while counting its FLOPs."""
+    cases, flops, _ = build_cases(ModelConfig.preset("tiny"), 2, 32)
+    for name in ("attention", "routed gate_up", "routed down"):
+        f, args = cases[f"{name} forward"]
+        both, both_args = cases[f"{name} forward+backward"]
+        out, grads = both(*both_args)
+        assert all(a is b for a, b in zip(both_args, args))
+        np.testing.assert_allclose(np.float32(out), np.float32(f(*args)), rtol=2e-2, atol=2e-2)
+        assert [g.shape for g in grads] == [a.shape for a in args]
+        assert flops[f"{name} forward+backward"] > 2 * flops[f"{name} forward"]
 
 
 def test_another_copy_of_the_package_is_timed(tmp_path):
