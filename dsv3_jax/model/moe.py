@@ -137,17 +137,19 @@ class RoutedExperts(nnx.Module):
         """Every expert on every token as batched matmuls: no sort, each expert's weights read
         once. E/K times the routed FLOPs, which a step of a few tokens never notices: it is bound
         by reading the weights, and N*K >= E assignments read nearly all of them anyway. Gate and
-        up stay two products, the shapes whose GEMMs were measured on the GPU (XLA reads a
-        layer's weights in place only in its own fusions, not cuBLAS's; docs/benchmarks.md).
+        up are one product on gate_up_proj's free reshape [E,D,2F], a contiguous operand: the
+        halves gate_up_proj[:, :, j] are strided, and with them as two products the bench decode
+        step took 3.53 ms on the H200 against 2.09-2.14 before gate_up_proj (docs/benchmarks.md,
+        forty-first session; one product measured level with two in the twenty-fifth).
         The combine gathers only each token's K picked outputs (K/E of the [E,N,D] outputs) and
         sums them in fp32: the routed path's roundings and order of terms.
         """
         N, D = x.shape
-        E = self.gate_up_proj.shape[0]
+        E, _, _, F = self.gate_up_proj.shape
         xs = broadcast_new_axis(x.astype(self.dtype), (E, N, D), 0)
-        gate, up = (self.gate_up_proj[:, :, j] for j in (0, 1))  # [E,D,F] each
-        h = (jax.nn.silu(einsum("end,edf->enf", xs, gate, dtype=self.dtype))
-             * einsum("end,edf->enf", xs, up, dtype=self.dtype))  # [E,N,F]
+        gate_up = self.gate_up_proj[...].reshape(E, D, 2 * F)  # [E,D,2,F] -> [E,D,2F]
+        gu = einsum("end,edf->enf", xs, gate_up, dtype=self.dtype)  # [E,N,2F]
+        h = jax.nn.silu(gu[..., :F]) * gu[..., F:]  # [E,N,F]
         y = einsum("enf,efd->end", h, self.down_proj[...], dtype=self.dtype)  # [E,N,D]
         picked = y[expert_ids, jnp.arange(N)[:, None]]  # [N,K,D]: token n's k-th expert's output
         return (picked.astype(jnp.float32) * weights[:, :, None]).sum(1).astype(self.dtype)
