@@ -7,10 +7,12 @@ each is the other's inverse. Two implementations of the same products (`IMPLS`):
   off GPU);
 - "pallas": Pallas (Triton) kernels, each a single pass over whole rows (the default on one GPU;
   on CPU they run in interpret mode). On an H200 at the bench shape (16,384 tokens x 6, D 2048) the
-  dispatch gathers in 0.16 ms against XLA's 0.27, and the backward passes of both take 0.37 ms
+  dispatch gathers in 0.16 ms against XLA's 0.27, and the backward passes of both take 0.38 ms
   against 0.60 (docs/benchmarks.md). The combine's forward stays XLA's fused gather-reduce
-  (0.14 ms; a kernel took 0.18). The backward kernels are token-major (each token's cotangent
-  read once, its K rows gathered or scattered), their grid column blocks first.
+  (0.14 ms; a kernel took 0.18). The kernels are token-major (each token's row read or written
+  once, its K expert rows scattered or gathered), program (j, i) taking column block j of token
+  block i. A scatter keeps an unplaced lane's row index out of range under its mask: a clamped
+  index could be another lane's row, and interpret mode writes a masked lane's old value back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dsv3_jax.kernels.choice import forced, one_device
 from dsv3_jax.kernels.vma import as_varying, struct_like, varying
 
 IMPLS = ("pallas", "xla")
-GATHER_ROWS, TOKENS, COLS, NUM_WARPS = 64, 16, 256, 4  # rows (tokens) and columns a program moves (H200 sweeps)
+TOKENS, COLS, NUM_WARPS = 16, 256, 4  # tokens and columns a program moves (H200 sweeps)
 
 
 def default_impl() -> str:
@@ -112,7 +114,7 @@ def _combine_xla(rows, weights, src, dest):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _dispatch(x, K, src, dest):
-    return _gather_rows(x, jnp.minimum(src // K, x.shape[0]))
+    return _scatter_rows(x, K, src, dest)
 
 
 def _dispatch_fwd(x, K, src, dest):
@@ -164,30 +166,52 @@ def _call(kernel, grid, out_shape, *args):
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret, compiler_params=params)(*args)
 
 
-def _gather_rows(src: jax.Array, idx: jax.Array) -> jax.Array:
-    """src [S,D], idx [R] -> [R,D], row r = src[idx[r]] (zero where idx[r] >= S)."""
-    S, D = src.shape
-    R, br, bd = idx.shape[0], GATHER_ROWS, _cols(src.shape[1])
+def _blocks(N: int, R: int) -> tuple[int, int]:
+    """-> (token blocks, rows each program checks for emptiness: a power of two, together >= R)."""
+    n_blocks = pl.cdiv(N, TOKENS)
+    return n_blocks, pl.next_power_of_2(pl.cdiv(R, n_blocks))
 
-    def kernel(idx_ref, src_ref, out_ref):
-        i, j = pl.program_id(0), pl.program_id(1)
-        rows = i * br + jnp.arange(br)
-        r = plt.load(idx_ref.at[pl.ds(i * br, br)], mask=rows < R, other=S)
-        cols = j * bd + jnp.arange(bd)
-        x = plt.load(src_ref.at[jnp.minimum(r, S - 1)[:, None], cols[None, :]], mask=(r < S)[:, None], other=0)
-        plt.store(out_ref.at[pl.ds(i * br, br), pl.ds(j * bd, bd)], x, mask=(rows < R)[:, None])
 
-    return _call(kernel, (pl.cdiv(R, br), D // bd), struct_like((R, D), src.dtype, src), idx, src)
+def _slot_major(a: jax.Array, K: int) -> jax.Array:
+    """[N*K] or [N,K] by (token, slot) -> [K*N]: each slot's entries for a block of tokens contiguous."""
+    return a.reshape(-1, K).T.reshape(-1)
+
+
+def _zero_empty(src_ref, out_ref, i, j, bz: int, bd: int, M: int) -> None:
+    """Zero column block j of the empty rows (src = M) among rows [i bz, (i+1) bz)."""
+    z = i * bz + jnp.arange(bz)
+    empty = plt.load(src_ref.at[pl.ds(i * bz, bz)], mask=z < out_ref.shape[0], other=0) == M
+    plt.store(out_ref.at[pl.ds(i * bz, bz), pl.ds(j * bd, bd)], jnp.zeros((bz, bd), out_ref.dtype), mask=empty[:, None])
+
+
+def _scatter_rows(x: jax.Array, K: int, src: jax.Array, dest: jax.Array) -> jax.Array:
+    """x [N,D] -> rows [R,D]: x[n] on row dest[n*K+k] of each slot k (R: on none), zero on the
+    empty rows (src = N*K). Each token's row is read once (H200, bench shape: 0.140 ms against
+    0.146 for a kernel walking the rows and gathering each one's token)."""
+    N, D = x.shape
+    R, bt, bd = src.shape[0], TOKENS, _cols(D)
+    n_blocks, bz = _blocks(N, R)
+
+    def kernel(dest_ref, src_ref, x_ref, out_ref):
+        j, i = pl.program_id(0), pl.program_id(1)
+        live = i * bt + jnp.arange(bt) < N
+        cols = (j * bd + jnp.arange(bd))[None, :]
+        xb = plt.load(x_ref.at[pl.ds(i * bt, bt), pl.ds(j * bd, bd)], mask=live[:, None], other=0)
+        for k in range(K):
+            r = plt.load(dest_ref.at[pl.ds(k * N + i * bt, bt)], mask=live, other=R)
+            plt.store(out_ref.at[r[:, None], cols], xb, mask=(r < R)[:, None])
+        _zero_empty(src_ref, out_ref, i, j, bz, bd, N * K)
+
+    return _call(kernel, (D // bd, n_blocks), struct_like((R, D), x.dtype, x), _slot_major(dest, K), src, x)
 
 
 def _gather_sum(src: jax.Array, idx: jax.Array) -> jax.Array:
     """src [S,D], idx [N,K] -> [N,D] in src's dtype, out[n] = sum_k src[idx[n,k]] summed in fp32
-    (idx >= S adds nothing). Program (j, i): column block j of token block i (H200, bench shape:
-    0.125 ms against 0.148 with 32 tokens a program and token blocks first)."""
+    (idx >= S adds nothing) (H200, bench shape: 0.125 ms against 0.148 with 32 tokens a program
+    and token blocks first in the grid)."""
     S, D = src.shape
     N, K = idx.shape
     bt, bd = TOKENS, _cols(D)
-    idx_t = idx.T.reshape(-1)  # slot-major: each slot's indices for a block of tokens are contiguous
 
     def kernel(idx_ref, src_ref, out_ref):
         j, i = pl.program_id(0), pl.program_id(1)
@@ -200,7 +224,7 @@ def _gather_sum(src: jax.Array, idx: jax.Array) -> jax.Array:
             acc += x.astype(jnp.float32)
         plt.store(out_ref.at[pl.ds(i * bt, bt), pl.ds(j * bd, bd)], acc.astype(out_ref.dtype), mask=(tok < N)[:, None])
 
-    return _call(kernel, (D // bd, pl.cdiv(N, bt)), struct_like((N, D), src.dtype, src), idx_t, src)
+    return _call(kernel, (D // bd, pl.cdiv(N, bt)), struct_like((N, D), src.dtype, src), _slot_major(idx, K), src)
 
 
 def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, dest: jax.Array):
@@ -217,9 +241,7 @@ def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, 
     N, K = w.shape
     M = N * K
     bt, bd = TOKENS, _cols(D)
-    n_blocks = pl.cdiv(N, bt)
-    bz = pl.next_power_of_2(pl.cdiv(R, n_blocks))  # rows a program checks for emptiness
-    dest_t, w_t = dest.reshape(N, K).T.reshape(-1), w.T.reshape(-1)  # slot-major, as in `_gather_sum`
+    n_blocks, bz = _blocks(N, R)
 
     def kernel(dest_ref, w_ref, src_ref, rows_ref, g_ref, drows_ref, dw_ref):
         j, i = pl.program_id(0), pl.program_id(1)
@@ -232,15 +254,11 @@ def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, 
             wk = plt.load(w_ref.at[at], mask=live, other=0)[:, None]
             placed = (r < R)[:, None]
             x = plt.load(rows_ref.at[jnp.minimum(r, R - 1)[:, None], cols], mask=placed, other=0).astype(jnp.float32)
-            # not clamped: a masked lane on a row another lane writes would write it back in interpret mode
             plt.store(drows_ref.at[r[:, None], cols], (gb * wk).astype(drows_ref.dtype), mask=placed)
             plt.store(dw_ref.at[j, at], (x * gb).sum(1), mask=live)
-        z = i * bz + jnp.arange(bz)
-        empty = plt.load(src_ref.at[pl.ds(i * bz, bz)], mask=z < R, other=0) == M
-        plt.store(drows_ref.at[pl.ds(i * bz, bz), pl.ds(j * bd, bd)], jnp.zeros((bz, bd), drows_ref.dtype),
-                  mask=empty[:, None])
+        _zero_empty(src_ref, drows_ref, i, j, bz, bd, M)
 
     d_rows, d_w = _call(kernel, (D // bd, n_blocks),
                         (struct_like((R, D), rows.dtype, rows), struct_like((D // bd, M), jnp.float32, rows)),
-                        dest_t, w_t, src, rows, g)
+                        _slot_major(dest, K), _slot_major(w, K), src, rows, g)
     return d_rows, d_w.sum(0).reshape(K, N).T
