@@ -11,11 +11,13 @@ the next one already queued as `train.loop` runs them (`step_ms_in_flight_median
 again: the host's dispatch latency hidden), FLOPs per token from `tools/count_flops.py` (PERF.md's
 convention, the MTP modules' share included when they train, against 989 TFLOP/s dense bf16 per
 device), compile seconds and peak memory of the first device (`memory_stats`, null where the
-backend has none). `--peer` first runs the HF transformers peer (`tools/bench_peer.py`) at the
-same shape, batch and steps in a child process, so neither holds the other's device memory, and
-adds its line and our tokens/s per device over its tokens/s. `--profile DIR` also writes a
-jax.profiler trace of two more (untimed) steps and the compiled program's HLO text (where the
-time goes, op by op and by model scope: `tools/profile_summary.py DIR`).
+backend has none), and the GPU's clock, power and how often the power cap held it while the
+steps ran (`tools/gpu_monitor.py`; null without nvidia-smi). `--peer` first runs the HF
+transformers peer (`tools/bench_peer.py`) at the same shape, batch and steps in a child process,
+so neither holds the other's device memory, and adds its line and our tokens/s per device over
+its tokens/s. `--profile DIR` also writes a jax.profiler trace of two more (untimed) steps and
+the compiled program's HLO text (where the time goes, op by op and by model scope:
+`tools/profile_summary.py DIR`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import gpu_monitor  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from count_flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
@@ -130,13 +133,14 @@ def main() -> None:
         compiled = step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         times = []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        state, in_flight = steps_in_flight(compiled, state, batch, args.steps)
+        with gpu_monitor.sampled() as gpu:
+            for i in range(args.warmup + args.steps):
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready((state, metrics))
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            state, in_flight = steps_in_flight(compiled, state, batch, args.steps)
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
             with gzip.open(os.path.join(args.profile, "train_step.hlo.txt.gz"), "wt") as f:
@@ -171,6 +175,7 @@ def main() -> None:
         "mfu": fpt * tokens_per_s / (PEAK_BF16_FLOPS * n_dev), "compile_s": compile_s,
         "peak_memory_gib": None if peak is None else peak / 2**30, "loss": float(metrics["loss"]),
         "max_violation_per_layer": [round(float(v), 3) for v in metrics["max_violation_per_layer"]],
+        "gpu": gpu or None,
     }
     if peer is not None:
         result.update(peer=peer, vs_peer=result["tokens_per_s_per_device"] / peer["tokens_per_s"])
