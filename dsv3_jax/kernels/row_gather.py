@@ -30,6 +30,7 @@ from dsv3_jax.kernels.vma import as_varying, struct_like, varying
 
 IMPLS = ("pallas", "xla")
 TOKENS, COLS, NUM_WARPS = 16, 256, 4  # tokens and columns a program moves (H200 sweeps)
+EMPTY_ROWS = 64  # rows a program checks for emptiness at a time (`_zero_empty`)
 
 
 def default_impl() -> str:
@@ -167,9 +168,9 @@ def _call(kernel, grid, out_shape, *args):
 
 
 def _blocks(N: int, R: int) -> tuple[int, int]:
-    """-> (token blocks, rows each program checks for emptiness: a power of two, together >= R)."""
+    """-> (token blocks, pieces of EMPTY_ROWS rows each program checks for emptiness: together >= R)."""
     n_blocks = pl.cdiv(N, TOKENS)
-    return n_blocks, pl.next_power_of_2(pl.cdiv(R, n_blocks))
+    return n_blocks, pl.cdiv(pl.cdiv(R, n_blocks), EMPTY_ROWS)
 
 
 def _slot_major(a: jax.Array, K: int) -> jax.Array:
@@ -177,11 +178,13 @@ def _slot_major(a: jax.Array, K: int) -> jax.Array:
     return a.reshape(-1, K).T.reshape(-1)
 
 
-def _zero_empty(src_ref, out_ref, i, j, bz: int, bd: int, M: int) -> None:
-    """Zero column block j of the empty rows (src = M) among rows [i bz, (i+1) bz)."""
-    z = i * bz + jnp.arange(bz)
-    empty = plt.load(src_ref.at[pl.ds(i * bz, bz)], mask=z < out_ref.shape[0], other=0) == M
-    plt.store(out_ref.at[pl.ds(i * bz, bz), pl.ds(j * bd, bd)], jnp.zeros((bz, bd), out_ref.dtype), mask=empty[:, None])
+def _zero_empty(src_ref, out_ref, i, j, pieces: int, bd: int, M: int) -> None:
+    """Zero column block j of the empty rows (src = M) among program i's `pieces` x EMPTY_ROWS rows."""
+    for c in range(pieces):
+        first = (i * pieces + c) * EMPTY_ROWS
+        rows = pl.ds(first, EMPTY_ROWS)
+        empty = plt.load(src_ref.at[rows], mask=first + jnp.arange(EMPTY_ROWS) < out_ref.shape[0], other=0) == M
+        plt.store(out_ref.at[rows, pl.ds(j * bd, bd)], jnp.zeros((EMPTY_ROWS, bd), out_ref.dtype), mask=empty[:, None])
 
 
 def _scatter_rows(x: jax.Array, K: int, src: jax.Array, dest: jax.Array) -> jax.Array:
@@ -190,7 +193,7 @@ def _scatter_rows(x: jax.Array, K: int, src: jax.Array, dest: jax.Array) -> jax.
     0.146 for a kernel walking the rows and gathering each one's token)."""
     N, D = x.shape
     R, bt, bd = src.shape[0], TOKENS, _cols(D)
-    n_blocks, bz = _blocks(N, R)
+    n_blocks, pieces = _blocks(N, R)
 
     def kernel(dest_ref, src_ref, x_ref, out_ref):
         j, i = pl.program_id(0), pl.program_id(1)
@@ -200,7 +203,7 @@ def _scatter_rows(x: jax.Array, K: int, src: jax.Array, dest: jax.Array) -> jax.
         for k in range(K):
             r = plt.load(dest_ref.at[pl.ds(k * N + i * bt, bt)], mask=live, other=R)
             plt.store(out_ref.at[r[:, None], cols], xb, mask=(r < R)[:, None])
-        _zero_empty(src_ref, out_ref, i, j, bz, bd, N * K)
+        _zero_empty(src_ref, out_ref, i, j, pieces, bd, N * K)
 
     return _call(kernel, (D // bd, n_blocks), struct_like((R, D), x.dtype, x), _slot_major(dest, K), src, x)
 
@@ -241,7 +244,7 @@ def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, 
     N, K = w.shape
     M = N * K
     bt, bd = TOKENS, _cols(D)
-    n_blocks, bz = _blocks(N, R)
+    n_blocks, pieces = _blocks(N, R)
 
     def kernel(dest_ref, w_ref, src_ref, rows_ref, g_ref, drows_ref, dw_ref):
         j, i = pl.program_id(0), pl.program_id(1)
@@ -256,7 +259,7 @@ def _combine_grads(rows: jax.Array, g: jax.Array, w: jax.Array, src: jax.Array, 
             x = plt.load(rows_ref.at[jnp.minimum(r, R - 1)[:, None], cols], mask=placed, other=0).astype(jnp.float32)
             plt.store(drows_ref.at[r[:, None], cols], (gb * wk).astype(drows_ref.dtype), mask=placed)
             plt.store(dw_ref.at[j, at], (x * gb).sum(1), mask=live)
-        _zero_empty(src_ref, drows_ref, i, j, bz, bd, M)
+        _zero_empty(src_ref, drows_ref, i, j, pieces, bd, M)
 
     d_rows, d_w = _call(kernel, (D // bd, n_blocks),
                         (struct_like((R, D), rows.dtype, rows), struct_like((D // bd, M), jnp.float32, rows)),

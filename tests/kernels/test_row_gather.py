@@ -16,10 +16,10 @@ from dsv3_jax.kernels import row_gather
 N, K, D = 37, 3, 48
 
 
-def _placement():
-    """A random placement of N*K assignments on R = N*K + 5 rows, 4 assignments on none."""
+def _placement(k=K):
+    """A random placement of N*k assignments on R = N*k + 5 rows, 4 assignments on none."""
     rs = np.random.RandomState(0)
-    M, R = N * K, N * K + 5
+    M, R = N * k, N * k + 5
     dest = rs.permutation(R)[:M].astype(np.int32)
     dest[rs.choice(M, 4, replace=False)] = R
     src = np.full(R, M, np.int32)
@@ -29,28 +29,29 @@ def _placement():
 
 
 @pytest.mark.parametrize("impl", row_gather.IMPLS)
-def test_dispatch_and_combine_match_numpy(impl):
-    src, dest = _placement()
-    M, R = N * K, src.shape[0]
+@pytest.mark.parametrize("k", [K, 6])  # 6: the kernels check a program's share of rows in two pieces
+def test_dispatch_and_combine_match_numpy(impl, k):
+    src, dest = _placement(k)
+    M, R = N * k, src.shape[0]
     rs = np.random.RandomState(1)
     x, rows = rs.randn(N, D).astype(np.float32), rs.randn(R, D).astype(np.float32)
-    w = rs.rand(N, K).astype(np.float32)
+    w = rs.rand(N, k).astype(np.float32)
     g_rows, g_out = rs.randn(R, D).astype(np.float32), rs.randn(N, D).astype(np.float32)
 
     def f(x, rows, w):
         with kernels.use(row_gather=impl):
-            return (row_gather.dispatch(x, K, jnp.asarray(src), jnp.asarray(dest)),
+            return (row_gather.dispatch(x, k, jnp.asarray(src), jnp.asarray(dest)),
                     row_gather.combine(rows, w, jnp.asarray(src), jnp.asarray(dest)))
 
     (got_rows, got_out), vjp = jax.vjp(jax.jit(f), jnp.asarray(x), jnp.asarray(rows), jnp.asarray(w))
     dx, drows, dw = vjp((jnp.asarray(g_rows), jnp.asarray(g_out)))
 
-    tok = np.where(src < M, src // K, -1)  # each row's token, -1: empty
+    tok = np.where(src < M, src // k, -1)  # each row's token, -1: empty
     want_rows = np.where((tok >= 0)[:, None], x[np.maximum(tok, 0)], 0)
     at = lambda a, i: np.where((i < a.shape[0])[..., None], a[np.minimum(i, a.shape[0] - 1)], 0)
-    slot_rows = at(rows, dest.reshape(N, K))  # [N,K,D]
+    slot_rows = at(rows, dest.reshape(N, k))  # [N,k,D]
     want_out = (w[..., None] * slot_rows).sum(1)
-    want_dx = at(g_rows, dest.reshape(N, K)).sum(1)
+    want_dx = at(g_rows, dest.reshape(N, k)).sum(1)
     w_of_row = np.where(src < M, w.reshape(-1)[np.minimum(src, M - 1)], 0)
     want_drows = w_of_row[:, None] * np.where((tok >= 0)[:, None], g_out[np.maximum(tok, 0)], 0)
     want_dw = (slot_rows * g_out[:, None, :]).sum(-1)
