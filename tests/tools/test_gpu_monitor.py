@@ -2,6 +2,7 @@
 summarised by hand here."""
 
 import os
+import shutil
 import stat
 import sys
 import time
@@ -63,5 +64,5 @@ def test_samples_taken_while_the_block_runs_are_summarised(fake_nvidia_smi, monk
 def test_without_nvidia_smi_nothing_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with gpu_monitor.sampled() as gpu:
-        pass
+        assert shutil.which("nvidia-smi") is None  # the block runs, with nothing to sample it
     assert gpu == {}
