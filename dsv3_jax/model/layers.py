@@ -226,15 +226,9 @@ def _lookup_fwd(table, tokens):
 
 
 def _lookup_bwd(res, g):
-    """Each distinct token's cotangents summed in fp32 ([N,D] for N tokens), then written into a
-    table of zeros in the table's dtype: the [V,D] gradient is never an fp32 array (H200 bench
-    step, V 129,280: an fp32 zero fill, scatter and cast of 2.1 GB were 0.8 ms)."""
     like, tokens = res  # like [V,0]: the table's rows and dtype
-    V, D = like.shape[0], g.shape[-1]
-    ids = tokens.reshape(-1)
-    rows, at = jnp.unique(ids, size=ids.size, fill_value=V, return_inverse=True)  # sorted; V past the last
-    sums = jax.ops.segment_sum(g.reshape(-1, D).astype(jnp.float32), at.reshape(-1), num_segments=ids.size)
-    return jnp.zeros((V, D), like.dtype).at[rows].set(sums.astype(like.dtype), mode="drop"), None
+    dtable = jnp.zeros((like.shape[0], g.shape[-1]), jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    return dtable.astype(like.dtype), None
 
 
 lookup.defvjp(_lookup_fwd, _lookup_bwd)
