@@ -196,7 +196,12 @@ def _broadcast_fwd(x, shape, axis):
 
 
 def _broadcast_bwd(shape, axis, x_like, g):
-    return (g.astype(jnp.float32).sum(axis).astype(x_like.dtype),)
+    """The copies' sum as a product with a vector of ones, accumulated in fp32: XLA ran the sum
+    over MLA's 16 heads as a loop fusion at 0.3 TB/s in the H200 bench step (0.115 ms a layer)."""
+    ones = jnp.ones((shape[axis],), g.dtype)
+    precision = jax.lax.Precision.HIGHEST if g.dtype == jnp.float32 else None
+    total = jnp.tensordot(g, ones, axes=([axis], [0]), precision=precision, preferred_element_type=jnp.float32)
+    return (total.astype(x_like.dtype),)
 
 
 broadcast_new_axis.defvjp(_broadcast_fwd, _broadcast_bwd)
