@@ -192,8 +192,8 @@ def routing_stats(expert_ids: jax.Array, scores: jax.Array, token_mask: jax.Arra
     """
     B, T, E = scores.shape
     m = token_mask.astype(jnp.float32)
-    counts = jnp.zeros((B, E), jnp.float32).at[
-        jnp.arange(B)[:, None, None], expert_ids].add(jnp.broadcast_to(m[..., None], expert_ids.shape))
+    picked = expert_ids[..., None] == jnp.arange(E)  # [B,T,K,E]: compared and summed in one fusion, no scatter
+    counts = jnp.sum(picked * m[..., None, None], axis=(1, 2))  # [B,E]
     share = (scores / scores.sum(-1, keepdims=True) * m[..., None]).sum(1)  # [B,E] summed normalised scores
     picks, n_tok = counts, m.sum(-1, keepdims=True)  # [B,E], [B,1]
     if not seq_aux:  # [B,E] -> [1,E]: one sequence of all B*T tokens

@@ -101,6 +101,18 @@ def choose_transport(requested: str = "auto", platform: str | None = None, n_ep:
 # local steps (shared by the single-device and the per-device path)
 
 
+def _narrowest_int(n: int):
+    """The narrowest integer dtype holding 0..n: expert ids as sort keys (a GPU radix sort makes
+    a pass per key byte; ids as int32 took four)."""
+    return next(t for t in (jnp.uint8, jnp.uint16, jnp.int32) if n <= jnp.iinfo(t).max)
+
+
+def _count_below(x: jax.Array, bounds: jax.Array) -> jax.Array:
+    """x [M], bounds [n] -> [n] how many of x are below each bound: one fused compare and sum (a
+    scatter-add histogram contends on a few addresses on a GPU)."""
+    return jnp.sum(x[None, :] < bounds[:, None], axis=1, dtype=jnp.int32)
+
+
 def inverse_permutation(perm: jax.Array) -> jax.Array:
     """perm [n], a permutation of 0..n-1 -> inv [n] with inv[perm[i]] = i (an int scatter)."""
     n = perm.shape[0]
@@ -136,11 +148,12 @@ def place(ids: jax.Array, n_experts: int, block: int, rows: int | None = None) -
     """
     M, E, C = ids.shape[0], n_experts, block
     R = rows if rows is not None else max(M - C, 0) if C else M
-    order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # sorted position -> assignment
+    order = jnp.argsort(ids.astype(_narrowest_int(E)), stable=True).astype(jnp.int32)  # sorted position -> assignment
     sorted_ids = ids[order]
-    counts = jnp.zeros((E,), jnp.int32).at[ids].add(1, mode="drop")  # padding ids dropped
+    starts = _count_below(ids, jnp.arange(E + 1, dtype=ids.dtype))  # [E+1] assignments to experts before e
+    counts = starts[1:] - starts[:-1]  # padding ids counted nowhere
     e = jnp.minimum(sorted_ids, E - 1)
-    rank = jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[e]  # within its expert
+    rank = jnp.arange(M, dtype=jnp.int32) - starts[:-1][e]  # within its expert
     sizes = jnp.maximum(counts - C, 0)
     real = sorted_ids < E
     block_row = jnp.where(real & (rank < C), e * C + rank, E * C).astype(jnp.int32)
