@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from dsv3_jax.model.layers import Linear, RMSNorm, SwiGLU, broadcast_new_axis, einsum, matmul_f32
+from dsv3_jax.model.layers import Linear, RMSNorm, SwiGLU, broadcast_new_axis, einsum, lookup, matmul_f32
 from tests.hf_reference import t2n
 
 
@@ -147,8 +147,6 @@ def test_embedding_gradient_sums_each_token_in_fp32(dtype):
     """A 4,096-token batch over a 50-token vocabulary (frequent tokens repeat ~80 times): each
     row of the table's gradient is the float64 sum of its token's cotangents rounded once to the
     table's dtype (within one ulp and fp32's summation error); rows of absent tokens are zero."""
-    from dsv3_jax.model.layers import lookup
-
     rs = np.random.RandomState(0)
     V, D = 64, 32
     tokens = rs.randint(0, 50, size=(4, 1024))
