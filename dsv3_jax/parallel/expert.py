@@ -157,7 +157,7 @@ def place(ids: jax.Array, n_experts: int, block: int, rows: int | None = None) -
     sizes = jnp.maximum(counts - C, 0)
     real = sorted_ids < E
     block_row = jnp.where(real & (rank < C), e * C + rank, E * C).astype(jnp.int32)
-    row = (jnp.cumsum(sizes) - sizes)[e] + rank - C
+    row = _exclusive_cumsum(sizes)[e] + rank - C
     row = jnp.where(real & (rank >= C) & (row < R), row, R).astype(jnp.int32)
     inverse = inverse_permutation(order)
     block_dest, row_dest = block_row[inverse], row[inverse]
