@@ -67,21 +67,38 @@ class MLA(nnx.Module):
         self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, axes=("heads", "embed"), **kw)
         self.config = config
 
-    def _queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B,T,D] -> q [B,T,H,Kn+Kr]: q_nope, then the rotated q_pe."""
+    def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B,T,D] -> q [B,T,H,Kn+Kr] (q_nope, then the rotated q_pe), the normalised latent
+        [B,T,R] and the rotated k_pe [B,T,Kr] (what the cache holds)."""
         c = self.config
         B, T, _ = x.shape
+        R = c.kv_lora_rank
+        with jax.named_scope("qkv_a"):
+            q_a, kv_a = self._down(x)  # [B,T,Rq] (x itself without a query bottleneck), [B,T,R+Kr]
         with jax.named_scope("q"):
-            q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+            q = self.q_proj(q_a) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(q_a))
             q = q.reshape(B, T, c.num_attention_heads, c.qk_head_dim)  # [B,T,H*K] -> [B,T,H,K]
-            return apply_rope_tail(q, cos, sin)
-
-    def _latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B,T,D] -> normalised latent [B,T,R], rotated k_pe [B,T,Kr] (what the cache holds)."""
-        R = self.config.kv_lora_rank
+            q = apply_rope_tail(q, cos, sin)
         with jax.named_scope("kv_a"):
-            kv_a = self.kv_a_proj(x)  # [B,T,R+Kr]
-            return self.kv_a_norm(kv_a[..., :R]), apply_rope(kv_a[..., R:], cos, sin)
+            return q, self.kv_a_norm(kv_a[..., :R]), apply_rope(kv_a[..., R:], cos, sin)
+
+    def _down(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B,T,D] -> q_a [B,T,Rq] (x without a query bottleneck), kv_a [B,T,R+Kr].
+
+        With a bottleneck both come from one product of x and the two weights side by side
+        [D, Rq+R+Kr]: its input gradient is one GEMM instead of two summed, and one wide GEMM
+        runs faster than two narrow ones. q_a's columns are padded to the FP8 weight block so
+        that under a recipe every 128x128 block lies within one weight, as when quantised apart.
+        """
+        c = self.config
+        if c.q_lora_rank is None:
+            return x, self.kv_a_proj(x)
+        w_q, w_kv = self.q_a_proj.kernel[...], self.kv_a_proj.kernel[...]
+        pad = -c.q_lora_rank % fp8.TILE
+        w = jnp.concatenate([w_q, jnp.zeros((w_q.shape[0], pad), w_q.dtype), w_kv], axis=1)  # [D,Rq+pad+R+Kr]
+        y = einsum("...d,df->...f", x, w, dtype=self.kv_a_proj.dtype, recipe=fp8.active())
+        q_a, _, kv_a = jax.lax.split(y, (c.q_lora_rank, pad, w_kv.shape[1]), axis=-1)
+        return q_a, kv_a
 
     def _kv_b_heads(self) -> jax.Array:
         """kv_b's weight per head: [R,H*(Kn+Kv)] -> [R,H,Kn+Kv] (W_UK, then W_UV)."""
@@ -108,8 +125,7 @@ class MLA(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         H, Kr, Kv = c.num_attention_heads, c.qk_rope_head_dim, c.v_head_dim
-        q = self._queries(x, cos, sin)
-        latent, k_pe = self._latent(x, cos, sin)  # k_pe shared by all heads
+        q, latent, k_pe = self._project(x, cos, sin)  # k_pe shared by all heads
         with jax.named_scope("kv"):
             k_nope, v = self._keys_values(latent)
         heads = ("batch", None, "act_heads", None)
@@ -136,9 +152,8 @@ class MLA(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         H, Kn, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
-        q = self._queries(x, cos, sin)
+        q, latent, k_pe = self._project(x, cos, sin)
         q_nope, q_pe = q[..., :Kn], q[..., Kn:]
-        latent, k_pe = self._latent(x, cos, sin)
         with jax.named_scope("cache_write"):
             cache, rows = view.cache, jnp.arange(B)[:, None]
             cache = LatentCache(

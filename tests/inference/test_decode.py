@@ -64,8 +64,7 @@ def naive_decode(attn: MLA, x, cos, sin, k_cache, v_cache, slots):
     c = attn.config
     B, T, _ = x.shape
     H, Kn, Kr, Kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    q = attn._queries(x, cos, sin)
-    latent, k_pe = attn._latent(x, cos, sin)
+    q, latent, k_pe = attn._project(x, cos, sin)
     kv = attn.kv_b_proj(latent).reshape(B, T, H, Kn + Kv)
     k = jnp.concatenate([kv[..., :Kn], jnp.broadcast_to(k_pe[:, :, None], (B, T, H, Kr))], -1)
     rows = jnp.arange(B)[:, None]

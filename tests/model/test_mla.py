@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -5,6 +6,7 @@ import torch
 from flax import nnx
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.attention import document_starts
 from dsv3_jax.model.mla import MLA
@@ -71,3 +73,31 @@ def test_segments_attend_only_within_themselves():
         T = part.shape[1]
         alone = ours(attn, jnp.asarray(part, jnp.float32), jnp.arange(T)[None], None)
         np.testing.assert_allclose(packed[:, sl], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8_emulated"])
+def test_down_projections_joined_equal_each_apart(precision):
+    """q_a and kv_a as one product equal each Linear alone, bit for bit, also under the FP8
+    recipe, whose 128x128 weight blocks would straddle the two weights without q_a's padding
+    (the tiny q_lora_rank is 32); each weight and the input get their own gradient."""
+    config = CASES["q-lora-yarn"]
+    attn = MLA(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (2, 5, config.hidden_size))
+    cot = [jax.random.normal(jax.random.key(2 + i), (2, 5, n)) for i, n in
+           enumerate((config.q_lora_rank, config.kv_lora_rank + config.qk_rope_head_dim))]
+
+    graphdef, state = nnx.split(attn)
+
+    def loss(state, x, joined):
+        a = nnx.merge(graphdef, state)
+        with fp8.use(fp8.recipe_for(precision)):
+            outs = a._down(x) if joined else (a.q_a_proj(x), a.kv_a_proj(x))
+        return sum(jnp.sum(o.astype(jnp.float32) * g) for o, g in zip(outs, cot)), outs
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, joined), g_joined = grad(state, x, True)
+    (_, apart), g_apart = grad(state, x, False)
+    for a, b in zip(joined, apart):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    for a, b in zip(jax.tree.leaves(g_joined), jax.tree.leaves(g_apart)):  # x's: one product, not two summed
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * float(jnp.abs(b).max()))
