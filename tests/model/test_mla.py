@@ -94,7 +94,7 @@ def test_down_projections_joined_equal_each_apart(precision):
             outs = a._down(x) if joined else (a.q_a_proj(x), a.kv_a_proj(x))
         return sum(jnp.sum(o.astype(jnp.float32) * g) for o, g in zip(outs, cot)), outs
 
-    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
     (_, joined), g_joined = grad(state, x, True)
     (_, apart), g_apart = grad(state, x, False)
     for a, b in zip(joined, apart):
